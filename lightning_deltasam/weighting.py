@@ -1,0 +1,138 @@
+"""Per-instance scores from probe losses, and the delta weights on the simplex (DELTASAM.md section 3).
+
+Every normalizer is taken through a :class:`~lightning_deltasam.distributed.Reducer`, so with
+``sync="global"`` the weights of each rank's instances are those of the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import SAMConfig
+from .distributed import Reducer
+
+
+@dataclass
+class ProbeLosses:
+    """Per-instance losses at probe points: ``plus[k, i]`` = l_i(w + dw_k); ``minus`` at w - dw_k (antithetic)."""
+
+    plus: Tensor
+    minus: Optional[Tensor] = None
+
+
+def probe_differences(probes: ProbeLosses, losses: Tensor, score: str) -> Tensor:
+    """The d_ik matrix [K, n] a score is built from.
+
+    Plain probes give l(w+dw) - l(w). Antithetic pairs split it: the gradient part
+    (l(w+dw) - l(w-dw))/2 for ``gradnorm``/``gram``, the curvature part
+    (l(w+dw) + l(w-dw))/2 - l(w) for ``sharpness``.
+    """
+    base = losses.detach().to(probes.plus.dtype).unsqueeze(0)
+    if probes.minus is None:
+        return probes.plus - base
+    if score == "sharpness":
+        return 0.5 * (probes.plus + probes.minus) - base
+    return 0.5 * (probes.plus - probes.minus)
+
+
+def instance_scores(
+    config: SAMConfig,
+    losses: Tensor,
+    probes: Optional[ProbeLosses],
+    probe_std: float,
+    reducer: Reducer,
+) -> Tensor:
+    """Scores s_i for the configured rule (for ``gram``, the raw coefficients (K+lambda I)^-1 diag(K)^1/2)."""
+    if config.score == "loss":
+        return losses.detach().float()
+    if probes is None:
+        raise ValueError(f"score={config.score!r} needs probe losses; none were computed.")
+    d = probe_differences(probes, losses, config.score).float()
+    if config.score == "sharpness":
+        return d.mean(dim=0)
+    if config.score == "gradnorm":
+        return d.pow(2).mean(dim=0).sqrt()
+    return _gram_coefficients(d, probe_std, config.gram_ridge, reducer)
+
+
+def _gram_coefficients(d: Tensor, probe_std: float, ridge: float, reducer: Reducer) -> Tensor:
+    """delta = (K + lambda I)^-1 diag(K)^1/2 with K = D^T D / (K sigma^2), on the global batch."""
+    d_all, offset = reducer.gather_cat(d, dim=1)
+    gram = d_all.t() @ d_all / (d_all.shape[0] * probe_std**2)
+    diag = gram.diagonal().clamp_min(0)
+    lam = ridge * diag.mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    try:
+        coef = torch.linalg.solve(gram.double() + lam.double() * eye.double(), diag.double().sqrt()).to(gram.dtype)
+    except RuntimeError:  # singular despite the ridge (e.g. all-zero differences): no usable scores
+        coef = torch.full_like(diag, float("nan"))
+    return coef.narrow(0, offset, d.shape[1])
+
+
+@dataclass
+class Weights:
+    """The delta weights of this rank's instances and whether they fell back to uniform."""
+
+    delta: Tensor
+    fallback: bool
+    global_count: int
+
+
+def uniform_weights(n_local: int, device: torch.device, reducer: Reducer) -> Weights:
+    """1 / N for each instance, N the global batch size."""
+    count = reducer.sum_(torch.tensor([float(n_local)], device=device))
+    total = int(count.item())
+    return Weights(torch.full((n_local,), 1.0 / total, device=device), fallback=False, global_count=total)
+
+
+def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weights:
+    """delta on the simplex from scores; never NaN: unusable scores fall back to uniform.
+
+    ``softmax``: delta = softmax(s / (tau * mean|s|)); ``linear``: delta proportional to max(s, 0).
+    With ``mix`` > 0 the result is mix * uniform + (1 - mix) * delta.
+    """
+    s = scores.float()
+    n = s.numel()
+    # One collective for every normalizer this rule needs: [count, non-finite count, sum|s|, sum max(s,0)].
+    finite = torch.isfinite(s)
+    safe = torch.where(finite, s, torch.zeros_like(s))
+    stats = torch.stack(
+        [
+            torch.tensor(float(n), device=s.device),
+            (~finite).sum().float(),
+            safe.abs().sum(),
+            safe.clamp_min(0).sum(),
+        ]
+    )
+    stats = reducer.sum_(stats)
+    total, nonfinite, abs_sum, pos_sum = (float(v) for v in stats.tolist())
+    uniform = torch.full_like(s, 1.0 / total)
+    mean_abs = abs_sum / total
+    if nonfinite > 0 or not mean_abs > 0:
+        return Weights(uniform, fallback=True, global_count=int(total))
+    if config.weights == "linear":
+        if not pos_sum > 0:
+            return Weights(uniform, fallback=True, global_count=int(total))
+        delta = s.clamp_min(0) / pos_sum
+    else:
+        logits = s / (config.temperature * mean_abs)
+        top = reducer.max_(logits.max().reshape(1))
+        expo = torch.exp(logits - top)
+        denom = reducer.sum_(expo.sum().reshape(1))
+        delta = expo / denom
+    if config.mix > 0:
+        delta = config.mix * uniform + (1.0 - config.mix) * delta
+    return Weights(delta, fallback=False, global_count=int(total))
+
+
+def weight_stats(delta: Tensor, reducer: Reducer) -> tuple[float, float]:
+    """(entropy, max) of the global weight vector, each rank holding its slice."""
+    d = delta.float()
+    ent = -(d * torch.log(d.clamp_min(torch.finfo(d.dtype).tiny))).sum().reshape(1)
+    ent = reducer.sum_(ent)
+    top = reducer.max_(d.max().reshape(1)) if d.numel() else reducer.max_(d.new_zeros(1))
+    return float(ent.item()), float(top.item())
