@@ -1,0 +1,108 @@
+"""The training app behind ``train.py``: build data, model and Trainer from a Hydra config, fit, validate, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .classifier import GlueClassifier
+from .config import SAMConfig
+
+RESULTS_FILE = "results.json"
+
+
+def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
+    """The ``optimizer`` group as a plain dict, its SAM options validated up front (fail before loading data)."""
+    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    SAMConfig.split(options)
+    return options
+
+
+def build_callbacks(cfg: DictConfig, main_metric: str) -> list[Callback]:
+    """Instantiate ``cfg.callbacks`` (entries set to null are skipped); checkpoints monitor the task metric by default."""
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, ModelCheckpoint) and callback.monitor is None:
+            callback = instantiate(node, monitor=main_metric)
+        callbacks.append(callback)
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Instantiate ``cfg.logger`` (entries set to null are skipped)."""
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def _choice(group: str, default: str) -> str:
+    """The option picked for a config group (``task=sst2`` -> ``sst2``), when run under Hydra."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group, default))
+    return default
+
+
+def _number(value: Any) -> Any:
+    """A JSON-friendly scalar (tensors to floats, rounded for reading)."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and validate as ``cfg`` says; write ``results.json`` in the run dir and return its contents."""
+    start = time.perf_counter()
+    options = optimizer_options(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    task = instantiate(cfg.task)
+    # Runtime objects go through partials: instantiate() would turn them into config nodes.
+    datamodule = instantiate(cfg.data, _partial_=True)(task=task)
+    encoder = instantiate(cfg.model.encoder, _partial_=True)(train_texts=datamodule.train_texts())
+    datamodule.tokenizer = encoder.tokenizer
+    model = GlueClassifier(encoder=encoder, task=task, **options)
+
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg, task.main_metric), logger=build_loggers(cfg) or False
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics: dict[str, Any] = {}
+    for loader_metrics in trainer.validate(model, datamodule=datamodule, verbose=False):
+        metrics.update(loader_metrics)
+
+    output_dir = cfg.paths.output_dir
+    checkpoint = trainer.checkpoint_callback
+    results = {
+        "task": task.name,
+        "model": _choice("model", type(encoder).__name__),
+        "optimizer": _choice("optimizer", "custom"),
+        "optimizer_options": options,
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "main_metric": task.main_metric,
+        **{k: _number(v) for k, v in sorted(metrics.items())},
+        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+        "output_dir": os.path.abspath(output_dir),
+    }
+    if trainer.is_global_zero:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+        shown = ", ".join(f"{k}={results[k]:.4f}" for k in sorted(metrics) if results[k] is not None)
+        print(
+            f"\n{task.name} | {results['model']} | {results['optimizer']} (rho={options.get('rho')}, "
+            f"reweight={options.get('reweight')}) | seed {cfg.seed} | {results['steps']} steps in "
+            f"{results['wall_seconds']:.0f}s | {shown}\nresults: {os.path.join(output_dir, RESULTS_FILE)}"
+        )
+        print(json.dumps(results), flush=True)
+    return results

@@ -1,0 +1,105 @@
+"""``GlueClassifier``: a sentence (pair) classifier / regressor trained with SAM or delta-SAM through the mixin."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .glue import TextTask
+from .mixin import DeltaSAMMixin
+from .models import TextEncoder
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high != math.inf else "")
+        raise ValueError(f"{name}={value!r} must be a number {bound}.")
+
+
+class GlueClassifier(DeltaSAMMixin, L.LightningModule):
+    """Encoder + dropout + linear head; per-sample cross entropy (or MSE for regression tasks).
+
+    ``lr``/``weight_decay``/``warmup_ratio`` configure AdamW with linear warmup and decay; every
+    other keyword (``rho``, ``reweight``, ``gradient_clip_val``, ...) goes to :class:`DeltaSAMMixin`,
+    whose ``training_step`` runs the SAM / delta-SAM step over :meth:`per_sample_loss`.
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        task: TextTask,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        head_dropout: float = 0.1,
+        **sam: Any,
+    ) -> None:
+        super().__init__(**sam)
+        _check_number("optimizer.lr", lr, 0.0, low_open=True)
+        _check_number("optimizer.weight_decay", weight_decay, 0.0)
+        _check_number("optimizer.warmup_ratio", warmup_ratio, 0.0, 1.0)
+        _check_number("head_dropout", head_dropout, 0.0, 1.0)
+        self.save_hyperparameters(ignore=["encoder", "task"])
+        self.hparams["task"] = task.name
+        self.hparams["encoder"] = type(encoder).__name__
+        self.task = task
+        self.encoder = encoder
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(encoder.hidden_size, task.num_outputs)
+        self.val_metrics = nn.ModuleList(task.build_metrics(name) for name in task.val_names)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits [B, C] (or scores [B, 1] for regression) of a tokenized batch."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.head(self.dropout(self.encoder(**inputs)))
+
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Loss of each example [B]: what SAM perturbs against and delta-SAM reweights."""
+        return self._losses(self(batch), batch["labels"])
+
+    def _losses(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        if self.task.regression:
+            return F.mse_loss(outputs.squeeze(-1), labels, reduction="none")
+        return F.cross_entropy(outputs, labels, reduction="none")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Update the split's metrics; Lightning computes, syncs and logs them at epoch end."""
+        outputs = self(batch)
+        labels = batch["labels"]
+        preds = outputs.squeeze(-1) if self.task.regression else outputs.argmax(-1)
+        metrics = self.val_metrics[dataloader_idx]
+        metrics.update(preds, labels)
+        name = self.task.val_names[dataloader_idx]
+        size = labels.shape[0]
+        self.log(f"{name}/loss", self._losses(outputs, labels).mean(), batch_size=size, add_dataloader_idx=False,
+                 sync_dist=True)
+        self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, prog_bar=dataloader_idx == 0)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on biases and LayerNorm weights) with linear warmup then linear decay per step."""
+        from transformers import get_linear_schedule_with_warmup
+
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the number of training steps is {total}; set trainer.max_steps or trainer.max_epochs "
+                "so the learning-rate schedule has an end."
+            )
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, num_warmup_steps=int(self.hparams.warmup_ratio * total), num_training_steps=int(total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+

@@ -1,0 +1,119 @@
+"""Mixin, callback and plain optimizer: one engine, the same weights; the callback's refusals and logging."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_deltasam import DeltaSAM, DeltaSAMCallback
+from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_loader, make_net, per_sample_ce
+
+STEPS = 8  # two epochs of 4 batches
+CASES = [
+    dict(rho=0.05),
+    dict(rho=0.05, reweight="delta", score="gradnorm", num_probes=3),
+    dict(rho=0.05, reweight="delta", score="gram", num_probes=4, antithetic=True),
+    dict(rho=0.5, adaptive=True, reweight="delta", score="loss"),
+]
+
+
+def _plain_run(options: dict) -> torch.nn.Module:
+    net = make_net(seed=0)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, **options)
+    loader = make_loader()
+    steps = 0
+    while steps < STEPS:
+        for x, y in loader:
+            opt.step(lambda: per_sample_ce(net, x, y))
+            steps += 1
+    return net
+
+
+@pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_mixin_callback_and_optimizer_give_the_same_weights(options):
+    reference = _plain_run(options)
+
+    mixin = MixinClassifier(**options)
+    L.Trainer(max_steps=STEPS, **QUIET).fit(mixin, make_loader())
+
+    plain = PlainClassifier()
+    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(**options)], **QUIET).fit(plain, make_loader())
+
+    for a, b, c in zip(reference.parameters(), mixin.net.parameters(), plain.net.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=0)
+
+
+def test_mixin_logs_loss_and_diagnostics():
+    module = MixinClassifier(rho=0.05, reweight="delta")
+    trainer = L.Trainer(max_steps=2, **QUIET)
+    trainer.fit(module, make_loader())
+    logged = trainer.callback_metrics
+    for key in ("train/loss", "deltasam/eps_norm", "deltasam/loss_rise", "deltasam/weight_entropy", "deltasam/weight_max", "deltasam/skipped_steps"):
+        assert key in logged, key
+    assert float(logged["deltasam/eps_norm"]) == pytest.approx(0.05, rel=1e-4)
+    assert 0 < float(logged["deltasam/weight_max"]) <= 1
+    assert float(logged["deltasam/weight_entropy"]) <= torch.log(torch.tensor(16.0)).item() + 1e-5
+
+
+def test_mixin_steps_step_interval_schedulers_and_clips():
+    class Scheduled(MixinClassifier):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = Scheduled(rho=0.05, gradient_clip_val=1e-3)
+    before = [p.detach().clone() for p in module.parameters()]
+    L.Trainer(max_steps=3, **QUIET).fit(module, make_loader())
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.125)
+    # each SGD update has norm <= lr * clip: 1e-3 + 0.5e-3 + 0.25e-3
+    total = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(module.parameters(), before)))
+    assert float(total) <= 1.75e-3 + 1e-7
+
+
+def test_callback_sam_logs_training_step_once_at_w():
+    module = PlainClassifier()
+    callback = DeltaSAMCallback(rho=0.5)
+    L.Trainer(max_steps=3, callbacks=[callback], **QUIET).fit(module, make_loader())
+    assert len(module.logged) == 6  # training_step ran twice per step ...
+    logged = module.trainer.callback_metrics
+    # ... but the logged value is the loss at w, the first run, not the perturbed one
+    assert float(logged["train_loss"]) == pytest.approx(module.logged[-2], rel=1e-6)
+    assert float(logged["deltasam/loss"]) == pytest.approx(module.logged[-2], rel=1e-6)
+    assert module.logged[-1] > module.logged[-2]
+
+
+def test_callback_delta_needs_per_sample_loss_at_fit_start():
+    module = PlainClassifier(with_per_sample=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(reweight="delta")], **QUIET)
+    with pytest.raises(ValueError, match="per_sample_loss"):
+        trainer.fit(module, make_loader())
+    # plain SAM works without it
+    L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET).fit(PlainClassifier(with_per_sample=False), make_loader())
+
+
+def test_callback_refuses_what_it_cannot_do():
+    fp16 = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="16-mixed"):
+        L.Trainer(max_steps=1, plugins=[fp16], callbacks=[DeltaSAMCallback()], **QUIET).fit(PlainClassifier(), make_loader())
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        L.Trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[DeltaSAMCallback()], **QUIET).fit(PlainClassifier(), make_loader())
+    with pytest.raises(ValueError, match="DeltaSAMMixin"):
+        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback()], **QUIET).fit(MixinClassifier(), make_loader())
+
+
+def test_callback_unwraps_the_optimizer_after_fit():
+    module = PlainClassifier()
+    trainer = L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback()], **QUIET)
+    trainer.fit(module, make_loader())
+    assert "step" not in trainer.optimizers[0].__dict__ or getattr(trainer.optimizers[0].step, "_wrapped_by_lr_sched", False)
+
+
+def test_mixin_validates_its_options():
+    with pytest.raises(ValueError, match="rho"):
+        MixinClassifier(rho=-1)
+    with pytest.raises(ValueError, match="gradient_clip_algorithm"):
+        MixinClassifier(gradient_clip_algorithm="l1")

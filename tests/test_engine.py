@@ -1,0 +1,297 @@
+"""The step engine through the plain ``DeltaSAM`` optimizer: equivalence to references, weights, restore."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_deltasam import DeltaSAM, SAMConfig
+from lightning_deltasam.distributed import Reducer
+from lightning_deltasam.engine import Backend, SAMEngine
+from lightning_deltasam.weighting import compute_weights
+from tests.helpers import make_data, make_net, per_sample_ce, reference_sam_update
+
+RHO, LR = 0.05, 0.1
+
+
+def _params_equal(net: nn.Module, expected: dict[str, torch.Tensor], atol: float) -> None:
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], atol=atol, rtol=0)
+
+
+def _one_step(net: nn.Module, x, y, **options) -> DeltaSAM:
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, **options)
+    opt.step(lambda: per_sample_ce(net, x, y))
+    return opt
+
+
+def test_sam_matches_hand_written_two_pass_reference():
+    x, y = make_data(n=16)
+    net = make_net()
+    expected = reference_sam_update(net, x, y, RHO, LR)
+    _one_step(net, x, y, rho=RHO)
+    _params_equal(net, expected, atol=1e-6)
+
+
+def test_asam_matches_its_formula():
+    x, y = make_data(n=16)
+    net = make_net()
+    expected = reference_sam_update(net, x, y, 0.5, LR, adaptive=True, eta=0.01)
+    _one_step(net, x, y, rho=0.5, adaptive=True, eta=0.01)
+    _params_equal(net, expected, atol=1e-6)
+
+
+def test_asam_perturbation_is_rho_T2_g_over_norm_Tg():
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5)]
+    grads = [torch.randn(4, 3), torch.randn(5)]
+    engine = SAMEngine([{"params": params}], SAMConfig(rho=0.3, adaptive=True, eta=0.05))
+    eps, norm = engine.perturbation(params, grads)
+    t = [p.abs() + 0.05 for p in params]
+    ref_norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
+    torch.testing.assert_close(norm, ref_norm)
+    for e, ti, g in zip(eps, t, grads):
+        torch.testing.assert_close(e, 0.3 * ti * ti * g / ref_norm)
+
+
+def test_delta_sam_with_loss_score_matches_weighted_reference():
+    """score='loss', weights='softmax' is exactly delta = softmax(l / (tau * mean|l|)) (the fixed contract)."""
+    x, y = make_data(n=16)
+    net = make_net()
+    with torch.no_grad():
+        losses = per_sample_ce(net, x, y)
+    tau = 0.7
+    delta = torch.softmax(losses / (tau * losses.abs().mean()), dim=0)
+    expected = reference_sam_update(net, x, y, RHO, LR, weights=delta)
+    _one_step(net, x, y, rho=RHO, reweight="delta", score="loss", temperature=tau)
+    _params_equal(net, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["sharpness", "gradnorm", "gram"])
+def test_delta_sam_with_huge_temperature_equals_sam(score):
+    x, y = make_data(n=16)
+    sam_net, delta_net = make_net(dropout=0.2), make_net(dropout=0.2)
+    torch.manual_seed(3)
+    _one_step(sam_net, x, y, rho=RHO)
+    torch.manual_seed(3)  # same dropout masks: the probes replay the first pass's RNG state
+    opt = _one_step(delta_net, x, y, rho=RHO, reweight="delta", score=score, temperature=1e9, num_probes=2)
+    assert opt.last_stats.weight_max == pytest.approx(1 / 16, rel=1e-5)
+    _params_equal(delta_net, dict(sam_net.named_parameters()), atol=1e-6)
+
+
+def test_delta_sam_with_full_mix_is_exactly_uniform():
+    x, y = make_data(n=16)
+    a, b = make_net(), make_net()
+    _one_step(a, x, y, rho=RHO)
+    _one_step(b, x, y, rho=RHO, reweight="delta", score="gradnorm", mix=1.0)
+    _params_equal(b, dict(a.named_parameters()), atol=1e-6)
+
+
+def test_softmax_weights_follow_the_documented_formula():
+    s = torch.tensor([0.3, -1.2, 2.5, 0.0, 4.0])
+    for tau in (0.5, 1.0, 3.0):
+        w = compute_weights(s, SAMConfig(reweight="delta", temperature=tau), Reducer())
+        torch.testing.assert_close(w.delta, torch.softmax(s / (tau * s.abs().mean()), dim=0))
+    lin = compute_weights(s, SAMConfig(reweight="delta", weights="linear"), Reducer())
+    torch.testing.assert_close(lin.delta, s.clamp_min(0) / s.clamp_min(0).sum())
+
+
+ADVERSARIAL = {
+    "all_equal": [2.0, 2.0, 2.0, 2.0],
+    "all_zero": [0.0, 0.0, 0.0, 0.0],
+    "inf": [1.0, float("inf"), 0.5, 2.0],
+    "neg_inf": [1.0, float("-inf"), 0.5, 2.0],
+    "nan": [1.0, float("nan"), 0.5, 2.0],
+    "huge": [1e30, -1e30, 3e38, 1.0],
+    "tiny": [1e-40, 2e-40, 0.0, 5e-41],
+    "all_negative": [-1.0, -2.0, -3.0, -0.5],
+    "one_instance": [7.0],
+}
+
+
+@pytest.mark.parametrize("weights", ["softmax", "linear"])
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_weights_are_a_finite_distribution_for_adversarial_scores(case, weights):
+    s = torch.tensor(ADVERSARIAL[case])
+    w = compute_weights(s, SAMConfig(reweight="delta", weights=weights), Reducer())
+    assert torch.isfinite(w.delta).all()
+    assert (w.delta >= 0).all()
+    assert float(w.delta.sum()) == pytest.approx(1.0, abs=1e-6)
+    if case in ("inf", "neg_inf", "nan", "all_zero"):
+        assert w.fallback and torch.equal(w.delta, torch.full_like(s, 1 / len(s)))
+    if case == "all_equal":
+        torch.testing.assert_close(w.delta, torch.full_like(s, 0.25))
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("reweight,score", [(None, "gradnorm"), ("delta", "gradnorm"), ("delta", "sharpness")])
+def test_restore_is_bitwise_after_step_and_after_an_exception(reweight, score):
+    x, y = make_data(n=16)
+    net = make_net(dropout=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    engine = SAMEngine([{"params": list(net.parameters())}], SAMConfig(rho=0.7, reweight=reweight, score=score))
+    engine.step(lambda: per_sample_ce(net, x, y), Backend(Reducer()), base_step=lambda: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+    calls = {"n": 0}
+
+    def failing_forward():
+        calls["n"] += 1
+        if calls["n"] > 1 + (2 if reweight else 0):  # fail in the second pass, at w + eps
+            raise _Boom("user code failed at w + eps")
+        return per_sample_ce(net, x, y)
+
+    with pytest.raises(_Boom):
+        engine.step(failing_forward, Backend(Reducer()), base_step=lambda: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_exception_inside_a_probe_restores_weights():
+    x, y = make_data(n=8)
+    net = make_net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, rho=RHO, reweight="delta", num_probes=3)
+
+    def closure():
+        if not torch.is_grad_enabled():  # probes run without grad
+            raise KeyboardInterrupt
+        return per_sample_ce(net, x, y)
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_zero_gradient_gives_zero_eps_and_none_grads_are_left_alone():
+    x, _ = make_data(n=8)
+    lin, unused = nn.Linear(10, 1), nn.Parameter(torch.randn(3))
+    before_unused = unused.detach().clone()
+    opt = DeltaSAM([*lin.parameters(), unused], torch.optim.SGD, lr=LR, rho=RHO)
+    opt.step(lambda: lin(x).squeeze(1) * 0.0)
+    assert opt.last_stats.eps_norm == 0.0
+    assert all(torch.isfinite(p).all() for p in lin.parameters())
+    assert torch.equal(unused.detach(), before_unused) and unused.grad is None
+
+
+def test_probe_at_zero_offset_gives_zero_differences_under_dropout(monkeypatch):
+    """With dw = 0 every probe difference is exactly 0 (dropout masks replayed), so scores are all 0."""
+    x, y = make_data(n=16)
+    net = make_net(dropout=0.5)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, rho=RHO, reweight="delta", score="sharpness")
+    monkeypatch.setattr(opt.engine, "probe_noise", lambda params: [torch.zeros_like(p) for p in params])
+    opt.step(lambda: per_sample_ce(net, x, y))
+    assert opt.last_stats.weight_fallback  # all-zero scores: uniform, flagged
+
+
+def test_batchnorm_statistics_are_updated_by_the_first_pass_only():
+    x, y = make_data(n=16)
+    net = make_net(batchnorm=True)
+    ref = make_net(batchnorm=True)
+    ref.train()
+    with torch.no_grad():
+        ref(x)  # one train-mode forward at w: the statistics the step must keep
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, rho=RHO, reweight="delta", num_probes=3, module=net)
+    opt.step(lambda: per_sample_ce(net, x, y))
+    bn, ref_bn = net[1], ref[1]
+    assert torch.equal(bn.running_mean, ref_bn.running_mean)
+    assert torch.equal(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_rho_zero_is_the_base_optimizer():
+    x, y = make_data(n=16)
+    a, b = make_net(), make_net()
+    opt = DeltaSAM(a.parameters(), torch.optim.SGD, lr=LR, rho=0.0)
+    opt.step(lambda: per_sample_ce(a, x, y))
+    sgd = torch.optim.SGD(b.parameters(), lr=LR)
+    per_sample_ce(b, x, y).mean().backward()
+    sgd.step()
+    _params_equal(a, dict(b.named_parameters()), atol=0)
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    x, y = make_data(n=32)
+
+    def run(steps, net, opt):
+        for i in range(steps):
+            xb, yb = x[(i % 2) * 16 : (i % 2 + 1) * 16], y[(i % 2) * 16 : (i % 2 + 1) * 16]
+            opt.step(lambda: per_sample_ce(net, xb, yb))
+
+    def build():
+        net = make_net()
+        return net, DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, rho=RHO, reweight="delta", score="gram", num_probes=4)
+
+    net, opt = build()
+    run(3, net, opt)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict()))  # as torch.save would
+    assert "deltasam" in saved[1] and "generators" in saved[1]["deltasam"]
+    run(3, net, opt)
+    net2, opt2 = build()
+    net2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    run(3, net2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+def test_lr_scheduler_drives_the_shared_param_groups():
+    net = make_net()
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=1.0, rho=RHO)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = make_data(n=8)
+    opt.step(lambda: per_sample_ce(net, x, y))
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "options,name",
+    [
+        ({"rho": -0.1}, "rho"),
+        ({"rho": float("nan")}, "rho"),
+        ({"reweight": "per-instance"}, "reweight"),
+        ({"score": "curvature"}, "score"),
+        ({"weights": "exp"}, "weights"),
+        ({"temperature": 0}, "temperature"),
+        ({"num_probes": 0}, "num_probes"),
+        ({"num_probes": 2.5}, "num_probes"),
+        ({"probe_std": 0.0}, "probe_std"),
+        ({"probe_scale": "log"}, "probe_scale"),
+        ({"sync": "ring"}, "sync"),
+        ({"adaptive": "yes"}, "adaptive"),
+        ({"mix": 1.5}, "mix"),
+    ],
+)
+def test_bad_options_raise_naming_the_option(options, name):
+    net = make_net()
+    with pytest.raises(ValueError, match=name):
+        DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, **options)
+
+
+def test_closure_must_return_per_instance_losses():
+    net = make_net()
+    x, y = make_data(n=8)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR)
+    with pytest.raises(ValueError, match=r"shape \[B\].*got shape \(\)"):
+        opt.step(lambda: per_sample_ce(net, x, y).mean())
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.step(lambda: y)
+    with pytest.raises(ValueError, match="closure=..."):
+        opt.step()
+
+
+def test_probe_noise_is_seeded_and_scaled():
+    params = [torch.full((1000,), 2.0)]
+    engine = SAMEngine([{"params": params}], SAMConfig(probe_std=0.1, probe_scale="relative", eta=0.0, seed=5))
+    a = engine.probe_noise(params)[0]
+    engine2 = SAMEngine([{"params": params}], SAMConfig(probe_std=0.1, probe_scale="relative", eta=0.0, seed=5))
+    assert torch.equal(a, engine2.probe_noise(params)[0])
+    assert float(a.std()) == pytest.approx(0.2, rel=0.1)  # sigma * |w|
+    assert math.isfinite(float(a.sum()))
