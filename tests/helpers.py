@@ -21,8 +21,9 @@ def make_data(n: int = 64, d: int = 10, classes: int = 3, seed: int = 0) -> tupl
     return x, y
 
 
-def make_loader(batch_size: int = 16, **kw) -> DataLoader:
+def make_loader(batch_size: int = 16, double: bool = False, **kw) -> DataLoader:
     x, y = make_data(**kw)
+    x = x.double() if double else x
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
