@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from .config import SAMConfig
 from .engine import SAMEngine, StepStats
+from .head_probe import has_split, probe_plan
 from .lightning_backend import LightningBackend, grad_scaler
 
 
@@ -54,6 +55,8 @@ class DeltaSAMCallback(Callback):
                 f"DeltaSAMCallback needs automatic optimization, but {name} sets automatic_optimization=False. "
                 "For manual optimization use DeltaSAMMixin instead."
             )
+        if self.config.uses_probes and self.config.probe_scope == "head" and not has_split(pl_module):
+            probe_plan(pl_module, None, "head")  # raises, naming the methods to define
         if self.config.reweighting and not callable(getattr(pl_module, "per_sample_loss", None)):
             raise ValueError(
                 f"DeltaSAMCallback(reweight='delta') needs {name}.per_sample_loss(batch) returning per-instance "
@@ -155,7 +158,9 @@ class DeltaSAMCallback(Callback):
                 inner._result = first["result"]  # report the loss at w, as training_step logged it
             return _require_loss(loss)
 
-        forward = (lambda: pl_module.per_sample_loss(batch)) if callable(getattr(pl_module, "per_sample_loss", None)) else None
+        forward, head = None, None
+        if self.config.reweighting:
+            forward, head = probe_plan(pl_module, batch, self.config.probe_scope if self.config.uses_probes else "all")
         backend = LightningBackend(
             trainer,
             self.config,
@@ -169,16 +174,20 @@ class DeltaSAMCallback(Callback):
             batch_size = None
         try:
             stats = engine.step(
-                forward if self.config.reweighting else None,
+                forward,
                 backend,
                 base_step,
                 first_pass=first_pass,
                 second_pass=second_pass,
                 batch_size=batch_size,
                 source=f"{type(pl_module).__name__}.per_sample_loss",
+                head=head,
             )
         except _SkipBatch:
             return None
+        finally:
+            if head is not None:
+                head.clear()
         self.last_stats = stats
         return stats.loss
 

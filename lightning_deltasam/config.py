@@ -10,6 +10,7 @@ REWEIGHTS = (None, "delta")
 SCORES = ("sharpness", "gradnorm", "loss", "gram")
 WEIGHTINGS = ("softmax", "linear")
 PROBE_SCALES = ("relative", "absolute")
+PROBE_SCOPES = ("all", "head")
 SYNCS = ("global", "local")
 CLIP_ALGORITHMS = ("norm", "value")
 
@@ -47,7 +48,8 @@ class SAMConfig:
     num_probes: int = 3
     probe_std: float = 0.01
     probe_scale: str = "relative"
-    antithetic: bool = True
+    antithetic: bool = False
+    probe_scope: str = "all"
     gram_ridge: float = 1e-3
     sync: str = "global"
     seed: int = 0
@@ -68,6 +70,7 @@ class SAMConfig:
             raise ValueError(f"num_probes={self.num_probes!r} must be an integer >= 1.")
         _number("probe_std", self.probe_std, minimum=0.0, strict=True)
         _choice("probe_scale", self.probe_scale, PROBE_SCALES)
+        _choice("probe_scope", self.probe_scope, PROBE_SCOPES)
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"antithetic={self.antithetic!r} must be True or False.")
         _number("gram_ridge", self.gram_ridge, minimum=0.0, strict=False)

@@ -13,7 +13,7 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from torch import Tensor
 from .config import SAMConfig
 from .distributed import Reducer, default_reducer
 from .weighting import ProbeLosses, Weights, compute_weights, instance_scores, uniform_weights, weight_stats
+
+if TYPE_CHECKING:
+    from .head_probe import HeadProbe
 
 LossFn = Callable[[], Tensor]
 
@@ -207,6 +210,18 @@ class SAMEngine:
                 torch._foreach_copy_(params, backup)
         return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
 
+    def run_head_probes(self, head: "HeadProbe") -> ProbeLosses:
+        """K probes of the head alone, functional (no live weight changes), on the first pass's features."""
+        base = [p.detach() for p in head.params]
+        plus, minus = [], []
+        with torch.no_grad():
+            for _ in range(self.config.num_probes):
+                noise = self.probe_noise(base)
+                plus.append(head.losses(torch._foreach_add(base, noise)).detach().float())
+                if self.config.antithetic:
+                    minus.append(head.losses(torch._foreach_sub(base, noise)).detach().float())
+        return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
+
     # ------------------------------------------------------------------ step
     def step(
         self,
@@ -218,12 +233,14 @@ class SAMEngine:
         second_pass: Optional[Callable[[], Tensor]] = None,
         batch_size: Optional[int] = None,
         source: str = "the closure",
+        head: Optional["HeadProbe"] = None,
     ) -> StepStats:
         """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
 
         ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
         (they run backward themselves and return the mean loss): the callback uses them to
-        run Lightning's closure. Weights are restored exactly even if a pass raises.
+        run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
+        after the first pass. Weights are restored exactly even if a pass raises.
         """
         cfg = self.config
         params = self.params()
@@ -253,7 +270,10 @@ class SAMEngine:
             backup = [p.detach().clone() for p in params]
         probes: Optional[ProbeLosses] = None
         rng: Optional[_RNGReplay] = None
-        if cfg.uses_probes:
+        head_scope = cfg.uses_probes and cfg.probe_scope == "head"
+        if head_scope and head is None:
+            raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see head_probe).")
+        if cfg.uses_probes and not head_scope:
             if forward is None:
                 raise ValueError(f"score={cfg.score!r} needs per-instance losses: define per_sample_loss.")
             rng = _RNGReplay({p.device for p in params})
@@ -279,6 +299,9 @@ class SAMEngine:
                     losses0 = checked_forward()
                 loss0 = losses0.detach().mean()
                 if cfg.reweighting:
+                    if head_scope:
+                        assert head is not None
+                        probes = self.run_head_probes(head)
                     scores = instance_scores(cfg, losses0, probes, cfg.probe_std, reducer)
                     weights = compute_weights(scores, cfg, reducer)
                 else:

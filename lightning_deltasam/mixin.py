@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .config import CLIP_ALGORITHMS, SAMConfig
 from .engine import SAMEngine, StepStats
+from .head_probe import probe_plan
 from .lightning_backend import LightningBackend
 
 _CHECKPOINT_KEY = "deltasam"
@@ -22,7 +23,8 @@ class DeltaSAMMixin:
     ``gradient_clip_val`` / ``gradient_clip_algorithm`` (manual optimization refuses the
     Trainer's). The mixin turns on manual optimization, wraps whatever ``configure_optimizers``
     returns, steps LR schedulers per their interval, and logs ``train/loss`` and ``deltasam/*``.
-    A ``training_step`` override must call :meth:`deltasam_step`; overrides of
+    With ``probe_scope="head"`` the module also defines the split of
+    :mod:`lightning_deltasam.head_probe`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
     ``on_save_checkpoint`` / ``on_load_checkpoint`` must call ``super()``.
     """
 
@@ -72,13 +74,13 @@ class DeltaSAMMixin:
             batch_size: Optional[int] = extract_batch_size(batch)
         except Exception:  # a batch Lightning cannot size: the length check is left to the shape check
             batch_size = None
-        stats = engine.step(
-            lambda: self.per_sample_loss(batch),
-            backend,
-            base_step,
-            batch_size=batch_size,
-            source=f"{type(self).__name__}.per_sample_loss",
-        )
+        forward, head = probe_plan(self, batch, self.deltasam_config.probe_scope if self.deltasam_config.uses_probes else "all")
+        try:
+            stats = engine.step(forward, backend, base_step, batch_size=batch_size, head=head,
+                                source=f"{type(self).__name__}.per_sample_loss")
+        finally:
+            if head is not None:
+                head.clear()
         self.deltasam_last_stats = stats
         self._deltasam_optimizer_steps += 1
         self._step_schedulers("step")

@@ -80,6 +80,16 @@ class MixinClassifier(DeltaSAMMixin, L.LightningModule):
         x, y = batch
         return per_sample_ce(self.net, x, y)
 
+    # the split for probe_scope="head": the last Linear is the probed head
+    def per_sample_features(self, batch):
+        return self.net[:-1](batch[0])
+
+    def per_sample_loss_from_features(self, features, batch):
+        return F.cross_entropy(self.net[-1](features), batch[1], reduction="none")
+
+    def probe_head(self):
+        return self.net[-1]
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
@@ -98,6 +108,10 @@ class PlainClassifier(L.LightningModule):
     def per_sample_loss(self, batch):
         x, y = batch
         return per_sample_ce(self.net, x, y)
+
+    per_sample_features = MixinClassifier.per_sample_features
+    per_sample_loss_from_features = MixinClassifier.per_sample_loss_from_features
+    probe_head = MixinClassifier.probe_head
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -117,3 +117,55 @@ def test_mixin_validates_its_options():
         MixinClassifier(rho=-1)
     with pytest.raises(ValueError, match="gradient_clip_algorithm"):
         MixinClassifier(gradient_clip_algorithm="l1")
+
+
+HEAD = dict(rho=0.05, reweight="delta", score="gradnorm", probe_scope="head", num_probes=8)
+
+
+def test_head_probes_mixin_and_callback_agree():
+    mixin = MixinClassifier(**HEAD)
+    L.Trainer(max_steps=STEPS, **QUIET).fit(mixin, make_loader())
+    plain = PlainClassifier()
+    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(**HEAD)], **QUIET).fit(plain, make_loader())
+    for b, c in zip(mixin.net.parameters(), plain.net.parameters()):
+        torch.testing.assert_close(c, b, atol=1e-6, rtol=0)
+    # and they are a real reweighting: not SAM's weights
+    sam = MixinClassifier(rho=0.05)
+    L.Trainer(max_steps=STEPS, **QUIET).fit(sam, make_loader())
+    assert max(float((a - b).abs().max()) for a, b in zip(sam.parameters(), mixin.parameters())) > 1e-5
+
+
+def test_head_probe_losses_are_the_loss_with_head_parameters_replaced():
+    from lightning_deltasam.head_probe import probe_plan
+
+    module = MixinClassifier()
+    x, y = next(iter(make_loader()))
+    forward, head = probe_plan(module, (x, y), "head")
+    torch.testing.assert_close(forward(), module.per_sample_loss((x, y)))
+    shifted = [p.detach() + 0.1 for p in head.params]
+    got = head.losses(shifted)
+    with torch.no_grad():
+        for p, s in zip(head.params, shifted):
+            p.copy_(s)
+        want = module.per_sample_loss((x, y))
+    torch.testing.assert_close(got, want)
+
+
+def test_head_probe_at_zero_offset_measures_zero_under_dropout(monkeypatch):
+    from lightning_deltasam.engine import SAMEngine
+
+    monkeypatch.setattr(SAMEngine, "probe_noise", lambda self, params: [torch.zeros_like(p) for p in params])
+    module = MixinClassifier(rho=0.05, reweight="delta", score="sharpness", probe_scope="head")
+    module.net[2].p = 0.5  # dropout below the split
+    L.Trainer(max_steps=1, **QUIET).fit(module, make_loader())
+    assert module.deltasam_last_stats.weight_fallback
+
+
+def test_head_scope_needs_the_split():
+    class NoSplit(PlainClassifier):
+        per_sample_features = None
+
+    with pytest.raises(ValueError, match="per_sample_features"):
+        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(**HEAD)], **QUIET).fit(NoSplit(), make_loader())
+    with pytest.raises(ValueError, match="probe_scope"):
+        DeltaSAM(make_net().parameters(), torch.optim.SGD, lr=0.1, **HEAD)
