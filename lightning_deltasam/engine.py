@@ -211,16 +211,21 @@ class SAMEngine:
         return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
 
     def run_head_probes(self, head: "HeadProbe") -> ProbeLosses:
-        """K probes of the head alone, functional (no live weight changes), on the first pass's features."""
+        """K probes of the head alone, functional (no live weight changes), on the first pass's features.
+
+        All K (and their antithetic twins) are evaluated in one vmapped call of the head.
+        """
+        cfg = self.config
         base = [p.detach() for p in head.params]
-        plus, minus = [], []
+        noises = [self.probe_noise(base) for _ in range(cfg.num_probes)]
+        stacked = [torch.stack(ns) for ns in zip(*noises)]  # per parameter: [K, *shape]
+        points = [b.unsqueeze(0) + n for b, n in zip(base, stacked)]
+        if cfg.antithetic:
+            points = [torch.cat([pt, b.unsqueeze(0) - n]) for pt, b, n in zip(points, base, stacked)]
         with torch.no_grad():
-            for _ in range(self.config.num_probes):
-                noise = self.probe_noise(base)
-                plus.append(head.losses(torch._foreach_add(base, noise)).detach().float())
-                if self.config.antithetic:
-                    minus.append(head.losses(torch._foreach_sub(base, noise)).detach().float())
-        return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
+            losses = head.batched_losses(points).float()
+        k = cfg.num_probes
+        return ProbeLosses(losses[:k], losses[k:] if cfg.antithetic else None)
 
     # ------------------------------------------------------------------ step
     def step(

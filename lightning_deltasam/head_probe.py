@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
-from torch.func import functional_call
+import torch
+from torch.func import functional_call, vmap
 
 SPLIT_METHODS = ("per_sample_features", "per_sample_loss_from_features", "probe_head")
 
@@ -53,6 +54,13 @@ class HeadProbe:
         if self._features is None:
             raise RuntimeError("HeadProbe.losses called before the first pass cached its features.")
         return functional_call(self._wrapper, dict(zip(self._names, params)), (self._features, self._batch), strict=False)
+
+    def batched_losses(self, params: list[Tensor]) -> Tensor:
+        """[P, B] losses for P parameter points (each of ``params`` stacked on a leading dim of P)."""
+        try:
+            return vmap(self.losses, in_dims=(0,), randomness="error")(params)
+        except Exception:  # a head vmap cannot take: one call per point
+            return torch.stack([self.losses([p[i] for p in params]) for i in range(params[0].shape[0])])
 
     def forward_fn(self, module: nn.Module, batch: Any) -> Callable[[], Tensor]:
         """The first-pass forward that also caches the features the probes reuse."""

@@ -96,6 +96,7 @@ class OracleResult:
     mean_grad: Tensor
     update: Tensor
     per_sample_grad_norms: Tensor
+    rows: Optional[Tensor] = None  # [B, P] per-instance gradients at w, when asked for
 
 
 def _flat_rows(grads: dict[str, Tensor]) -> Tensor:
@@ -103,7 +104,7 @@ def _flat_rows(grads: dict[str, Tensor]) -> Tensor:
 
 
 def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, adaptive: bool = False,
-                  eta: float = 0.01, method: str = "auto") -> OracleResult:
+                  eta: float = 0.01, method: str = "auto", keep_rows: bool = False) -> OracleResult:
     """Exact per-instance SAM: u* = mean_i grad l_i(w + eps_i), eps_i = rho g_i/||g_i|| (ASAM: rho T^2 g_i/||T g_i||)."""
     params = _named_trainable(module)
     g = per_sample_grads(module, loss_fn, batch, method, params)
@@ -127,12 +128,15 @@ def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: fl
             offset += numel
         gi = per_sample_grads(module, loss_fn, slice_batch(batch, i), method, perturbed)
         updates.append(_flat_rows(gi)[0])
-    return OracleResult(rows.mean(dim=0), torch.stack(updates).mean(dim=0), rows.norm(dim=1))
+    return OracleResult(rows.mean(dim=0), torch.stack(updates).mean(dim=0), rows.norm(dim=1), rows if keep_rows else None)
 
 
-def method_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, config: SAMConfig,
-                  engine: Optional[SAMEngine] = None) -> Tensor:
-    """The update gradient a SAM / delta-SAM step would hand its base optimizer (flat), weights untouched."""
+def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMConfig,
+                  engine: Optional[SAMEngine] = None, head: Optional[Any] = None) -> Tensor:
+    """The update gradient a SAM / delta-SAM step would hand its base optimizer (flat), weights untouched.
+
+    ``forward()`` returns the batch's per-instance losses; ``head`` is a head probe (probe_scope='head').
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     engine = engine or SAMEngine([{"params": params}], config)
     captured: list[Tensor] = []
@@ -141,11 +145,34 @@ def method_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, config:
         captured.extend(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params)
 
     with torch.enable_grad():
-        engine.step(lambda: loss_fn(batch), Backend(Reducer()), capture)
+        engine.step(forward, Backend(Reducer()), capture, head=head)
     engine.zero_grad(params)
     if not captured:
         raise RuntimeError("the step was skipped (non-finite loss or gradient): no update to measure.")
     return torch.cat([c.reshape(-1) for c in captured])
+
+
+def weighted_sam_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, delta: Tensor,
+                        rows: Tensor) -> Tensor:
+    """grad mean_i l_i(w + eps), eps = rho g_delta/||g_delta||, g_delta = delta^T rows: SAM along given weights."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    g = delta.to(rows.dtype) @ rows
+    norm = g.norm()
+    eps = rho * g / norm if norm > 0 else torch.zeros_like(g)
+    backup = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.add_(eps[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(batch).mean(), params, allow_unused=True, materialize_grads=True)
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    return torch.cat([gr.reshape(-1) for gr in grads])
 
 
 def fidelity(update: Tensor, oracle: Tensor, mean_grad: Tensor) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_deltasam import SAMConfig
-from lightning_deltasam.oracle import fidelity, method_update, oracle_update, per_sample_grads
+from lightning_deltasam.oracle import fidelity, method_update, oracle_update, per_sample_grads, weighted_sam_update
 from tests.helpers import make_data, make_net, per_sample_ce, reference_sam_update
 
 
@@ -48,7 +48,7 @@ def test_method_update_of_sam_is_the_reference_descent_gradient():
     net = make_net().eval()
     fn = lambda b: per_sample_ce(net, *b)  # noqa: E731
     before = [p.detach().clone() for p in net.parameters()]
-    u = method_update(net, fn, (x, y), SAMConfig(rho=0.05))
+    u = method_update(net, lambda: fn((x, y)), SAMConfig(rho=0.05))
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))  # weights untouched
     ref = reference_sam_update(net, x, y, 0.05, lr=1.0)  # p - 1.0 * u
     expected = torch.cat([(p.detach() - ref[k]).reshape(-1) for k, p in net.named_parameters()])
@@ -59,9 +59,20 @@ def test_one_instance_batch_sam_is_the_oracle():
     x, y = make_data(n=1)
     net = make_net().eval()
     fn = lambda b: per_sample_ce(net, *b)  # noqa: E731
-    out = oracle_update(net, fn, (x, y), rho=0.05)
-    u = method_update(net, fn, (x, y), SAMConfig(rho=0.05))
+    out = oracle_update(net, fn, (x, y), rho=0.05, keep_rows=True)
+    u = method_update(net, lambda: fn((x, y)), SAMConfig(rho=0.05))
     torch.testing.assert_close(u, out.update, atol=1e-6, rtol=1e-5)
+    u2 = weighted_sam_update(net, fn, (x, y), 0.05, torch.ones(1), out.rows)
+    torch.testing.assert_close(u2, out.update, atol=1e-6, rtol=1e-5)
+
+
+def test_weighted_sam_update_with_uniform_weights_is_sam():
+    x, y = make_data(n=8)
+    net = make_net().eval()
+    fn = lambda b: per_sample_ce(net, *b)  # noqa: E731
+    rows = oracle_update(net, fn, (x, y), rho=0.05, keep_rows=True).rows
+    u = weighted_sam_update(net, fn, (x, y), 0.05, torch.full((8,), 1 / 8), rows)
+    torch.testing.assert_close(u, method_update(net, lambda: fn((x, y)), SAMConfig(rho=0.05)), atol=1e-6, rtol=1e-5)
 
 
 def test_fidelity_measure():

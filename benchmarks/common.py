@@ -1,0 +1,62 @@
+"""Shared by the benchmarks: the app's own config and builders, batches of real SST-2, method configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_deltasam.app import build_components  # noqa: E402
+from lightning_deltasam.config import SAMConfig  # noqa: E402
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """The training app's config (conf/), composed with ``overrides`` outside a Hydra run."""
+    os.environ.setdefault("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve()))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, "paths.output_dir=/tmp/deltasam-bench"])
+
+
+def build(model: str, batch_size: int, seed: int = 0, extra: Optional[list[str]] = None) -> tuple[Any, Any, Any]:
+    """(task, datamodule ready to load, GlueClassifier with AdamW options) for SST-2."""
+    cfg = load_config([f"model={model}", "task=sst2", "optimizer=adamw", f"data.batch_size={batch_size}", f"seed={seed}", *(extra or [])])
+    task, datamodule, module, _ = build_components(cfg)
+    datamodule.setup("fit")
+    return task, datamodule, module
+
+
+def batches(datamodule: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled training batches in an order fixed by ``seed``."""
+    loader = torch.utils.data.DataLoader(
+        datamodule.train_set, batch_size=datamodule.batch_size, shuffle=True,
+        collate_fn=datamodule._collator(), generator=torch.Generator().manual_seed(seed),
+    )
+    while True:
+        yield from loader
+
+
+def default_delta_config(**overrides: Any) -> SAMConfig:
+    """The library's default delta-SAM configuration (reweight='delta', every other option default)."""
+    return SAMConfig(reweight="delta", **overrides)
+
+
+def rule_name(cfg: SAMConfig) -> str:
+    """A short stable name for a method configuration, e.g. ``gradnorm-softmax-t1-K3-all``."""
+    if not cfg.enabled:
+        return "adamw"
+    if not cfg.reweighting:
+        return "asam" if cfg.adaptive else "sam"
+    name = f"{cfg.score}-{cfg.weights}-t{cfg.temperature:g}"
+    if cfg.mix:
+        name += f"-mix{cfg.mix:g}"
+    if cfg.score != "loss":
+        name += f"-K{cfg.num_probes}-{cfg.probe_scope}" + ("-anti" if cfg.antithetic else "")
+    return name

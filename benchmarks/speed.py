@@ -1,0 +1,190 @@
+"""Time per optimizer step: AdamW, SAM, delta-SAM (each rule and probe count) and the oracle.
+
+All methods run interleaved in one process on the same real SST-2 batches after a warm-up;
+each figure is the median over repeats. Also reports the engine's own overhead (step time minus
+the model's forwards, backwards and the base optimizer step) and how the oracle's cost grows
+with the batch size against delta-SAM's.
+
+    python benchmarks/speed.py --model tiny --steps 5 --out speed-tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from common import batches, build, default_delta_config, rule_name  # type: ignore[import-not-found]
+from lightning_deltasam.config import SAMConfig
+from lightning_deltasam.distributed import Reducer
+from lightning_deltasam.engine import Backend, SAMEngine
+from lightning_deltasam.head_probe import probe_plan
+from lightning_deltasam.oracle import oracle_update
+
+
+class TimingBackend(Backend):
+    """Plain backend that adds up the seconds spent in backward."""
+
+    def __init__(self) -> None:
+        super().__init__(Reducer())
+        self.backward_s = 0.0
+
+    def backward(self, loss: Tensor) -> None:
+        t = time.perf_counter()
+        loss.backward()
+        self.backward_s += time.perf_counter() - t
+
+
+class Method:
+    """One method's engine and its own AdamW, stepping the shared module."""
+
+    def __init__(self, module: Any, config: SAMConfig) -> None:
+        self.module, self.config = module, config
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.base = torch.optim.AdamW(params, lr=1e-6)
+        self.engine = SAMEngine(self.base.param_groups, config)
+
+    def step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        backend = TimingBackend()
+        scope = self.config.probe_scope if self.config.uses_probes else "all"
+        forward, head = probe_plan(self.module, batch, scope)
+        fwd = {"s": 0.0}
+
+        def timed_forward() -> Tensor:
+            t = time.perf_counter()
+            out = forward()
+            fwd["s"] += time.perf_counter() - t
+            return out
+
+        base = {"s": 0.0}
+
+        def base_step() -> None:
+            t = time.perf_counter()
+            self.base.step()
+            base["s"] += time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        self.engine.step(timed_forward, backend, base_step, head=head)
+        total = time.perf_counter() - t0
+        model = fwd["s"] + backend.backward_s
+        return {"total": total, "model": model, "base": base["s"], "engine": total - model - base["s"]}
+
+
+def oracle_seconds(module: Any, batch: dict[str, Tensor], rho: float) -> float:
+    t = time.perf_counter()
+    oracle_update(module, module.per_sample_loss, batch, rho=rho)
+    return time.perf_counter() - t
+
+
+def method_configs(rho: float, probes: list[int]) -> list[SAMConfig]:
+    out = [SAMConfig(rho=0.0), SAMConfig(rho=rho)]
+    default = default_delta_config(rho=rho)
+    out.append(default)
+    for k in probes:
+        for score in ("sharpness", "gradnorm", "gram"):
+            out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k))
+    out.append(SAMConfig(rho=rho, reweight="delta", score="loss"))
+    out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head"))
+    out.append(SAMConfig(rho=rho, reweight="delta", score="gram", num_probes=32, probe_scope="head"))
+    unique: dict[str, SAMConfig] = {}
+    for c in out:
+        unique.setdefault(rule_name(c), c)
+    return list(unique.values())
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
+    ap.add_argument("--steps", type=int, default=5, help="timed repeats per method (after one warm-up each)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--probes", default="3", help="probe counts K to time (comma-separated)")
+    ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32)")
+    ap.add_argument("--oracle-repeats", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    _, datamodule, module = build(args.model, args.batch_size)
+    module.train()  # dropout on: the training step as users run it
+    stream = batches(datamodule, seed=0)
+    fixed = [next(stream) for _ in range(4)]
+    methods = {rule_name(c): Method(module, c) for c in method_configs(args.rho, [int(k) for k in args.probes.split(",")])}
+    default = rule_name(default_delta_config(rho=args.rho))
+
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
+    for rep in range(args.steps + 1):  # interleaved: every method sees the machine in the same state
+        for name, m in methods.items():
+            r = m.step(fixed[rep % len(fixed)])
+            if rep > 0:
+                samples[name].append(r)
+    med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
+    med["deltasam"] = med[default]
+    module.eval()
+    oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
+    med["oracle"] = statistics.median(oracle_runs)
+    module.train()
+
+    sam = samples["sam"]
+    overhead = statistics.median(s["engine"] / s["total"] for s in sam)
+    ratios = {"sam/adamw": med["sam"] / med["adamw"], "deltasam/sam": med["deltasam"] / med["sam"],
+              "deltasam/adamw": med["deltasam"] / med["adamw"], "oracle/sam": med["oracle"] / med["sam"]}
+    for name in methods:
+        if name not in ("adamw", "sam"):
+            ratios[f"{name}/sam"] = med[name] / med["sam"]
+
+    sizes = [int(b) for b in (args.scaling or ("8,16,32,64,128" if args.model == "tiny" else "8,16,32")).split(",")]
+    scaling = []
+    for b in sizes:
+        _, dm_b, _ = build(args.model, b) if b != args.batch_size else (None, datamodule, None)
+        batch = next(batches(dm_b, seed=1))
+        m = Method(module, default_delta_config(rho=args.rho))
+        m.step(batch)  # warm-up at this shape
+        delta_s = statistics.median(m.step(batch)["total"] for _ in range(3))
+        module.eval()
+        oracle_s = oracle_seconds(module, batch, args.rho)
+        module.train()
+        scaling.append({"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s})
+
+    result = {
+        "step_seconds": med,
+        "ratios": ratios,
+        "engine_overhead_frac_of_sam_step": overhead,
+        "engine_overhead_frac": {name: statistics.median(s["engine"] / s["total"] for s in v) for name, v in samples.items()},
+        "batch_scaling": scaling,
+        "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
+                  "default": default, "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_start, 1)},
+    }
+    print_table(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    med, setup = result["step_seconds"], result["setup"]
+    print(f"\nstep time, {setup['model']} on sst2, B={setup['batch_size']}, median of {setup['repeats']} "
+          f"(interleaved, {setup['threads']} threads)")
+    print(f"{'method':40s} {'s/step':>8s} {'/adamw':>7s} {'/sam':>6s} {'engine%':>8s}")
+    for name, s in med.items():
+        if name == "deltasam":
+            continue
+        eng = result["engine_overhead_frac"].get(name)
+        mark = " *" if name == setup["default"] else ""
+        print(f"{name + mark:40s} {s:8.3f} {s / med['adamw']:7.2f} {s / med['sam']:6.2f} "
+              f"{'' if eng is None else f'{100 * eng:7.1f}%':>8s}")
+    print(f"(* default delta-SAM; engine% = step time outside the model's forward/backward and AdamW; "
+          f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)")
+    print(f"\n{'B':>5s} {'deltasam s':>11s} {'oracle s':>9s} {'oracle/delta':>12s}")
+    for row in result["batch_scaling"]:
+        print(f"{row['batch_size']:5d} {row['deltasam_s']:11.3f} {row['oracle_s']:9.3f} {row['oracle/deltasam']:12.1f}")
+
+
+if __name__ == "__main__":
+    main()
