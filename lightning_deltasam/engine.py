@@ -31,8 +31,10 @@ LossFn = Callable[[], Tensor]
 class Backend:
     """How an adapter runs backward, collectives and a skipped step. This default is plain PyTorch."""
 
-    def __init__(self, reducer: Reducer, buffers: Optional[Callable[[], list[Tensor]]] = None) -> None:
-        self.reducer = reducer
+    def __init__(self, reducer: Reducer, buffers: Optional[Callable[[], list[Tensor]]] = None,
+                 world: Optional[Reducer] = None) -> None:
+        self.reducer = reducer  # collectives of the step: identity under sync='local'
+        self.world = world if world is not None else reducer  # every rank, whatever sync: skip agreement
         self._buffers = buffers
 
     def backward(self, loss: Tensor) -> None:
@@ -54,8 +56,12 @@ class Backend:
         """Factor the backward multiplies gradients by (a GradScaler's scale), 1 without one."""
         return 1.0
 
-    def skip(self, base_step: Callable[[], Any]) -> None:
-        """A step whose gradients are not finite: nothing is applied (a GradScaler backend steps so it can back off)."""
+    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
+        """A step whose gradients are not finite: the base step runs with no gradient, so nothing changes
+        but the step is counted (schedulers and step counters stay aligned with a normal step)."""
+        for p in params:
+            p.grad = None
+        base_step()
 
 
 @dataclass
@@ -120,6 +126,10 @@ class SAMEngine:
         self.param_groups = param_groups
         self.config = config
         self.skipped_steps = 0
+        self.accumulate_grad_batches = 1
+        self._acc: Optional[list[Tensor]] = None
+        self._acc_count = 0
+        self._acc_poisoned = False
         self._generators: dict[str, torch.Generator] = {}
         self._pending_generator_states: dict[str, Tensor] = {}
         self._warned_skip = False
@@ -239,13 +249,16 @@ class SAMEngine:
         batch_size: Optional[int] = None,
         source: str = "the closure",
         head: Optional["HeadProbe"] = None,
+        window_end: bool = True,
     ) -> StepStats:
         """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
 
         ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
         (they run backward themselves and return the mean loss): the callback uses them to
         run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
-        after the first pass. Weights are restored exactly even if a pass raises.
+        after the first pass. With ``accumulate_grad_batches`` > 1 the descent gradient is accumulated and
+        the base step runs when ``window_end`` (the mean over the window; a non-finite micro-batch skips
+        the whole window). Weights are restored exactly even if a pass raises.
         """
         cfg = self.config
         params = self.params()
@@ -266,7 +279,7 @@ class SAMEngine:
                 loss = losses.detach().mean()
                 backend.backward(losses.mean())
             stats = StepStats(loss=loss, losses=None if second_pass is not None else losses.detach())
-            return self._finish(params, stats, backend, base_step)
+            return self._finish(params, stats, backend, base_step, window_end)
 
         reducer = backend.reducer
         buffers = backend.buffers()
@@ -323,8 +336,8 @@ class SAMEngine:
         if weights is not None and cfg.reweighting:
             stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
             stats.weight_fallback = weights.fallback
-        if not (bool(torch.isfinite(norm)) and bool(torch.isfinite(loss0))):
-            return self._skip(params, stats, backend, base_step, "the first pass")
+        if not self._agree_finite(bool(torch.isfinite(norm)) and bool(torch.isfinite(loss0)), backend):
+            return self._skip(params, stats, backend, base_step, "the first pass", window_end)
 
         perturbed = [backup[i] for i, p in enumerate(params) if p.grad is not None]
         try:
@@ -345,18 +358,58 @@ class SAMEngine:
                 if buffers:
                     torch._foreach_copy_(buffers, buffer_backup)
         stats.loss_rise = float(loss1.float() - loss0.float())
-        return self._finish(params, stats, backend, base_step)
+        return self._finish(params, stats, backend, base_step, window_end)
 
-    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
-        """Apply the base step unless the descent loss or gradient is non-finite."""
+    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any],
+                window_end: bool) -> StepStats:
+        """Apply (or accumulate) the descent gradient unless its loss or gradient is non-finite."""
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
-        if not (bool(torch.isfinite(total)) and bool(torch.isfinite(stats.loss))):
-            return self._skip(params, stats, backend, base_step, "the descent pass")
-        base_step()
+        if not self._agree_finite(bool(torch.isfinite(total)) and bool(torch.isfinite(stats.loss)), backend):
+            return self._skip(params, stats, backend, base_step, "the descent pass", window_end)
+        if self.accumulate_grad_batches == 1:
+            base_step()
+            return stats
+        self._accumulate(params)
+        if window_end:
+            self._end_window(params, stats, backend, base_step)
+        else:
+            self.zero_grad(params)
         return stats
 
-    def _skip(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str) -> StepStats:
+    def _accumulate(self, params: list[Tensor]) -> None:
+        if self._acc is None:
+            self._acc = [torch.zeros_like(p) for p in params]
+        self._acc_count += 1
+        with torch.no_grad():
+            present = [(a, p.grad) for a, p in zip(self._acc, params) if p.grad is not None]
+            if present:
+                torch._foreach_add_([a for a, _ in present], [g for _, g in present])
+
+    def _end_window(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any]) -> None:
+        """The one optimizer step of an accumulation window: the mean of its micro-batches' descent gradients."""
+        acc, count, poisoned = self._acc, self._acc_count, self._acc_poisoned
+        self._acc, self._acc_count, self._acc_poisoned = None, 0, False
+        if poisoned or acc is None:
+            stats.skipped = True
+            backend.skip(params, base_step)
+            self.zero_grad(params)
+            return
+        with torch.no_grad():
+            torch._foreach_div_(acc, float(count))
+        for p, a in zip(params, acc):
+            p.grad = a
+        base_step()
+
+    def _agree_finite(self, finite: bool, backend: Backend) -> bool:
+        """Whether every rank found its values finite (so all ranks skip together, whatever ``sync``)."""
+        if backend.world.world_size == 1:
+            return finite
+        flag = backend.world.sum_(torch.tensor([0.0 if finite else 1.0], device=self.params()[0].device))
+        return float(flag.item()) == 0.0
+
+    def _skip(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str,
+              window_end: bool = True) -> StepStats:
         self.skipped_steps += 1
         stats.skipped = True
         if not self._warned_skip:
@@ -367,7 +420,13 @@ class SAMEngine:
                 stacklevel=3,
             )
             self._warned_skip = True
-        backend.skip(base_step)
+        if self.accumulate_grad_batches > 1:
+            self._acc_poisoned = True  # the window's step is skipped as a whole
+            if window_end:
+                self._end_window(params, stats, backend, base_step)
+            self.zero_grad(params)
+            return stats
+        backend.skip(params, base_step)
         self.zero_grad(params)
         return stats
 
@@ -385,4 +444,4 @@ class SAMEngine:
 
 def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:
     """The plain-PyTorch backend, all-reducing over torch.distributed when sync='global' and W > 1."""
-    return Backend(default_reducer(config.sync), buffers)
+    return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))

@@ -30,7 +30,7 @@ class LightningBackend(Backend):
         buffers: Callable[[], list[Tensor]],
         forward_context: Optional[Callable[[], ContextManager]] = None,
     ) -> None:
-        super().__init__(default_reducer(config.sync), buffers)
+        super().__init__(default_reducer(config.sync), buffers, world=default_reducer("global"))
         self.trainer = trainer
         self._backward = backward_fn
         self._forward_context = forward_context
@@ -49,7 +49,14 @@ class LightningBackend(Backend):
         scaler = grad_scaler(self.trainer)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def skip(self, base_step: Callable[[], Any]) -> None:
-        # With a GradScaler the base step sees the non-finite gradients, skips, and backs off the scale.
-        if grad_scaler(self.trainer) is not None:
-            base_step()
+    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
+        if grad_scaler(self.trainer) is None:
+            return super().skip(params, base_step)
+        # A GradScaler must see a non-finite gradient to skip the step and back off its scale.
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            grads = [params[0].new_zeros(params[0].shape)]
+            params[0].grad = grads[0]
+        if all(bool(g.isfinite().all()) for g in grads):
+            grads[0].view(-1)[0] = float("nan")
+        base_step()

@@ -20,8 +20,10 @@ class DeltaSAMMixin:
     """Put before ``LightningModule`` in the bases and define ``per_sample_loss(batch) -> Tensor[B]``.
 
     Keyword options of ``__init__`` are :class:`~lightning_deltasam.config.SAMConfig`'s plus
-    ``gradient_clip_val`` / ``gradient_clip_algorithm`` (manual optimization refuses the
-    Trainer's). The mixin turns on manual optimization, wraps whatever ``configure_optimizers``
+    ``gradient_clip_val`` / ``gradient_clip_algorithm`` and ``accumulate_grad_batches`` (manual
+    optimization refuses the Trainer's): with k > 1 every micro-batch gets its own perturbation,
+    the descent gradients are averaged, and the optimizer steps once per k micro-batches (and at
+    the end of an epoch). The mixin turns on manual optimization, wraps whatever ``configure_optimizers``
     returns, steps LR schedulers per their interval, and logs ``train/loss`` and ``deltasam/*``.
     With ``probe_scope="head"`` the module also defines the split of
     :mod:`lightning_deltasam.head_probe`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
@@ -33,6 +35,7 @@ class DeltaSAMMixin:
         *args: Any,
         gradient_clip_val: Optional[float] = None,
         gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
         **kwargs: Any,
     ) -> None:
         config, rest = SAMConfig.split(kwargs)
@@ -41,6 +44,10 @@ class DeltaSAMMixin:
             raise ValueError(f"gradient_clip_val={gradient_clip_val!r} must be >= 0 or None (no clipping).")
         if gradient_clip_algorithm not in CLIP_ALGORITHMS:
             raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported; use 'norm' or 'value'.")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r} must be an integer >= 1.")
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self._deltasam_micro_batches = 0
         self.deltasam_config = config
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
@@ -74,16 +81,22 @@ class DeltaSAMMixin:
             batch_size: Optional[int] = extract_batch_size(batch)
         except Exception:  # a batch Lightning cannot size: the length check is left to the shape check
             batch_size = None
+        engine.accumulate_grad_batches = self.accumulate_grad_batches
+        self._deltasam_micro_batches += 1
+        window_end = self._deltasam_micro_batches % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
+        if window_end:
+            self._deltasam_micro_batches = 0
         forward, head = probe_plan(self, batch, self.deltasam_config.probe_scope if self.deltasam_config.uses_probes else "all")
         try:
-            stats = engine.step(forward, backend, base_step, batch_size=batch_size, head=head,
+            stats = engine.step(forward, backend, base_step, batch_size=batch_size, head=head, window_end=window_end,
                                 source=f"{type(self).__name__}.per_sample_loss")
         finally:
             if head is not None:
                 head.clear()
         self.deltasam_last_stats = stats
-        self._deltasam_optimizer_steps += 1
-        self._step_schedulers("step")
+        if window_end:
+            self._deltasam_optimizer_steps += 1
+            self._step_schedulers("step")
         self.log("train/loss", stats.loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=batch_size)
         return stats.loss
