@@ -1,0 +1,61 @@
+"""The loss-landscape tool on real checkpoints of the tiny model (SST-2)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_deltasam.app import build_components
+from lightning_deltasam.landscape import analyze, filter_normalized_direction, main
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["task=sst2", "model=tiny", "optimizer=sam", "data.batch_size=16", "data.limit_train=256"]
+
+pytestmark = pytest.mark.skipif(not (Path(os.environ["GLUE_DIR"]) / "SST-2" / "dev.tsv").exists(), reason="needs GLUE_DIR")
+
+
+def test_filter_normalized_direction_matches_filter_norms():
+    w = [torch.randn(4, 3), torch.randn(4)]
+    d = filter_normalized_direction(w, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(d[0].norm(dim=1), w[0].norm(dim=1))
+    assert torch.equal(d[1], torch.zeros(4))
+
+
+def test_landscape_tool_on_two_checkpoints(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*OVERRIDES, f"paths.output_dir={tmp_path}"])
+    _, datamodule, module, _ = build_components(cfg)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="s{step}")
+    L.Trainer(max_steps=6, callbacks=[ckpt], logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0).fit(module, datamodule=datamodule)
+    paths = sorted(str(p) for p in tmp_path.glob("s*.ckpt"))
+    assert len(paths) == 2
+    out = tmp_path / "land"
+    payload = main([f"ckpt={','.join(paths)}", f"out={out}", "labels=early,late", "points=5", "batches=2",
+                    "directions=2", *OVERRIDES])
+    assert (tmp_path / "land.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "land.json").read_text())
+    assert saved["sharpness"].keys() == {"early", "late"}
+    for nums in payload["sharpness"].values():
+        assert all(map(lambda v: v == v, nums.values()))  # finite, not NaN
+        # to first order the gradient direction is the steepest: its rise beats random directions'
+        assert nums["adversarial_rise"] > nums["random_rise"]
+    sl = payload["slices"]["late"]
+    assert len(sl["alphas"]) == 5 and sl["adversarial"][2] == pytest.approx(payload["sharpness"]["late"]["loss"], rel=1e-5)
+
+
+def test_analyze_restores_weights():
+    from tests.helpers import MixinClassifier, make_loader
+
+    module = MixinClassifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    batches = [next(iter(make_loader()))]
+    analyze(module, batches, rho=0.05, span=0.5, points=3, directions=1, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
