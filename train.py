@@ -18,12 +18,12 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one training job; bad options and missing data exit with status 2 and one ``error:`` line."""
-    from lightning_deltasam.app import run  # imported here so config errors are reported fast
+    from lightning_deltasam.app import USER_ERRORS, describe_error, run  # here: config errors report fast
 
     try:
         results = run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except USER_ERRORS as err:
+        print(f"error: {describe_error(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     return results.get(results["main_metric"])  # the value a Hydra sweeper would optimize
 

@@ -6,16 +6,19 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from .classifier import GlueClassifier
 from .config import SAMConfig
+from .glue import GlueDataModule, TextTask
+from .models import TextEncoder
 
 RESULTS_FILE = "results.json"
 
@@ -23,8 +26,22 @@ RESULTS_FILE = "results.json"
 def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``optimizer`` group as a plain dict, its SAM options validated up front (fail before loading data)."""
     options = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    SAMConfig.split(options)
+    try:
+        SAMConfig.split(options)
+    except ValueError as err:  # SAMConfig names the bare option: say where it lives
+        raise ValueError(f"optimizer.{err}") from None
     return options
+
+
+#: Errors that mean "bad option or missing data": reported as one ``error:`` line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, InstantiationException)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a :data:`USER_ERRORS` error (the cause of an instantiation error, without config noise)."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def build_callbacks(cfg: DictConfig, main_metric: str) -> list[Callback]:
@@ -58,18 +75,28 @@ def _number(value: Any) -> Any:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and validate as ``cfg`` says; write ``results.json`` in the run dir and return its contents."""
-    start = time.perf_counter()
-    options = optimizer_options(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    task = instantiate(cfg.task)
-    # Runtime objects go through partials: instantiate() would turn them into config nodes.
+def build_components(cfg: DictConfig, options: Optional[dict[str, Any]] = None) -> tuple[TextTask, GlueDataModule, GlueClassifier, TextEncoder]:
+    """(task, datamodule, classifier, encoder) as ``cfg`` says; the benchmarks build through this too."""
+    options = optimizer_options(cfg) if options is None else options
+    # Partials: errors of our own constructors surface unwrapped, and runtime objects passed
+    # as arguments are not turned into config nodes by instantiate().
+    task = instantiate(cfg.task, _partial_=True)()
     datamodule = instantiate(cfg.data, _partial_=True)(task=task)
     encoder = instantiate(cfg.model.encoder, _partial_=True)(train_texts=datamodule.train_texts())
     datamodule.tokenizer = encoder.tokenizer
-    model = GlueClassifier(encoder=encoder, task=task, **options)
+    return task, datamodule, GlueClassifier(encoder=encoder, task=task, **options), encoder
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and validate as ``cfg`` says; write ``results.json`` in the run dir and return its contents."""
+    start = time.perf_counter()
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set (??? in the config), e.g. {missing[0]}=<value>.")
+    options = optimizer_options(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    task, datamodule, model, encoder = build_components(cfg, options)
 
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, task.main_metric), logger=build_loggers(cfg) or False

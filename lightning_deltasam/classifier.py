@@ -47,8 +47,7 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         _check_number("optimizer.warmup_ratio", warmup_ratio, 0.0, 1.0)
         _check_number("head_dropout", head_dropout, 0.0, 1.0)
         self.save_hyperparameters(ignore=["encoder", "task"])
-        self.hparams["task"] = task.name
-        self.hparams["encoder"] = type(encoder).__name__
+        self.hparams.update(task=task.name, encoder=type(encoder).__name__)  # recorded in checkpoints
         self.task = task
         self.encoder = encoder
         self.dropout = nn.Dropout(head_dropout)
@@ -62,7 +61,22 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
 
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Loss of each example [B]: what SAM perturbs against and delta-SAM reweights."""
-        return self._losses(self(batch), batch["labels"])
+        return self.per_sample_loss_from_features(self.per_sample_features(batch), batch)
+
+    # The split for probe_scope="head": delta-SAM's probes perturb the linear head only, on the
+    # pooled (dropped-out) features of the first pass, instead of re-running the encoder.
+    def per_sample_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Dropped-out pooled encoder features [B, H]: everything below the probed head."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.dropout(self.encoder(**inputs))
+
+    def per_sample_loss_from_features(self, features: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The head and the per-example loss on given features."""
+        return self._losses(self.head(features), batch["labels"])
+
+    def probe_head(self) -> nn.Module:
+        """The layers head-only probes perturb."""
+        return self.head
 
     def _losses(self, outputs: Tensor, labels: Tensor) -> Tensor:
         if self.task.regression:

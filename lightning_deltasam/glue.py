@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -74,9 +73,10 @@ class TextTask:
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
-        set_("text_columns", tuple(self.text_columns))
-        set_("metrics", tuple(self.metrics))
-        set_("val_files", dict(self.val_files))
+        single = isinstance(self.text_columns, (str, int))  # text_columns=sentence: one column, not letters
+        set_("text_columns", (self.text_columns,) if single else tuple(self.text_columns))
+        set_("metrics", (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics))
+        set_("val_files", {"val": self.val_files} if isinstance(self.val_files, str) else dict(self.val_files))
         set_("hf_fields", tuple(self.hf_fields))
         set_("hf_splits", dict(self.hf_splits))
         if self.labels is not None:
@@ -156,11 +156,11 @@ class TextTask:
         if os.path.isfile(path):
             return self._read(file)
         hub_error = None
-        if self.hf_name is not None and importlib.util.find_spec("datasets") is not None:
+        if self.hf_name is not None:
             loaded = self._try_datasets(split)
             if isinstance(loaded, Split):
                 return loaded
-            hub_error = loaded
+            hub_error = loaded  # None: `datasets` is not installed
         raise FileNotFoundError(self._missing_message(path, hub_error))
 
     def path(self, file: str) -> str:
@@ -171,22 +171,21 @@ class TextTask:
         msg = f"task {self.name!r}: no data file {path}."
         if self.hf_name is None:
             return msg + " Set task.data_dir (and task.train_file / task.val_files) to your files."
-        folder = os.path.join(self.data_dir, self.subdir)
         msg += (
-            f" Put the GLUE data there ({self.subdir}/train.tsv, dev.tsv, ... under one folder) and set "
-            f"GLUE_DIR=<that folder> or task.data_dir=<that folder> (now {folder!r} ends in {self.subdir!r});"
+            f" Set GLUE_DIR or task.data_dir to the folder holding the GLUE task folders ({self.subdir}/, ...;"
+            f" now {self.data_dir!r})"
         )
         if hub_error is None:
-            msg += " or `pip install datasets` and run with network access to download it."
-        else:
-            msg += f" downloading with datasets.load_dataset('glue', {self.hf_name!r}) failed too: {hub_error}"
-        return msg
+            return msg + ", or `pip install datasets` and run with network access to download it."
+        return msg + f"; downloading with datasets.load_dataset('glue', {self.hf_name!r}) failed too: {hub_error}"
 
-    def _try_datasets(self, split: str) -> Union[Split, BaseException]:
-        """Load ``split`` with the optional ``datasets`` package; return the error instead of raising."""
+    def _try_datasets(self, split: str) -> Union[Split, BaseException, None]:
+        """Load ``split`` with the optional ``datasets`` package; the error instead of raising, None if absent."""
         try:
             import datasets
-
+        except ImportError:
+            return None
+        try:
             data = datasets.load_dataset("glue", self.hf_name)[self.hf_splits.get(split, "train")]
             texts = list(zip(*(data[f] for f in self.hf_fields)))
             labels = [float(x) if self.regression else int(x) for x in data["label"]]
@@ -300,25 +299,24 @@ def glue_task(name: str, data_dir: str) -> TextTask:
 
 def tsv_task(
     data_dir: str,
-    text_columns: Sequence[Column],
+    text_columns: Union[Column, Sequence[Column]],
     label_column: Column,
     name: str = "tsv",
     header: bool = True,
     labels: Optional[Union[Sequence[str], Mapping[str, int]]] = None,
     regression: bool = False,
-    metrics: Optional[Sequence[str]] = None,
+    metrics: Optional[Union[str, Sequence[str]]] = None,
     train_file: str = "train.tsv",
-    val_files: Optional[Mapping[str, str]] = None,
+    val_files: Optional[Union[str, Mapping[str, str]]] = None,
     delimiter: str = "\t",
     skip_malformed: bool = False,
 ) -> TextTask:
     """A user task from any sentence (pair) classification or regression TSV/CSV files."""
-    if metrics is None:
-        metrics = REGRESSION_METRICS if regression else ("acc",)
     return TextTask(
-        name=name, data_dir=str(data_dir), text_columns=tuple(text_columns), label_column=label_column,
-        header=header, labels=labels, regression=regression, metrics=tuple(metrics), train_file=train_file,
-        val_files=dict(val_files or {"val": "dev.tsv"}), delimiter=delimiter, skip_malformed=skip_malformed,
+        name=name, data_dir=str(data_dir), text_columns=text_columns, label_column=label_column, header=header,
+        labels=labels, regression=regression, metrics=metrics or (REGRESSION_METRICS if regression else ("acc",)),
+        train_file=train_file, val_files=val_files or {"val": "dev.tsv"}, delimiter=delimiter,
+        skip_malformed=skip_malformed,
     )
 
 

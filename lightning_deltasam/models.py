@@ -58,6 +58,7 @@ class HFEncoder(TextEncoder):
                 f"(local_files_only={local_files_only}): {str(err).splitlines()[0]} "
                 "Give a local checkpoint folder, or a hub name with network access (or a warm HF cache)."
             ) from None
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes, so dropout would stay off
         self.pooling = pooling
         self.hidden_size = int(self.model.config.hidden_size)
 

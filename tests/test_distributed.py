@@ -70,8 +70,8 @@ def test_ranks_hold_identical_parameters(ddp_results, name):
 @pytest.mark.parametrize("name", [n for n in CASES if not n.endswith("_local")])
 def test_global_sync_equals_one_process_on_the_doubled_batch(ddp_results, name):
     expected = _single_process(CASES[name]["options"], double=bool(CASES[name].get("double")))
-    for got, want in zip(ddp_results[name][0], expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ddp_results[name][0], expected):  # 1e-5 relative, tensor by tensor (float rounding)
+        assert float((got - want).norm() / want.norm()) < 1e-5, (name, float((got - want).norm() / want.norm()))
 
 
 @pytest.mark.parametrize("name", ["mixin_sam_local", "mixin_delta_local"])

@@ -64,7 +64,9 @@ FIXTURES: dict[str, dict[str, list[list[str]]]] = {
         "dev.tsv": [["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
                      "sentence2", "score"],
                     ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man with a hard hat "
-                     "is dancing.", "A man wearing a hard hat is dancing.", "5.000"]],
+                     "is dancing.", "A man wearing a hard hat is dancing.", "5.000"],
+                    ["1", "main-captions", "MSRvid", "2012test", "0002", "none", "none", "A young child is riding "
+                     "a horse.", "A child is riding a horse.", "4.750"]],
     },
     "MNLI": {
         "train.tsv": [[*MNLI_HEAD, "label1", "gold_label"],
@@ -275,10 +277,10 @@ def test_metrics_on_hand_checked_inputs() -> None:
     assert _compute("qqp", [1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"val/f1": 2 / 3, "val/acc": 0.75})
     assert _compute("mnli", [0, 1, 2, 2], [0, 1, 2, 0]) == pytest.approx({"val/acc": 0.75})
     assert list(GLUE_TASKS["mnli"].build_metrics("val_mm")) == ["val_mm/acc"]
-    # Ranks agree perfectly (spearman 1) while the values are not linear (pearson < 1).
+    # Ranks agree perfectly (spearman 1); pearson = 15.5 / sqrt(62.75 * 5) by hand.
     stsb = _compute("stsb", [0.0, 1.0, 2.0, 10.0], [0.0, 1.0, 2.0, 3.0])
     assert stsb["val/spearman"] == pytest.approx(1.0)
-    assert stsb["val/pearson"] == pytest.approx(0.8882, abs=1e-4)
+    assert stsb["val/pearson"] == pytest.approx(15.5 / (62.75 * 5) ** 0.5)
 
 
 def _datamodule(glue_dir: Path, name: str = "wnli", **kw) -> GlueDataModule:
@@ -304,6 +306,7 @@ def test_dynamic_padding_and_truncation(glue_dir: Path) -> None:
 def test_seeded_order_and_limit_train(glue_dir: Path, tmp_path: Path) -> None:
     rows = [["sentence", "label"]] + [[f"sentence number {i}", str(i % 2)] for i in range(100)]
     write_rows(tmp_path / "SST-2" / "train.tsv", rows)
+    write_rows(tmp_path / "SST-2" / "dev.tsv", rows[:3])
 
     def order(seed: int, limit=None) -> list[list[int]]:
         dm = GlueDataModule(glue_task("sst2", str(tmp_path)), batch_size=10, limit_train=limit, seed=seed)

