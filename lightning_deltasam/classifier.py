@@ -107,6 +107,8 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
             lr=self.hparams.lr,
         )
         total = self.trainer.estimated_stepping_batches
+        if self.trainer.max_steps == -1 and math.isfinite(total):  # the mixin accumulates: fewer optimizer steps
+            total = math.ceil(total / self.accumulate_grad_batches)
         if not math.isfinite(total) or total < 1:
             raise ValueError(
                 f"the number of training steps is {total}; set trainer.max_steps or trainer.max_epochs "

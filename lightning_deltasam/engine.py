@@ -130,6 +130,7 @@ class SAMEngine:
         self._acc: Optional[list[Tensor]] = None
         self._acc_count = 0
         self._acc_poisoned = False
+        self._stores: dict[str, list[Tensor]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending_generator_states: dict[str, Tensor] = {}
         self._warned_skip = False
@@ -164,31 +165,42 @@ class SAMEngine:
                 self._pending_generator_states[key] = st.cpu() if isinstance(st, Tensor) else st
 
     # ------------------------------------------------------------ primitives
+    def _saved(self, key: str, tensors: list[Tensor]) -> list[Tensor]:
+        """A copy of ``tensors`` in buffers kept across steps (no allocation once shapes settle)."""
+        store = self._stores.get(key)
+        if store is None or len(store) != len(tensors) or any(
+            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors)
+        ):
+            store = [t.detach().clone() for t in tensors]
+            self._stores[key] = store
+        elif tensors:
+            torch._foreach_copy_(store, [t.detach() for t in tensors])
+        return store
+
     @staticmethod
     def zero_grad(params: list[Tensor]) -> None:
         for p in params:
             p.grad = None
 
-    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """eps = rho g/||g|| (ASAM: rho T^2 g/||T g||, T = |w| + eta) and the norm ||g|| (or ||T g||).
+    def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
+        """The ascent direction d and its normalizer: eps = rho d / norm.
 
-        A zero gradient gives eps = 0, never NaN.
+        SAM: d = g, norm = ||g||; ASAM: d = T^2 g, norm = ||T g||, T = |w| + eta. One host sync (the norm).
         """
-        cfg = self.config
-        if cfg.adaptive:
+        if self.config.adaptive:
             scale = torch._foreach_abs(params)
-            torch._foreach_add_(scale, cfg.eta)
+            torch._foreach_add_(scale, self.config.eta)
             direction = torch._foreach_mul(grads, scale)  # T g
-        else:
-            scale = None
-            direction = grads
-        norms = torch._foreach_norm(direction)
-        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        factor = torch.where(norm > 0, cfg.rho / norm, torch.zeros_like(norm))
-        eps = torch._foreach_mul(direction, factor.to(direction[0].dtype)) if direction else []
-        if scale is not None:
-            torch._foreach_mul_(eps, scale)  # T (T g) = T^2 g
-        return eps, norm
+            norm = _global_norm(direction)
+            torch._foreach_mul_(direction, scale)  # T (T g)
+            return direction, norm
+        return grads, _global_norm(grads)
+
+    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
+        """eps = rho d/norm as tensors, and the norm (a zero gradient gives eps = 0, never NaN)."""
+        direction, norm = self.ascent(params, grads)
+        factor = self.config.rho / norm if norm > 0 else 0.0
+        return torch._foreach_mul(direction, factor), norm
 
     def probe_noise(self, params: list[Tensor]) -> list[Tensor]:
         """dw = sigma z (absolute) or sigma z * (|w| + eta) (relative), z ~ N(0, I) from the seeded generator."""
@@ -284,8 +296,8 @@ class SAMEngine:
         reducer = backend.reducer
         buffers = backend.buffers()
         with torch.no_grad():
-            buffer_backup = [b.clone() for b in buffers]
-            backup = [p.detach().clone() for p in params]
+            buffer_backup = self._saved("buffers", buffers)
+            backup = self._saved("params", params)
         probes: Optional[ProbeLosses] = None
         rng: Optional[_RNGReplay] = None
         head_scope = cfg.uses_probes and cfg.probe_scope == "head"
@@ -331,19 +343,20 @@ class SAMEngine:
             if buffers:
                 torch._foreach_copy_(buffer_backup, buffers)  # the first pass's statistics are the ones kept
             reducer.sum_coalesced_(grads)
-            eps, norm = self.perturbation(grads_params, grads)
+            direction, norm = self.ascent(grads_params, grads)
         stats = StepStats(loss=loss0, losses=None if losses0 is None else losses0.detach())
         if weights is not None and cfg.reweighting:
             stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
             stats.weight_fallback = weights.fallback
-        if not self._agree_finite(bool(torch.isfinite(norm)) and bool(torch.isfinite(loss0)), backend):
+        if not self._agree_finite(math.isfinite(norm) and bool(torch.isfinite(loss0)), backend):
             return self._skip(params, stats, backend, base_step, "the first pass", window_end)
 
         perturbed = [backup[i] for i, p in enumerate(params) if p.grad is not None]
+        factor = cfg.rho / norm if norm > 0 else 0.0
         try:
             with torch.no_grad():
-                torch._foreach_add_(grads_params, eps)
-            stats.eps_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)).float())) if eps else 0.0
+                torch._foreach_add_(grads_params, direction, alpha=factor)  # w + eps, no eps tensor allocated
+            stats.eps_norm = factor * (_global_norm(direction) if cfg.adaptive else norm)
             self.zero_grad(params)
             if second_pass is not None:
                 loss1 = second_pass().detach()
@@ -445,3 +458,10 @@ class SAMEngine:
 def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:
     """The plain-PyTorch backend, all-reducing over torch.distributed when sync='global' and W > 1."""
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
+
+
+def _global_norm(tensors: list[Tensor]) -> float:
+    """||concat(tensors)||_2 as a Python float (one host sync); 0 for an empty list."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)])))

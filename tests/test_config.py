@@ -77,7 +77,7 @@ def test_optimizer_options(name: str) -> None:
     opts = optimizer_options(cfg)
     sam, rest = SAMConfig.split(opts)
     assert set(rest) == {"lr", "weight_decay", "warmup_ratio", "head_dropout", "gradient_clip_val",
-                         "gradient_clip_algorithm"}
+                         "gradient_clip_algorithm", "accumulate_grad_batches"}
     expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
                 "deltasam": (0.05, False, "delta")}[name]
     assert (sam.rho, sam.adaptive, sam.reweight) == expected
