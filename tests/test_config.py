@@ -120,7 +120,8 @@ def test_model_options(name: str) -> None:
 
 @pytest.mark.parametrize("name", options("trainer"))
 def test_trainer_options(name: str, tmp_path: Path) -> None:
-    cfg = make(f"trainer={name}", "trainer.max_steps=5", "trainer.val_check_interval=0.5", tmp=str(tmp_path))
+    cfg = make(f"trainer={name}", "trainer.max_steps=5", "trainer.val_check_interval=0.5",
+               "trainer.check_val_every_n_epoch=1", tmp=str(tmp_path))  # a float interval is per epoch
     assert cfg.trainer.max_steps == 5 and cfg.trainer.val_check_interval == 0.5
     if name == "gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
