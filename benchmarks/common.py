@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 import torch
@@ -44,8 +45,12 @@ def batches(datamodule: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def default_delta_config(**overrides: Any) -> SAMConfig:
-    """The library's default delta-SAM configuration (reweight='delta', every other option default)."""
-    return SAMConfig(reweight="delta", **overrides)
+    """The library's default delta-SAM configuration (reweight='delta', every other option default).
+
+    ``probe_scope='auto'`` is resolved as for GlueClassifier, which defines the head split: 'head'.
+    """
+    cfg = SAMConfig(reweight="delta", **overrides)
+    return replace(cfg, probe_scope="head") if cfg.probe_scope == "auto" else cfg
 
 
 def rule_name(cfg: SAMConfig) -> str:

@@ -10,7 +10,7 @@ REWEIGHTS = (None, "delta")
 SCORES = ("sharpness", "gradnorm", "loss", "gram")
 WEIGHTINGS = ("softmax", "linear")
 PROBE_SCALES = ("relative", "absolute")
-PROBE_SCOPES = ("all", "head")
+PROBE_SCOPES = ("auto", "all", "head")
 SYNCS = ("global", "local")
 CLIP_ALGORITHMS = ("norm", "value")
 
@@ -49,7 +49,7 @@ class SAMConfig:
     probe_std: float = 0.01
     probe_scale: str = "relative"
     antithetic: bool = False
-    probe_scope: str = "all"
+    probe_scope: str = "auto"
     gram_ridge: float = 1e-3
     sync: str = "global"
     seed: int = 0

@@ -300,8 +300,8 @@ class SAMEngine:
             backup = self._saved("params", params)
         probes: Optional[ProbeLosses] = None
         rng: Optional[_RNGReplay] = None
-        head_scope = cfg.uses_probes and cfg.probe_scope == "head"
-        if head_scope and head is None:
+        head_scope = cfg.uses_probes and head is not None
+        if cfg.uses_probes and cfg.probe_scope == "head" and head is None:
             raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see head_probe).")
         if cfg.uses_probes and not head_scope:
             if forward is None:

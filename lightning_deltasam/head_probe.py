@@ -77,7 +77,10 @@ class HeadProbe:
 
 
 def probe_plan(module: nn.Module, batch: Any, scope: str) -> tuple[Callable[[], Tensor], Optional[HeadProbe]]:
-    """(forward, head probe or None) for ``module`` on ``batch``: the split forward when ``scope='head'``."""
+    """(forward, head probe or None) for ``module`` on ``batch``: the split forward when ``scope='head'``
+    (or ``'auto'`` and the module defines the split)."""
+    if scope == "auto":
+        scope = "head" if has_split(module) else "all"
     if scope != "head":
         return (lambda: module.per_sample_loss(batch)), None
     if not has_split(module):

@@ -13,8 +13,8 @@ from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_loader, 
 STEPS = 8  # two epochs of 4 batches
 CASES = [
     dict(rho=0.05),
-    dict(rho=0.05, reweight="delta", score="gradnorm", num_probes=3),
-    dict(rho=0.05, reweight="delta", score="gram", num_probes=4, antithetic=True),
+    dict(rho=0.05, reweight="delta", score="gradnorm", num_probes=3, probe_scope="all"),
+    dict(rho=0.05, reweight="delta", score="gram", num_probes=4, antithetic=True, probe_scope="all"),
     dict(rho=0.5, adaptive=True, reweight="delta", score="loss"),
 ]
 

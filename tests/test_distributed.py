@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from lightning_deltasam import DeltaSAM
-from tests.helpers import make_loader, make_net, per_sample_ce
+import lightning as L
+
+from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 8  # per-rank batch; one process uses 2B on the same samples
@@ -20,12 +22,15 @@ STEPS = 6
 
 CASES = {
     "mixin_sam": {"adapter": "mixin", "options": {"rho": 0.05}},
-    "mixin_delta_gradnorm": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "temperature": 0.5}},
-    "mixin_delta_gram_asam": {"adapter": "mixin", "options": {"rho": 0.5, "adaptive": True, "reweight": "delta", "score": "gram", "num_probes": 4}},
+    "mixin_delta_gradnorm": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "temperature": 0.5, "probe_scope": "all"}},
+    "mixin_delta_gram_asam": {"adapter": "mixin", "options": {"rho": 0.5, "adaptive": True, "reweight": "delta", "score": "gram", "num_probes": 4, "probe_scope": "all"}},
     # curvature scores difference losses at 1e-4 of their size: float32 rounding of a batch of 8
     # vs 16 would swamp the comparison, so this case runs in float64
     "mixin_delta_sharpness_linear": {"adapter": "mixin", "double": True,
-                                     "options": {"rho": 0.05, "reweight": "delta", "score": "sharpness", "weights": "linear", "antithetic": True}},
+                                     "options": {"rho": 0.05, "reweight": "delta", "score": "sharpness", "weights": "linear", "antithetic": True,
+                                                 "probe_scope": "all"}},
+    "mixin_delta_head_gram": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "num_probes": 16,
+                                                              "probe_scope": "head"}},
     "callback_sam": {"adapter": "callback", "options": {"rho": 0.05}},
     "callback_delta_loss": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3}},
     "mixin_sam_local": {"adapter": "mixin", "options": {"rho": 0.05, "sync": "local"}},
@@ -49,6 +54,10 @@ def ddp_results(tmp_path_factory):
 
 def _single_process(options: dict, double: bool = False) -> list[torch.Tensor]:
     """The same samples, one process, batch 2B: what global sync must reproduce."""
+    if options.get("probe_scope") == "head":  # head probes need the module's split: the mixin, one process
+        module = MixinClassifier(**options)
+        L.Trainer(max_steps=STEPS, **QUIET).fit(module, make_loader(batch_size=2 * B))
+        return [p.detach() for p in module.parameters()]
     net = make_net(seed=0).to(torch.float64 if double else torch.float32)
     opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, **{k: v for k, v in options.items() if k != "sync"})
     steps = 0
