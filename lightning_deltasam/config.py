@@ -43,9 +43,9 @@ class SAMConfig:
     reweight: Optional[str] = None
     score: str = "gradnorm"
     weights: str = "softmax"
-    temperature: float = 1.0
+    temperature: float = 4.0
     mix: float = 0.0
-    num_probes: int = 3
+    num_probes: int = 8
     probe_std: float = 0.01
     probe_scale: str = "relative"
     antithetic: bool = False
