@@ -26,8 +26,16 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str]) -> dict[str, Any]:
-    """One ``train.py`` run; returns its results.json plus the validation curve from the CSV log."""
+def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str], reuse: bool = False) -> dict[str, Any]:
+    """One ``train.py`` run; returns its results.json plus the validation curve from the CSV log.
+
+    With ``reuse``, a run directory that already holds results.json (an earlier, finished run of the
+    same command) is read instead of trained again.
+    """
+    if reuse and (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+        results["curve"] = read_curve(run_dir, results["main_metric"])
+        return results
     cmd = [sys.executable, str(ROOT / "train.py"), f"task={task}", f"model={model}", f"optimizer={optimizer}",
            f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
     t0 = time.perf_counter()
@@ -114,6 +122,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "accuracy"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--reuse", action="store_true", help="read finished runs (results.json in their run dir) instead of rerunning")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     optimizers = args.optimizers.split(",")
@@ -121,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for seed in seeds:  # seed-major: a partial run still compares optimizers on the same seeds
         for opt in optimizers:
             run_dir = Path(args.runs_dir) / f"{args.task}-{args.model}-{opt}-seed{seed}"
-            runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra)
+            runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse)
             print(f"{opt:10s} seed {seed}: {runs[opt][seed]['main_metric']}={runs[opt][seed][runs[opt][seed]['main_metric']]:.4f} "
                   f"({runs[opt][seed]['wall_seconds']:.0f}s)", flush=True)
     metric = runs[optimizers[0]][seeds[0]]["main_metric"]
