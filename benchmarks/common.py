@@ -65,3 +65,14 @@ def rule_name(cfg: SAMConfig) -> str:
     if cfg.score != "loss":
         name += f"-K{cfg.num_probes}-{cfg.probe_scope}" + ("-anti" if cfg.antithetic else "")
     return name
+
+
+def emit(result: dict[str, Any], out: Optional[str], print_table: Any) -> dict[str, Any]:
+    """Print a benchmark's table and write its JSON to ``out`` (when given)."""
+    import json
+
+    print_table(result)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

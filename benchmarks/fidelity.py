@@ -12,7 +12,6 @@ and the fraction of batches on which a rule beats SAM.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -20,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from common import batches, build, default_delta_config, rule_name  # type: ignore[import-not-found]
+from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.head_probe import probe_plan
@@ -137,11 +136,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   "batches_per_checkpoint": args.batches, "checkpoints": checkpoints, "seed": args.seed,
                   "wall_s": round(time.perf_counter() - t0, 1)},
     }
-    print_table(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out, print_table)
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ with the batch size against delta-SAM's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -19,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from common import batches, build, default_delta_config, rule_name  # type: ignore[import-not-found]
+from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
@@ -160,11 +159,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
                   "default": default, "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_start, 1)},
     }
-    print_table(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out, print_table)
 
 
 def print_table(result: dict[str, Any]) -> None:

@@ -282,16 +282,18 @@ class SAMEngine:
             assert forward is not None
             return check_per_sample_losses(forward(), source, batch_size)
 
-        if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
+        def descent_pass() -> tuple[Tensor, Optional[Tensor]]:
+            """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
             if second_pass is not None:
-                loss = second_pass().detach()
-            else:
-                with backend.forward_context():
-                    losses = checked_forward()
-                loss = losses.detach().mean()
-                backend.backward(losses.mean())
-            stats = StepStats(loss=loss, losses=None if second_pass is not None else losses.detach())
-            return self._finish(params, stats, backend, base_step, window_end)
+                return second_pass().detach(), None
+            with backend.forward_context():
+                losses = checked_forward()
+            backend.backward(losses.mean())
+            return losses.detach().mean(), losses.detach()
+
+        if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
+            loss, losses = descent_pass()
+            return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step, window_end)
 
         reducer = backend.reducer
         buffers = backend.buffers()
@@ -358,13 +360,7 @@ class SAMEngine:
                 torch._foreach_add_(grads_params, direction, alpha=factor)  # w + eps, no eps tensor allocated
             stats.eps_norm = factor * (_global_norm(direction) if cfg.adaptive else norm)
             self.zero_grad(params)
-            if second_pass is not None:
-                loss1 = second_pass().detach()
-            else:
-                with backend.forward_context():
-                    losses1 = checked_forward()
-                loss1 = losses1.detach().mean()
-                backend.backward(losses1.mean())
+            loss1, _ = descent_pass()
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(grads_params, perturbed)
