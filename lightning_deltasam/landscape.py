@@ -4,7 +4,7 @@
 
 For each checkpoint, on fixed dev batches (model in eval mode): the loss along filter-normalized
 random directions (Li et al., 2018) and along the adversarial direction (the normalized
-gradient, scaled to the random directions' norm), all checkpoints in one plot; and the
+gradient, over +-4 rho of weight-space distance), all checkpoints in one plot; and the
 scalar sharpness: the loss rise at radius ``rho`` along the adversarial direction and along
 random unit directions (mean). Flatter minima show smaller rises and wider basins. Keys
 ``ckpt``, ``out``, ``rho``, ``span``, ``points``, ``directions``, ``batches``, ``seed`` are the
@@ -30,8 +30,9 @@ TOOL_KEYS = {"ckpt": "", "out": "landscape", "rho": "0.05", "span": "1.0", "poin
 
 @dataclass
 class Slice:
-    alphas: list[float]
+    alphas: list[float]  # random directions: multiples of the filter-normalized direction
     random: list[list[float]]  # one curve per random direction
+    radii: list[float]  # adversarial direction: weight-space distance along the unit gradient
     adversarial: list[float]
 
 
@@ -95,13 +96,12 @@ def analyze(module: nn.Module, batches: list[Any], rho: float, span: float, poin
         rand_dirs = [filter_normalized_direction(params, gen) for _ in range(directions)]
         grad = loss_gradient(module, batches)
         gnorm = _norm(grad)
-        scale = _norm(rand_dirs[0]) / max(gnorm, 1e-12)
-        adv_dir = [g * scale for g in grad]
-        alphas = [span * (2 * i / (points - 1) - 1) for i in range(points)]
-        curves = [[_loss_at(module, batches, base, d, a) for a in alphas] for d in rand_dirs]
-        adv = [_loss_at(module, batches, base, adv_dir, a) for a in alphas]
-        # scalar sharpness at radius rho (absolute weight-space distance)
         unit_adv = [g / max(gnorm, 1e-12) for g in grad]
+        alphas = [span * (2 * i / (points - 1) - 1) for i in range(points)]
+        radii = [4 * rho * (2 * i / (points - 1) - 1) for i in range(points)]  # +-4 rho around w
+        curves = [[_loss_at(module, batches, base, d, a) for a in alphas] for d in rand_dirs]
+        adv = [_loss_at(module, batches, base, unit_adv, r) for r in radii]
+        # scalar sharpness at radius rho (absolute weight-space distance)
         adv_rise = _loss_at(module, batches, base, unit_adv, rho) - loss0
         rises = []
         for _ in range(directions):
@@ -114,7 +114,7 @@ def analyze(module: nn.Module, batches: list[Any], rho: float, span: float, poin
                 p.copy_(b)
     numbers = {"loss": loss0, "grad_norm": gnorm, "adversarial_rise": adv_rise,
                "random_rise": sum(rises) / len(rises), "rho": rho}
-    return Slice(alphas, curves, adv), numbers
+    return Slice(alphas, curves, radii, adv), numbers
 
 
 def plot(results: dict[str, tuple[Slice, dict[str, float]]], path: str) -> None:
@@ -129,9 +129,9 @@ def plot(results: dict[str, tuple[Slice, dict[str, float]]], path: str) -> None:
         c = colors[i % len(colors)]
         for j, curve in enumerate(sl.random):
             axes[0].plot(sl.alphas, curve, color=c, alpha=0.85 if j == 0 else 0.4, label=label if j == 0 else None)
-        axes[1].plot(sl.alphas, sl.adversarial, color=c, label=f"{label} (rise@rho {nums['adversarial_rise']:.3g})")
+        axes[1].plot(sl.radii, sl.adversarial, color=c, label=f"{label} (rise at rho: {nums['adversarial_rise']:.3g})")
     axes[0].set(title="filter-normalized random directions", xlabel="alpha (x filter norm)", ylabel="dev loss")
-    axes[1].set(title="adversarial direction (gradient, same norm)", xlabel="alpha", ylabel="dev loss")
+    axes[1].set(title="along the normalized gradient (SAM's adversary)", xlabel="distance ||dw||", ylabel="dev loss")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -49,6 +49,7 @@ def test_landscape_tool_on_two_checkpoints(tmp_path):
         assert nums["adversarial_rise"] > nums["random_rise"]
     sl = payload["slices"]["late"]
     assert len(sl["alphas"]) == 5 and sl["adversarial"][2] == pytest.approx(payload["sharpness"]["late"]["loss"], rel=1e-5)
+    assert sl["radii"][-1] == pytest.approx(4 * 0.05) and sl["adversarial"][-1] > sl["adversarial"][2]
 
 
 def test_analyze_restores_weights():
