@@ -70,7 +70,7 @@ def test_non_finite_loss_skips_the_step_and_training_continues(fault, call):
 
 def test_nan_in_a_probe_falls_back_to_uniform_weights():
     # delta-SAM with 3 probes: call 2 is a probe of step 1 (calls: probe x3, first, second)
-    module = Faulty(at=2, fault="nan", rho=0.05, reweight="delta", num_probes=3)
+    module = Faulty(at=2, fault="nan", rho=0.05, reweight="delta", num_probes=3, probe_scope="all")
     reference = SGDClassifier(rho=0.05)
     L.Trainer(max_steps=1, **QUIET).fit(module, make_loader())
     L.Trainer(max_steps=1, **QUIET).fit(reference, make_loader())
@@ -82,7 +82,7 @@ def test_nan_in_a_probe_falls_back_to_uniform_weights():
 @pytest.mark.parametrize("fault", ["raise", "interrupt"])
 @pytest.mark.parametrize("call", [2, 5], ids=["probe", "second-pass"])
 def test_exception_mid_step_restores_weights_before_propagating(fault, call):
-    module = Faulty(at=call, fault=fault, rho=0.5, reweight="delta", num_probes=3)
+    module = Faulty(at=call, fault=fault, rho=0.5, reweight="delta", num_probes=3, probe_scope="all")
     trainer = L.Trainer(max_steps=2, **QUIET)
     try:
         trainer.fit(module, make_loader())
