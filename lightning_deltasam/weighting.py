@@ -79,14 +79,13 @@ class Weights:
 
     delta: Tensor
     fallback: bool
-    global_count: int
 
 
 def uniform_weights(n_local: int, device: torch.device, reducer: Reducer) -> Weights:
     """1 / N for each instance, N the global batch size."""
     count = reducer.sum_(torch.tensor([float(n_local)], device=device))
     total = int(count.item())
-    return Weights(torch.full((n_local,), 1.0 / total, device=device), fallback=False, global_count=total)
+    return Weights(torch.full((n_local,), 1.0 / total, device=device), fallback=False)
 
 
 def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weights:
@@ -113,10 +112,10 @@ def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weig
     uniform = torch.full_like(s, 1.0 / total)
     mean_abs = abs_sum / total
     if nonfinite > 0 or not mean_abs > 0:
-        return Weights(uniform, fallback=True, global_count=int(total))
+        return Weights(uniform, fallback=True)
     if config.weights == "linear":
         if not pos_sum > 0:
-            return Weights(uniform, fallback=True, global_count=int(total))
+            return Weights(uniform, fallback=True)
         delta = s.clamp_min(0) / pos_sum
     else:
         logits = s / (config.temperature * mean_abs)
@@ -126,7 +125,7 @@ def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weig
         delta = expo / denom
     if config.mix > 0:
         delta = config.mix * uniform + (1.0 - config.mix) * delta
-    return Weights(delta, fallback=False, global_count=int(total))
+    return Weights(delta, fallback=False)
 
 
 def weight_stats(delta: Tensor, reducer: Reducer) -> tuple[float, float]:
