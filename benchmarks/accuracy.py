@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import statistics
@@ -47,6 +48,21 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     results["curve"] = read_curve(run_dir, results["main_metric"])
     results["bench_wall_s"] = time.perf_counter() - t0
     return results
+
+
+def run_name(task: str, model: str, optimizer: str, seed: int, extra: list[str]) -> str:
+    """Run directory name; overrides are part of it so ``--reuse`` never reads a run of other settings.
+
+    ``['optimizer.rho=0.1']`` gives ``sst2-minilm-sam-rho0.1-seed1``; no overrides keep the plain name.
+    """
+    tags = []
+    for override in extra:
+        key, _, value = override.lstrip("+~").partition("=")
+        tags.append(f"{key.rsplit('.', 1)[-1]}{value}")
+    tag = "".join(c if c.isalnum() or c in ".-" else "-" for c in "-".join(tags))
+    if len(tag) > 80:  # keep directory names short; the hash still tells settings apart
+        tag = f"{tag[:64]}-{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:10]}"
+    return "-".join([task, model, optimizer, *([tag] if tag else []), f"seed{seed}"])
 
 
 def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
@@ -129,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {o: {} for o in optimizers}
     for seed in seeds:  # seed-major: a partial run still compares optimizers on the same seeds
         for opt in optimizers:
-            run_dir = Path(args.runs_dir) / f"{args.task}-{args.model}-{opt}-seed{seed}"
+            run_dir = Path(args.runs_dir) / run_name(args.task, args.model, opt, seed, extra)
             runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse)
             print(f"{opt:10s} seed {seed}: {runs[opt][seed]['main_metric']}={runs[opt][seed][runs[opt][seed]['main_metric']]:.4f} "
                   f"({runs[opt][seed]['wall_seconds']:.0f}s)", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -44,3 +45,45 @@ def test_speed_interface(tmp_path):
     assert {"sam/adamw", "deltasam/sam"} <= set(result["ratios"])
     assert all(v > 0 for v in result["step_seconds"].values())
     assert result["batch_scaling"][0]["batch_size"] == 4
+
+
+def test_accuracy_interface(tmp_path):
+    """Runs train.py per optimizer and seed, writes the issue's JSON, table and plot; --reuse reads, never retrains."""
+    import accuracy
+
+    out, png, runs = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "runs"
+    argv = ["--model", "tiny", "--optimizers", "adamw,deltasam", "--seeds", "1,2", "--runs-dir", str(runs),
+            "--out", str(out), "--plot", str(png), "--",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
+    result = accuracy.main(argv)
+    assert json.loads(out.read_text()) == result
+    assert (result["task"], result["model"], result["metric"]) == ("sst2", "tiny", "val/acc")
+    assert set(result["optimizers"]) == {"adamw", "deltasam"}
+    for name, o in result["optimizers"].items():
+        assert set(o["seeds"]) == {"1", "2"} and o["steps"] == 4 and o["wall_s"] > 0
+        values = list(o["seeds"].values())
+        assert o["mean"] == pytest.approx(sum(values) / 2) and o["std"] >= 0
+    assert result["overrides"][0] == "trainer.max_steps=4"
+    assert "| adamw |" in out.with_suffix(".md").read_text() and png.stat().st_size > 0
+    # identical data order and initialization per seed: the first logged training loss agrees across optimizers
+    first_loss = {}
+    for run_dir in runs.iterdir():
+        assert run_dir.name.endswith(("seed1", "seed2")) and "max-steps4" in run_dir.name
+        with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+            loss = next(float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"])
+        first_loss.setdefault(run_dir.name.rsplit("-", 1)[1], []).append(loss)
+    assert all(len(v) == 2 and v[0] == pytest.approx(v[1], abs=1e-6) for v in first_loss.values()), first_loss
+    # --reuse reads the finished runs back (same numbers) instead of training them again
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
+    again = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--"):]])
+    assert again["optimizers"] == result["optimizers"]
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")} == stamps
+
+
+def test_accuracy_run_names_carry_the_overrides():
+    import accuracy
+
+    assert accuracy.run_name("sst2", "minilm", "sam", 1, []) == "sst2-minilm-sam-seed1"
+    assert accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.temperature=1.0"]) == \
+        "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
