@@ -192,6 +192,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help", "help"} & set(sys.argv[1:]):
+        print(__doc__.strip())
+        sys.exit(0)
     try:
         main()
     except (ValueError, FileNotFoundError) as err:

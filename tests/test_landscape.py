@@ -60,3 +60,11 @@ def test_analyze_restores_weights():
     batches = [next(iter(make_loader()))]
     analyze(module, batches, rho=0.05, span=0.5, points=3, directions=1, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_landscape_help_prints_usage():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lightning_deltasam.landscape", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ckpt=" in proc.stdout and "rho" in proc.stdout
