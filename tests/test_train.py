@@ -52,7 +52,17 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "deltasam/weight_entropy" in metrics and "val/acc" in metrics
-    assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    # the delta-SAM diagnostics are in TensorBoard, as a time series
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    for tag in ("deltasam/weight_entropy", "deltasam/weight_max", "deltasam/eps_norm", "deltasam/loss_rise",
+                "deltasam/skipped_steps", "train/loss", "val/acc"):
+        assert tag in events.Tags()["scalars"], tag
+    weight_max = events.Scalars("deltasam/weight_max")
+    assert len(weight_max) >= 2 and all(0 < e.value <= 1 for e in weight_max)
+    assert [e.step for e in weight_max] == sorted(e.step for e in weight_max)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
 
