@@ -87,16 +87,25 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
             "wall_s": statistics.fmean(r["wall_seconds"] for r in by_seed.values()),
             "steps": next(iter(by_seed.values()))["steps"],
         }
+    base = next(iter(runs))  # paired by seed against the first optimizer: same data order, so seed noise cancels
+    for opt, by_seed in runs.items():
+        diffs = [by_seed[s][metric] - runs[base][s][metric] for s in by_seed if s in runs[base]]
+        out[opt]["paired"] = {"baseline": base, "mean_diff": statistics.fmean(diffs),
+                              "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     seeds = sorted({s for o in result["optimizers"].values() for s in o["seeds"]}, key=int)
-    lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std | wall s/run |",
-             "|---|" + "---|" * (len(seeds) + 3)]
+    base = next(iter(result["optimizers"]))
+    lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std | vs {base}: mean Δ (points), wins-losses "
+             "| wall s/run |",
+             "|---|" + "---|" * (len(seeds) + 4)]
     for name, o in result["optimizers"].items():
-        cells = " | ".join(f"{o['seeds'][s]:.4f}" for s in seeds)
-        lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} | {o['wall_s']:.0f} |")
+        cells = " | ".join(f"{o['seeds'][s]:.4f}" if s in o["seeds"] else "-" for s in seeds)
+        paired = o["paired"]
+        vs = "-" if name == base else f"{100 * paired['mean_diff']:+.2f}, {paired['wins']}-{paired['losses']}"
+        lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} | {vs} | {o['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -87,3 +87,17 @@ def test_accuracy_run_names_carry_the_overrides():
     assert accuracy.run_name("sst2", "minilm", "sam", 1, []) == "sst2-minilm-sam-seed1"
     assert accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.temperature=1.0"]) == \
         "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
+
+
+def test_accuracy_summary_pairs_seeds_against_the_first_optimizer():
+    import accuracy
+
+    def run(value):
+        return {"val/acc": value, "wall_seconds": 10.0, "steps": 4}
+
+    runs = {"adamw": {1: run(0.88), 2: run(0.86), 3: run(0.87)}, "sam": {1: run(0.89), 2: run(0.85), 3: run(0.90)}}
+    summary = accuracy.summarize(runs, "val/acc")
+    assert summary["sam"]["mean"] == pytest.approx(0.88) and summary["sam"]["std"] == pytest.approx(0.02645751)
+    assert summary["sam"]["paired"] == {"baseline": "adamw", "mean_diff": pytest.approx(0.01), "wins": 2, "losses": 1}
+    table = accuracy.markdown({"optimizers": summary})
+    assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | 10 |" in table
