@@ -73,7 +73,10 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
             for row in csv.DictReader(f):
                 if row.get(metric):
                     points.append((int(row["step"]), float(row[metric])))
-    return points
+    # the app's final validation of the last weights is logged one step after the periodic one of the same
+    # weights (same value): keep one point per validation
+    return [p for i, p in enumerate(points) if not (i + 1 < len(points) and points[i + 1][0] == p[0] + 1
+                                                    and points[i + 1][1] == p[1])]
 
 
 def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[str, Any]:

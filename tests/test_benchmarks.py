@@ -101,3 +101,12 @@ def test_accuracy_summary_pairs_seeds_against_the_first_optimizer():
     assert summary["sam"]["paired"] == {"baseline": "adamw", "mean_diff": pytest.approx(0.01), "wins": 2, "losses": 1}
     table = accuracy.markdown({"optimizers": summary})
     assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | 10 |" in table
+
+
+def test_accuracy_curve_keeps_one_point_per_validation(tmp_path):
+    import accuracy
+
+    log = tmp_path / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch,step,train/loss,val/acc\n0,9,0.7,\n0,99,,0.80\n0,199,,0.85\n0,200,,0.85\n")
+    assert accuracy.read_curve(tmp_path, "val/acc") == [(99, 0.80), (200, 0.85)]
