@@ -102,8 +102,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=5, help="timed repeats per method (after one warm-up each)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--probes", default="3", help="probe counts K to time (comma-separated)")
-    ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32)")
+    ap.add_argument("--probes", default="3", help="probe counts K to time the full-model probe rules at (comma-separated; "
+                    "'' skips them)")
+    ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32; '' skips it)")
     ap.add_argument("--oracle-repeats", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -113,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     module.train()  # dropout on: the training step as users run it
     stream = batches(datamodule, seed=0)
     fixed = [next(stream) for _ in range(4)]
-    methods = {rule_name(c): Method(module, c) for c in method_configs(args.rho, [int(k) for k in args.probes.split(",")])}
+    methods = {rule_name(c): Method(module, c) for c in method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])}
     default = rule_name(default_delta_config(rho=args.rho))
 
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
@@ -137,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if name not in ("adamw", "sam"):
             ratios[f"{name}/sam"] = med[name] / med["sam"]
 
-    sizes = [int(b) for b in (args.scaling or ("8,16,32,64,128" if args.model == "tiny" else "8,16,32")).split(",")]
+    scaling_arg = ("8,16,32,64,128" if args.model == "tiny" else "8,16,32") if args.scaling is None else args.scaling
+    sizes = [int(b) for b in scaling_arg.split(",") if b]
     scaling = []
     for b in sizes:
         _, dm_b, _ = build(args.model, b) if b != args.batch_size else (None, datamodule, None)
