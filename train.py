@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one training job; bad options and missing data exit with status 2 and one ``error:`` line."""
-    from lightning_deltasam.app import USER_ERRORS, describe_error, run  # here: config errors report fast
+    from lightning_deltasam.glue.app import USER_ERRORS, describe_error, run  # here: config errors report fast
 
     try:
         results = run(cfg)

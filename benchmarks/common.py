@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_deltasam.app import build_components  # noqa: E402
+from lightning_deltasam.glue.app import build_components  # noqa: E402
 from lightning_deltasam.config import SAMConfig  # noqa: E402
 
 

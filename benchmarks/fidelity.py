@@ -22,7 +22,7 @@ import torch
 from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
-from lightning_deltasam.head_probe import probe_plan
+from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import fidelity, method_update, oracle_update, weighted_sam_update
 
 

@@ -22,7 +22,7 @@ from common import batches, build, default_delta_config, emit, rule_name  # type
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
-from lightning_deltasam.head_probe import probe_plan
+from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import oracle_update
 
 

@@ -7,14 +7,14 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from .config import SAMConfig
-from .engine import SAMEngine, StepStats
-from .head_probe import has_split, probe_plan
-from .lightning_backend import LightningBackend, grad_scaler
+from .config import ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Weighting
+from .engine import StepStats
+from .lightning_backend import EngineSlot, LightningBackend, grad_scaler, log_stats, module_step
+from .probes import has_split, probe_plan
 
 
 class _SkipBatch(Exception):
@@ -22,7 +22,7 @@ class _SkipBatch(Exception):
 
 
 class DeltaSAMCallback(Callback):
-    """Runs every optimizer step of the Trainer as a SAM / delta-SAM step; options as :class:`SAMConfig`.
+    r"""Runs every optimizer step of the Trainer as a SAM / delta-SAM step.
 
     SAM works with any module: Lightning's closure runs at w (what ``training_step`` logs then
     stands) and again at w + eps (logging muted, hooks and gradient clipping applied to the
@@ -30,22 +30,58 @@ class DeltaSAMCallback(Callback):
     weighted first pass is computed from it and ``training_step`` runs once, at w + eps, so its
     logged loss is the perturbed one; the loss at w is logged as ``deltasam/loss``.
     Refused at fit start: manual optimization (use :class:`DeltaSAMMixin`), ``16-mixed``
-    (its plugin steps without the closure), ``accumulate_grad_batches > 1``.
+    (its plugin steps without the closure), ``accumulate_grad_batches > 1``, more than one optimizer.
+
+    Args:
+        rho: radius of the perturbation; ``0`` is the base optimizer (one pass).
+        adaptive: ASAM: eps = rho T^2 g / ||T g||, T = |w| + ``eta``.
+        eta: ASAM's and relative probes' offset.
+        reweight: ``None``: SAM; ``"delta"``: delta-SAM.
+        score: delta-SAM's instance score: ``"sharpness"``, ``"gradnorm"``, ``"loss"`` or ``"gram"``.
+        weights: ``"softmax"`` (delta = softmax(s / (tau mean|s|))) or ``"linear"`` (delta proportional to max(s, 0)).
+        temperature: tau of the softmax weights.
+        mix: share of uniform weights mixed into delta.
+        num_probes: K Gaussian probes (forward only).
+        probe_std: sigma of the probes.
+        probe_scale: ``"relative"`` (dw = sigma z (|w| + eta)) or ``"absolute"`` (sigma z).
+        antithetic: also probe at w - dw.
+        probe_scope: ``"all"`` parameters, the module's ``"head"`` split, or ``"auto"`` (head when the module splits).
+        gram_ridge: lambda of the ``gram`` score, relative to mean diag(K).
+        sync: DDP: ``"global"`` (the step over the global batch) or ``"local"`` (each rank's own eps).
+        seed: seed of the probe generator (identical on every rank).
     """
 
-    def __init__(self, **options: Any) -> None:
-        self.config = SAMConfig(**options)
-        self._engines: dict[int, SAMEngine] = {}
-        self._pending_state: Optional[dict[str, Any]] = None
+    def __init__(
+        self,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        reweight: Reweight = None,
+        score: Score = "gradnorm",
+        weights: Weighting = "softmax",
+        temperature: float = 4.0,
+        mix: float = 0.0,
+        num_probes: int = 8,
+        probe_std: float = 0.01,
+        probe_scale: ProbeScale = "relative",
+        antithetic: bool = False,
+        probe_scope: ProbeScope = "auto",
+        gram_ridge: float = 1e-3,
+        sync: Sync = "global",
+        seed: int = 0,
+    ) -> None:
+        self.config = SAMConfig(
+            rho=rho, adaptive=adaptive, eta=eta, reweight=reweight, score=score, weights=weights,
+            temperature=temperature, mix=mix, num_probes=num_probes, probe_std=probe_std, probe_scale=probe_scale,
+            antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, sync=sync, seed=seed,
+        )
+        self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []
         self._batch: Any = None
         self.last_stats: Optional[StepStats] = None
 
-    @property
-    def state_key(self) -> str:
-        return "DeltaSAMCallback"
-
     # ---------------------------------------------------------------- checks
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -55,7 +91,7 @@ class DeltaSAMCallback(Callback):
                 f"DeltaSAMCallback needs automatic optimization, but {name} sets automatic_optimization=False. "
                 "For manual optimization use DeltaSAMMixin instead."
             )
-        if self.config.uses_probes and self.config.probe_scope == "head" and not has_split(pl_module):
+        if self.config.step_probe_scope == "head" and not has_split(pl_module):
             probe_plan(pl_module, None, "head")  # raises, naming the methods to define
         if self.config.reweighting and not callable(getattr(pl_module, "per_sample_loss", None)):
             raise ValueError(
@@ -75,13 +111,22 @@ class DeltaSAMCallback(Callback):
             )
 
     # ----------------------------------------------------------- wrap / unwrap
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        for optimizer in trainer.optimizers:
-            self._wrap(optimizer, trainer, pl_module)
+        # The optimizers exist from here on (the Trainer configures them after ``setup``).
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"DeltaSAMCallback supports one optimizer, but {type(pl_module).__name__}.configure_optimizers returned "
+                f"{len(trainer.optimizers)}. Return one optimizer (one param group per part of the model if their "
+                "settings differ), or use DeltaSAMMixin / DeltaSAM with manual optimization."
+            )
+        self._wrap(trainer.optimizers[0], trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._unwrap()
 
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._unwrap()
 
@@ -89,20 +134,9 @@ class DeltaSAMCallback(Callback):
         while self._restore:
             self._restore.pop()()
 
-    def _engine(self, optimizer: Optimizer) -> SAMEngine:
-        engine = self._engines.get(id(optimizer))
-        if engine is None:
-            engine = SAMEngine(optimizer.param_groups, self.config)
-            if self._pending_state is not None:
-                engine.load_state_dict(self._pending_state)
-                self._pending_state = None
-            self._engines[id(optimizer)] = engine
-        return engine
-
     def _wrap(self, optimizer: Optimizer, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         had_own = "step" in optimizer.__dict__
         original_step = optimizer.step
-        engine = self._engine(optimizer)
 
         def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             if closure is None:
@@ -110,7 +144,7 @@ class DeltaSAMCallback(Callback):
                     "DeltaSAMCallback: the optimizer was stepped without a closure, so the second pass cannot run "
                     f"(precision={trainer.precision!r}). Use DeltaSAMMixin for this setup."
                 )
-            return self._step(optimizer, engine, closure, lambda: original_step(**kwargs), trainer, pl_module)
+            return self._step(optimizer, closure, lambda: original_step(**kwargs), trainer, pl_module)
 
         optimizer.step = step  # type: ignore[method-assign]
 
@@ -123,30 +157,21 @@ class DeltaSAMCallback(Callback):
         self._restore.append(restore)
 
     # ------------------------------------------------------------------ step
+    @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._batch = batch
         self.last_stats = None
 
-    def _step(
-        self,
-        optimizer: Optimizer,
-        engine: SAMEngine,
-        closure: Callable[[], Any],
-        base_step: Callable[[], Any],
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-    ) -> Any:
-        batch = self._batch
-        # Lightning passes partial(precision._wrap_closure, model, optimizer, closure): its inner closure
-        # runs training_step + backward without the before-step hooks and clipping (kept for the descent pass).
-        inner = closure.args[2] if isinstance(closure, functools.partial) and len(closure.args) == 3 else closure
+    def _step(self, optimizer: Optimizer, closure: Callable[[], Any], base_step: Callable[[], Any],
+              trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+        inner, get_result, set_result = lightning_closure_parts(closure)
         first: dict[str, Any] = {}
 
         def first_pass() -> Tensor:
             loss = inner()
             if loss is None:
                 raise _SkipBatch
-            first["result"] = getattr(inner, "_result", None)
+            first["result"] = get_result()
             return loss
 
         def second_pass() -> Tensor:
@@ -155,12 +180,9 @@ class DeltaSAMCallback(Callback):
             with _muted_logging(pl_module):
                 loss = closure()
             if first["result"] is not None:
-                inner._result = first["result"]  # report the loss at w, as training_step logged it
+                set_result(first["result"])  # report the loss at w, as training_step logged it
             return _require_loss(loss)
 
-        forward, head = None, None
-        if self.config.reweighting:
-            forward, head = probe_plan(pl_module, batch, self.config.probe_scope if self.config.uses_probes else "all")
         backend = LightningBackend(
             trainer,
             self.config,
@@ -169,60 +191,52 @@ class DeltaSAMCallback(Callback):
             forward_context=trainer.precision_plugin.train_step_context,
         )
         try:
-            batch_size: Optional[int] = extract_batch_size(batch)
-        except Exception:
-            batch_size = None
-        try:
-            stats = engine.step(
-                forward,
-                backend,
-                base_step,
-                first_pass=first_pass,
-                second_pass=second_pass,
-                batch_size=batch_size,
-                source=f"{type(pl_module).__name__}.per_sample_loss",
-                head=head,
-            )
+            stats = module_step(self._slot.for_optimizer(optimizer), pl_module, self._batch, backend, base_step,
+                                per_sample=self.config.reweighting, first_pass=first_pass, second_pass=second_pass)
         except _SkipBatch:
             return None
-        finally:
-            if head is not None:
-                head.clear()
         self.last_stats = stats
         return stats.loss
 
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
-        stats = self.last_stats
-        if stats is None:
-            return
-        engine = next(iter(self._engines.values()))
-        pl_module.log("deltasam/loss", stats.loss, batch_size=_safe_batch_size(batch))
-        pl_module.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=_safe_batch_size(batch))
+        if self.last_stats is not None and self._slot.engine is not None:
+            log_stats(pl_module, self.last_stats, self._slot.engine, batch, "deltasam/loss")
 
     # ------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
-        if self._engines:
-            return next(iter(self._engines.values())).state_dict()
-        return dict(self._pending_state or {})
+        return dict(self._slot.state_dict() or {})
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._engines:
-            next(iter(self._engines.values())).load_state_dict(state_dict)
-        else:
-            self._pending_state = dict(state_dict)
+        self._slot.load_state_dict(state_dict)
+
+
+def lightning_closure_parts(closure: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], None]]:
+    """The one place that reads Lightning internals: (inner closure, get its result, set its result).
+
+    Lightning's automatic optimization (checked on lightning 2.6 by ``tests/test_adapters.py``) passes
+    ``optimizer.step`` the closure ``functools.partial(precision._wrap_closure, model, optimizer, closure)``,
+    whose third argument, the loop's ``Closure``, runs ``training_step`` + backward without the before-step
+    hooks and gradient clipping (kept for the descent pass). ``Closure._result`` is what the loop reports
+    as the step's output. Any other closure is run as it is, with no result to read or set.
+    """
+    inner = closure.args[2] if isinstance(closure, functools.partial) and len(closure.args) == 3 else closure
+
+    def get_result() -> Any:
+        return getattr(inner, "_result", None)
+
+    def set_result(result: Any) -> None:
+        inner._result = result  # type: ignore[attr-defined]
+
+    return inner, get_result, set_result
 
 
 def _require_loss(loss: Any) -> Tensor:
     if loss is None:
         raise RuntimeError("training_step returned None at w + eps after returning a loss at w; it must be deterministic in that.")
     return loss
-
-
-def _safe_batch_size(batch: Any) -> Optional[int]:
-    try:
-        return extract_batch_size(batch)
-    except Exception:
-        return None
 
 
 class _muted_logging:

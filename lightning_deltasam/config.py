@@ -4,29 +4,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
+
+Reweight = Optional[Literal["delta"]]
+Score = Literal["sharpness", "gradnorm", "loss", "gram"]
+Weighting = Literal["softmax", "linear"]
+ProbeScale = Literal["relative", "absolute"]
+ProbeScope = Literal["auto", "all", "head"]
+Sync = Literal["global", "local"]
+ClipAlgorithm = Literal["norm", "value"]
 
 REWEIGHTS = (None, "delta")
-SCORES = ("sharpness", "gradnorm", "loss", "gram")
-WEIGHTINGS = ("softmax", "linear")
-PROBE_SCALES = ("relative", "absolute")
-PROBE_SCOPES = ("auto", "all", "head")
-SYNCS = ("global", "local")
-CLIP_ALGORITHMS = ("norm", "value")
+SCORES: tuple[str, ...] = get_args(Score)
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+PROBE_SCALES: tuple[str, ...] = get_args(ProbeScale)
+PROBE_SCOPES: tuple[str, ...] = get_args(ProbeScope)
+SYNCS: tuple[str, ...] = get_args(Sync)
+CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+# ----------------------------------------------------------------------------- validators
+# The one set of option checks (library and app): each error names the option, its value and what is allowed.
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name}={value!r} is not supported; use one of {shown}.")
 
 
-def _number(name: str, value: Any, *, minimum: float, strict: bool, hint: str = "") -> None:
+def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, below: float = math.inf,
+                 hint: str = "") -> None:
+    """A finite real number >= ``minimum`` (> when ``strict``) and < ``below``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number.{hint}")
-    if value < minimum or (strict and value == minimum):
+    if value < minimum or (strict and value == minimum) or value >= below:
         op = ">" if strict else ">="
-        raise ValueError(f"{name}={value!r} must be {op} {minimum}.{hint}")
+        upper = f" and < {below}" if below != math.inf else ""
+        raise ValueError(f"{name}={value!r} must be {op} {minimum}{upper}.{hint}")
+
+
+def check_int(name: str, value: Any, *, minimum: Optional[int] = None, hint: str = "") -> None:
+    """An integer (not a bool), >= ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name}={value!r} must be an integer{bound}.{hint}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False.")
 
 
 @dataclass(frozen=True)
@@ -40,43 +65,39 @@ class SAMConfig:
     rho: float = 0.05
     adaptive: bool = False
     eta: float = 0.01
-    reweight: Optional[str] = None
-    score: str = "gradnorm"
-    weights: str = "softmax"
+    reweight: Reweight = None
+    score: Score = "gradnorm"
+    weights: Weighting = "softmax"
     temperature: float = 4.0
     mix: float = 0.0
     num_probes: int = 8
     probe_std: float = 0.01
-    probe_scale: str = "relative"
+    probe_scale: ProbeScale = "relative"
     antithetic: bool = False
-    probe_scope: str = "auto"
+    probe_scope: ProbeScope = "auto"
     gram_ridge: float = 1e-3
-    sync: str = "global"
+    sync: Sync = "global"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _number("rho", self.rho, minimum=0.0, strict=False, hint=" Use rho=0 for the plain base optimizer.")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive={self.adaptive!r} must be True or False.")
-        _number("eta", self.eta, minimum=0.0, strict=False)
-        _choice("reweight", self.reweight, REWEIGHTS)
-        _choice("score", self.score, SCORES)
-        _choice("weights", self.weights, WEIGHTINGS)
-        _number("temperature", self.temperature, minimum=0.0, strict=True)
-        _number("mix", self.mix, minimum=0.0, strict=False)
+        check_number("rho", self.rho, minimum=0.0, hint=" Use rho=0 for the plain base optimizer.")
+        check_bool("adaptive", self.adaptive)
+        check_number("eta", self.eta, minimum=0.0)
+        check_choice("reweight", self.reweight, REWEIGHTS)
+        check_choice("score", self.score, SCORES)
+        check_choice("weights", self.weights, WEIGHTINGS)
+        check_number("temperature", self.temperature, minimum=0.0, strict=True)
+        check_number("mix", self.mix, minimum=0.0)
         if self.mix > 1:
             raise ValueError(f"mix={self.mix!r} must lie in [0, 1] (the share of uniform weights).")
-        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
-            raise ValueError(f"num_probes={self.num_probes!r} must be an integer >= 1.")
-        _number("probe_std", self.probe_std, minimum=0.0, strict=True)
-        _choice("probe_scale", self.probe_scale, PROBE_SCALES)
-        _choice("probe_scope", self.probe_scope, PROBE_SCOPES)
-        if not isinstance(self.antithetic, bool):
-            raise ValueError(f"antithetic={self.antithetic!r} must be True or False.")
-        _number("gram_ridge", self.gram_ridge, minimum=0.0, strict=False)
-        _choice("sync", self.sync, SYNCS)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer.")
+        check_int("num_probes", self.num_probes, minimum=1)
+        check_number("probe_std", self.probe_std, minimum=0.0, strict=True)
+        check_choice("probe_scale", self.probe_scale, PROBE_SCALES)
+        check_choice("probe_scope", self.probe_scope, PROBE_SCOPES)
+        check_bool("antithetic", self.antithetic)
+        check_number("gram_ridge", self.gram_ridge, minimum=0.0)
+        check_choice("sync", self.sync, SYNCS)
+        check_int("seed", self.seed)
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +111,11 @@ class SAMConfig:
     @property
     def uses_probes(self) -> bool:
         return self.reweighting and self.score != "loss"
+
+    @property
+    def step_probe_scope(self) -> str:
+        """Where this step's probes run: ``probe_scope``, or ``"all"`` when the step draws no probe."""
+        return self.probe_scope if self.uses_probes else "all"
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -1,31 +1,28 @@
-"""The one SAM / delta-SAM step every adapter (optimizer, mixin, callback) runs.
+"""The one SAM / delta-SAM step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`.
 
 Order of a step (DELTASAM.md sections 1, 3, 5):
 probes (forward only, at w + dw_k, dropout masks replayed) -> first pass at w (per-instance
 losses, weighted backward) -> all-reduce of the weighted gradient -> eps = rho g/||g||
 (ASAM: rho T^2 g/||T g||) -> second pass at w + eps -> exact restore of w -> base step.
 The adapters differ only in how they run backward, all-reduce and step: a :class:`Backend`.
+Probes are in :mod:`.probes`, the scores and weights in :mod:`.weighting`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from .config import SAMConfig
 from .distributed import Reducer, default_reducer
+from .probes import HeadProbe, LossFn, ProbeNoise, RNGReplay, full_probes, head_probes
 from .weighting import ProbeLosses, Weights, compute_weights, instance_scores, uniform_weights, weight_stats
-
-if TYPE_CHECKING:
-    from .head_probe import HeadProbe
-
-LossFn = Callable[[], Tensor]
 
 
 class Backend:
@@ -106,17 +103,58 @@ def check_per_sample_losses(losses: Any, source: str, batch_size: Optional[int] 
     return losses
 
 
-class _RNGReplay:
-    """Replays one RNG state, so probes and the first pass draw the same dropout masks."""
+class _Snapshot:
+    """w and the running statistics as the step found them; :meth:`restore` puts them back bit for bit."""
 
-    def __init__(self, devices: set[torch.device]) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    def __init__(self, params: list[Tensor], saved: list[Tensor], buffers: list[Tensor], saved_buffers: list[Tensor]) -> None:
+        self.params, self.saved, self.buffers, self.saved_buffers = params, saved, buffers, saved_buffers
 
-    def rewind(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, s in self.cuda.items():
-            torch.cuda.set_rng_state(s, d)
+    @torch.no_grad()
+    def restore(self, buffers: bool = True) -> None:
+        torch._foreach_copy_(self.params, self.saved)
+        if buffers and self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved_buffers)
+
+    @torch.no_grad()
+    def keep_buffers(self) -> None:
+        """The running statistics as they are now (after the first pass) become the ones restored."""
+        if self.buffers:
+            torch._foreach_copy_(self.saved_buffers, self.buffers)
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Whatever happens inside (a return, a NaN, an exception), w and the statistics are restored on the way out."""
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+@dataclass
+class _Passes:
+    """The forwards of one step: the engine's own (``forward``) or an adapter's (``first_pass`` / ``second_pass``)."""
+
+    forward: Optional[LossFn]
+    first_pass: Optional[Callable[[], Tensor]]
+    second_pass: Optional[Callable[[], Tensor]]
+    backend: Backend
+    source: str
+    batch_size: Optional[int]
+
+    def losses(self, needed_for: str) -> Tensor:
+        """Per-instance losses [B] at the current weights, checked, with grad."""
+        if self.forward is None:
+            raise ValueError(f"{needed_for} needs per-instance losses: define per_sample_loss.")
+        with self.backend.forward_context():
+            return check_per_sample_losses(self.forward(), self.source, self.batch_size)
+
+    def descent(self) -> tuple[Tensor, Optional[Tensor]]:
+        """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
+        if self.second_pass is not None:
+            return self.second_pass().detach(), None
+        losses = self.losses("the step")
+        self.backend.backward(losses.mean())
+        return losses.detach().mean(), losses.detach()
 
 
 class SAMEngine:
@@ -125,62 +163,104 @@ class SAMEngine:
     def __init__(self, param_groups: list[dict[str, Any]], config: SAMConfig) -> None:
         self.param_groups = param_groups
         self.config = config
+        self.noise = ProbeNoise(config)
         self.skipped_steps = 0
-        self.accumulate_grad_batches = 1
-        self._acc: Optional[list[Tensor]] = None
-        self._acc_count = 0
-        self._acc_poisoned = False
         self._stores: dict[str, list[Tensor]] = {}
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending_generator_states: dict[str, Tensor] = {}
         self._warned_skip = False
 
-    # ----------------------------------------------------------------- state
-    def params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+    # ------------------------------------------------------------------ step
+    def step(
+        self,
+        forward: Optional[LossFn],
+        backend: Backend,
+        base_step: Callable[[], Any],
+        *,
+        first_pass: Optional[Callable[[], Tensor]] = None,
+        second_pass: Optional[Callable[[], Tensor]] = None,
+        batch_size: Optional[int] = None,
+        source: str = "the closure",
+        head: Optional[HeadProbe] = None,
+    ) -> StepStats:
+        """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The probe-noise generator for ``device``'s type: seeded identically on every rank."""
-        key = device.type
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.config.seed)
-            if key in self._pending_generator_states:
-                gen.set_state(self._pending_generator_states.pop(key))
-            self._generators[key] = gen
-        return self._generators[key]
+        ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
+        (they run backward themselves and return the mean loss): the callback uses them to
+        run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
+        after the first pass. ``base_step()`` applies the descent gradient left in ``.grad``.
+        Weights are restored exactly even if a pass raises.
+        """
+        cfg = self.config
+        params = self.params()
+        if not params:
+            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
+        self.zero_grad(params)
+        passes = _Passes(forward, first_pass, second_pass, backend, source, batch_size)
+        if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
+            loss, losses = passes.descent()
+            return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step)
+        if cfg.step_probe_scope == "head" and head is None:
+            raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see probes).")
 
-    def state_dict(self) -> dict[str, Any]:
-        gens = {k: g.get_state() for k, g in self._generators.items()}
-        gens.update({k: v for k, v in self._pending_generator_states.items() if k not in gens})
-        return {"generators": gens, "skipped_steps": self.skipped_steps}
+        snapshot = self._snapshot(params, backend.buffers())
+        probes = self._full_probes(params, snapshot, passes) if cfg.uses_probes and head is None else None
+        stats = self._first_pass(passes, probes, head)
+        direction_params, direction, norm = self._ascent_direction(params, backend)
+        snapshot.keep_buffers()  # the first pass's statistics are the ones kept
+        if not self._agree_finite(math.isfinite(norm) and bool(torch.isfinite(stats.loss)), backend):
+            return self._skip(params, stats, backend, base_step, "the first pass")
+        with snapshot.restoring():
+            stats.eps_norm = self.perturb_(direction_params, direction, norm)
+            self.zero_grad(params)
+            loss1, _ = passes.descent()
+        stats.loss_rise = float(loss1.float() - stats.loss.float())
+        return self._finish(params, stats, backend, base_step)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self._pending_generator_states = {}
-        for key, st in state.get("generators", {}).items():
-            if key in self._generators:
-                self._generators[key].set_state(st.cpu() if isinstance(st, Tensor) else st)
+    # ---------------------------------------------------------------- phases
+    def _snapshot(self, params: list[Tensor], buffers: list[Tensor]) -> _Snapshot:
+        with torch.no_grad():
+            return _Snapshot(params, self._saved("params", params), buffers, self._saved("buffers", buffers))
+
+    def _full_probes(self, params: list[Tensor], snapshot: _Snapshot, passes: _Passes) -> ProbeLosses:
+        """Probes of every parameter, before the first pass, which then replays the probes' dropout masks."""
+        if passes.forward is None:
+            raise ValueError(f"score={self.config.score!r} needs per-instance losses: define per_sample_loss.")
+        rng = RNGReplay({p.device for p in params})
+        with snapshot.restoring():
+            probes = full_probes(self.config, params, self.noise, passes.forward, rng,
+                                 lambda: snapshot.restore(buffers=False), passes.backend.forward_context)
+        rng.rewind()
+        return probes
+
+    def _first_pass(self, passes: _Passes, probes: Optional[ProbeLosses], head: Optional[HeadProbe]) -> StepStats:
+        """Backward of sum_i delta_i l_i at w (delta uniform for SAM), its gradient unreduced: the direction of eps."""
+        cfg = self.config
+        reducer = passes.backend.reducer
+        with passes.backend.no_sync():
+            if passes.first_pass is not None and not cfg.reweighting:
+                return StepStats(loss=passes.first_pass().detach())
+            losses = passes.losses("reweight='delta'" if cfg.reweighting else "the step")
+            weights: Weights
+            if cfg.reweighting:
+                if head is not None and cfg.uses_probes:
+                    probes = head_probes(cfg, head, self.noise)
+                weights = compute_weights(instance_scores(cfg, losses, probes, cfg.probe_std, reducer), cfg, reducer)
             else:
-                self._pending_generator_states[key] = st.cpu() if isinstance(st, Tensor) else st
+                weights = uniform_weights(losses.numel(), losses.device, reducer)
+            passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
+        stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
+        if cfg.reweighting:
+            stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
+            stats.weight_fallback = weights.fallback
+        return stats
 
-    # ------------------------------------------------------------ primitives
-    def _saved(self, key: str, tensors: list[Tensor]) -> list[Tensor]:
-        """A copy of ``tensors`` in buffers kept across steps (no allocation once shapes settle)."""
-        store = self._stores.get(key)
-        if store is None or len(store) != len(tensors) or any(
-            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors)
-        ):
-            store = [t.detach().clone() for t in tensors]
-            self._stores[key] = store
-        elif tensors:
-            torch._foreach_copy_(store, [t.detach() for t in tensors])
-        return store
-
-    @staticmethod
-    def zero_grad(params: list[Tensor]) -> None:
-        for p in params:
-            p.grad = None
+    def _ascent_direction(self, params: list[Tensor], backend: Backend) -> tuple[list[Tensor], list[Tensor], float]:
+        """(parameters with a gradient, direction d, norm) of the all-reduced first-pass gradient (:meth:`ascent`)."""
+        grads_params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in grads_params]
+        with torch.no_grad():
+            backend.reducer.sum_coalesced_(grads)
+            direction, norm = self.ascent(grads_params, grads)
+        return grads_params, direction, norm
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
         """The ascent direction d and its normalizer: eps = rho d / norm.
@@ -196,219 +276,21 @@ class SAMEngine:
             return direction, norm
         return grads, _global_norm(grads)
 
-    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
-        """eps = rho d/norm as tensors, and the norm (a zero gradient gives eps = 0, never NaN)."""
-        direction, norm = self.ascent(params, grads)
+    @torch.no_grad()
+    def perturb_(self, params: list[Tensor], direction: list[Tensor], norm: float) -> float:
+        """w <- w + eps, eps = rho d / norm (a zero gradient gives eps = 0, never NaN), no eps tensor allocated; ||eps||."""
         factor = self.config.rho / norm if norm > 0 else 0.0
-        return torch._foreach_mul(direction, factor), norm
+        torch._foreach_add_(params, direction, alpha=factor)
+        return factor * (_global_norm(direction) if self.config.adaptive else norm)
 
-    def probe_noise(self, params: list[Tensor]) -> list[Tensor]:
-        """dw = sigma z (absolute) or sigma z * (|w| + eta) (relative), z ~ N(0, I) from the seeded generator."""
-        cfg = self.config
-        device = params[0].device
-        numels = [p.numel() for p in params]
-        flat = torch.randn(sum(numels), generator=self.generator(device), device=device, dtype=torch.float32)
-        noise = [z.view_as(p) if z.dtype == p.dtype else z.view_as(p).to(p.dtype) for z, p in zip(flat.split(numels), params)]
-        if cfg.probe_scale == "relative":
-            mag = torch._foreach_abs(params)
-            torch._foreach_add_(mag, cfg.eta)
-            torch._foreach_mul_(noise, mag)
-        torch._foreach_mul_(noise, cfg.probe_std)
-        return noise
-
-    def run_probes(self, params: list[Tensor], backup: list[Tensor], forward: LossFn, backend: Backend, rng: _RNGReplay) -> ProbeLosses:
-        """K forward-only evaluations of the per-instance losses at w + dw_k (and w - dw_k if antithetic)."""
-        plus, minus = [], []
-        with torch.no_grad(), backend.forward_context():
-            for _ in range(self.config.num_probes):
-                noise = self.probe_noise(params)
-                torch._foreach_add_(params, noise)
-                rng.rewind()
-                plus.append(forward().detach().float())
-                if self.config.antithetic:
-                    torch._foreach_add_(params, noise, alpha=-2.0)
-                    rng.rewind()
-                    minus.append(forward().detach().float())
-                torch._foreach_copy_(params, backup)
-        return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
-
-    def run_head_probes(self, head: "HeadProbe") -> ProbeLosses:
-        """K probes of the head alone, functional (no live weight changes), on the first pass's features.
-
-        All K (and their antithetic twins) are evaluated in one vmapped call of the head.
-        """
-        cfg = self.config
-        base = [p.detach() for p in head.params]
-        noises = [self.probe_noise(base) for _ in range(cfg.num_probes)]
-        stacked = [torch.stack(ns) for ns in zip(*noises)]  # per parameter: [K, *shape]
-        points = [b.unsqueeze(0) + n for b, n in zip(base, stacked)]
-        if cfg.antithetic:
-            points = [torch.cat([pt, b.unsqueeze(0) - n]) for pt, b, n in zip(points, base, stacked)]
-        with torch.no_grad():
-            losses = head.batched_losses(points).float()
-        k = cfg.num_probes
-        return ProbeLosses(losses[:k], losses[k:] if cfg.antithetic else None)
-
-    # ------------------------------------------------------------------ step
-    def step(
-        self,
-        forward: Optional[LossFn],
-        backend: Backend,
-        base_step: Callable[[], Any],
-        *,
-        first_pass: Optional[Callable[[], Tensor]] = None,
-        second_pass: Optional[Callable[[], Tensor]] = None,
-        batch_size: Optional[int] = None,
-        source: str = "the closure",
-        head: Optional["HeadProbe"] = None,
-        window_end: bool = True,
-    ) -> StepStats:
-        """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
-
-        ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
-        (they run backward themselves and return the mean loss): the callback uses them to
-        run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
-        after the first pass. With ``accumulate_grad_batches`` > 1 the descent gradient is accumulated and
-        the base step runs when ``window_end`` (the mean over the window; a non-finite micro-batch skips
-        the whole window). Weights are restored exactly even if a pass raises.
-        """
-        cfg = self.config
-        params = self.params()
-        if not params:
-            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
-        self.zero_grad(params)
-
-        def checked_forward() -> Tensor:
-            assert forward is not None
-            return check_per_sample_losses(forward(), source, batch_size)
-
-        def descent_pass() -> tuple[Tensor, Optional[Tensor]]:
-            """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
-            if second_pass is not None:
-                return second_pass().detach(), None
-            with backend.forward_context():
-                losses = checked_forward()
-            backend.backward(losses.mean())
-            return losses.detach().mean(), losses.detach()
-
-        if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
-            loss, losses = descent_pass()
-            return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step, window_end)
-
-        reducer = backend.reducer
-        buffers = backend.buffers()
-        with torch.no_grad():
-            buffer_backup = self._saved("buffers", buffers)
-            backup = self._saved("params", params)
-        probes: Optional[ProbeLosses] = None
-        rng: Optional[_RNGReplay] = None
-        head_scope = cfg.uses_probes and head is not None
-        if cfg.uses_probes and cfg.probe_scope == "head" and head is None:
-            raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see head_probe).")
-        if cfg.uses_probes and not head_scope:
-            if forward is None:
-                raise ValueError(f"score={cfg.score!r} needs per-instance losses: define per_sample_loss.")
-            rng = _RNGReplay({p.device for p in params})
-            try:
-                probes = self.run_probes(params, backup, forward, backend, rng)
-            finally:
-                with torch.no_grad():
-                    torch._foreach_copy_(params, backup)
-                    if buffers:
-                        torch._foreach_copy_(buffers, buffer_backup)
-            rng.rewind()
-
-        # ---- first pass at w: the (weighted) gradient whose direction becomes eps
-        weights: Optional[Weights] = None
-        losses0: Optional[Tensor] = None
-        with backend.no_sync():
-            if first_pass is not None and not cfg.reweighting:
-                loss0 = first_pass().detach()
-            else:
-                if forward is None:
-                    raise ValueError("reweight='delta' needs per-instance losses: define per_sample_loss.")
-                with backend.forward_context():
-                    losses0 = checked_forward()
-                loss0 = losses0.detach().mean()
-                if cfg.reweighting:
-                    if head_scope:
-                        assert head is not None
-                        probes = self.run_head_probes(head)
-                    scores = instance_scores(cfg, losses0, probes, cfg.probe_std, reducer)
-                    weights = compute_weights(scores, cfg, reducer)
-                else:
-                    weights = uniform_weights(losses0.numel(), losses0.device, reducer)
-                backend.backward((weights.delta.to(losses0.dtype) * losses0).sum())
-        grads_params = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in grads_params]
-        with torch.no_grad():
-            if buffers:
-                torch._foreach_copy_(buffer_backup, buffers)  # the first pass's statistics are the ones kept
-            reducer.sum_coalesced_(grads)
-            direction, norm = self.ascent(grads_params, grads)
-        stats = StepStats(loss=loss0, losses=None if losses0 is None else losses0.detach())
-        if weights is not None and cfg.reweighting:
-            stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
-            stats.weight_fallback = weights.fallback
-        if not self._agree_finite(math.isfinite(norm) and bool(torch.isfinite(loss0)), backend):
-            return self._skip(params, stats, backend, base_step, "the first pass", window_end)
-
-        perturbed = [backup[i] for i, p in enumerate(params) if p.grad is not None]
-        factor = cfg.rho / norm if norm > 0 else 0.0
-        try:
-            with torch.no_grad():
-                torch._foreach_add_(grads_params, direction, alpha=factor)  # w + eps, no eps tensor allocated
-            stats.eps_norm = factor * (_global_norm(direction) if cfg.adaptive else norm)
-            self.zero_grad(params)
-            loss1, _ = descent_pass()
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(grads_params, perturbed)
-                if buffers:
-                    torch._foreach_copy_(buffers, buffer_backup)
-        stats.loss_rise = float(loss1.float() - loss0.float())
-        return self._finish(params, stats, backend, base_step, window_end)
-
-    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any],
-                window_end: bool) -> StepStats:
-        """Apply (or accumulate) the descent gradient unless its loss or gradient is non-finite."""
+    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
+        """The base step on the descent gradient, unless its loss or gradient is non-finite (then skipped)."""
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
         if not self._agree_finite(bool(torch.isfinite(total)) and bool(torch.isfinite(stats.loss)), backend):
-            return self._skip(params, stats, backend, base_step, "the descent pass", window_end)
-        if self.accumulate_grad_batches == 1:
-            base_step()
-            return stats
-        self._accumulate(params)
-        if window_end:
-            self._end_window(params, stats, backend, base_step)
-        else:
-            self.zero_grad(params)
-        return stats
-
-    def _accumulate(self, params: list[Tensor]) -> None:
-        if self._acc is None:
-            self._acc = [torch.zeros_like(p) for p in params]
-        self._acc_count += 1
-        with torch.no_grad():
-            present = [(a, p.grad) for a, p in zip(self._acc, params) if p.grad is not None]
-            if present:
-                torch._foreach_add_([a for a, _ in present], [g for _, g in present])
-
-    def _end_window(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any]) -> None:
-        """The one optimizer step of an accumulation window: the mean of its micro-batches' descent gradients."""
-        acc, count, poisoned = self._acc, self._acc_count, self._acc_poisoned
-        self._acc, self._acc_count, self._acc_poisoned = None, 0, False
-        if poisoned or acc is None:
-            stats.skipped = True
-            backend.skip(params, base_step)
-            self.zero_grad(params)
-            return
-        with torch.no_grad():
-            torch._foreach_div_(acc, float(count))
-        for p, a in zip(params, acc):
-            p.grad = a
+            return self._skip(params, stats, backend, base_step, "the descent pass")
         base_step()
+        return stats
 
     def _agree_finite(self, finite: bool, backend: Backend) -> bool:
         """Whether every rank found its values finite (so all ranks skip together, whatever ``sync``)."""
@@ -417,8 +299,7 @@ class SAMEngine:
         flag = backend.world.sum_(torch.tensor([0.0 if finite else 1.0], device=self.params()[0].device))
         return float(flag.item()) == 0.0
 
-    def _skip(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str,
-              window_end: bool = True) -> StepStats:
+    def _skip(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str) -> StepStats:
         self.skipped_steps += 1
         stats.skipped = True
         if not self._warned_skip:
@@ -429,26 +310,37 @@ class SAMEngine:
                 stacklevel=3,
             )
             self._warned_skip = True
-        if self.accumulate_grad_batches > 1:
-            self._acc_poisoned = True  # the window's step is skipped as a whole
-            if window_end:
-                self._end_window(params, stats, backend, base_step)
-            self.zero_grad(params)
-            return stats
         backend.skip(params, base_step)
         self.zero_grad(params)
         return stats
 
-    # -------------------------------------------------------------- clipping
-    def clip_gradients(self, value: Optional[float], algorithm: str, loss_scale: float = 1.0) -> None:
-        """Clip the descent gradient by norm or by value; thresholds follow a loss scale (scaled grads)."""
-        if value is None or value <= 0:
-            return
-        grads_params = [p for p in self.params() if p.grad is not None]
-        if algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(grads_params, value * loss_scale, foreach=True)
-        else:
-            torch.nn.utils.clip_grad_value_(grads_params, value * loss_scale, foreach=True)
+    # ----------------------------------------------------------------- state
+    def params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    @staticmethod
+    def zero_grad(params: list[Tensor]) -> None:
+        for p in params:
+            p.grad = None
+
+    def _saved(self, key: str, tensors: list[Tensor]) -> list[Tensor]:
+        """A copy of ``tensors`` in buffers kept across steps (no allocation once shapes settle)."""
+        store = self._stores.get(key)
+        if store is None or len(store) != len(tensors) or any(
+            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors)
+        ):
+            store = [t.detach().clone() for t in tensors]
+            self._stores[key] = store
+        elif tensors:
+            torch._foreach_copy_(store, [t.detach() for t in tensors])
+        return store
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generators": self.noise.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.noise.load_state_dict(state.get("generators", {}))
 
 
 def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:

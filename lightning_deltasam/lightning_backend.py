@@ -1,4 +1,5 @@
-"""The engine's :class:`~lightning_deltasam.engine.Backend` for a Lightning Trainer: its strategy and precision."""
+"""What the two Lightning adapters (mixin, callback) share: the engine's :class:`~.engine.Backend` for a Trainer
+(its strategy and precision), the engine with its checkpoint state, one step on a module's batch, and the logging."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from typing import Any, Callable, ContextManager, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
+from torch.optim import Optimizer
 
 from .config import SAMConfig
 from .distributed import default_reducer
-from .engine import Backend
+from .engine import Backend, SAMEngine, StepStats
+from .probes import probe_plan
 
 
 def grad_scaler(trainer: "pl.Trainer") -> Optional[Any]:
@@ -60,3 +64,63 @@ class LightningBackend(Backend):
         if all(bool(g.isfinite().all()) for g in grads):
             grads[0].view(-1)[0] = float("nan")
         base_step()
+
+
+# ------------------------------------------------------------- glue shared by the mixin and the callback
+class EngineSlot:
+    """The adapter's :class:`SAMEngine`, created on the first step; checkpoint state may arrive before it exists."""
+
+    def __init__(self, config: SAMConfig) -> None:
+        self.config = config
+        self.engine: Optional[SAMEngine] = None
+        self._pending: Optional[dict[str, Any]] = None
+
+    def for_optimizer(self, optimizer: Optimizer) -> SAMEngine:
+        """The engine over ``optimizer``'s parameter groups (a new one if the optimizer changed)."""
+        if self.engine is None or self.engine.param_groups is not optimizer.param_groups:
+            self.engine = SAMEngine(optimizer.param_groups, self.config)
+            if self._pending is not None:
+                self.engine.load_state_dict(self._pending)
+                self._pending = None
+        return self.engine
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        return self.engine.state_dict() if self.engine is not None else self._pending
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.engine is not None:
+            self.engine.load_state_dict(state)
+        else:
+            self._pending = dict(state)
+
+
+def batch_size_of(batch: Any) -> Optional[int]:
+    """Lightning's batch size of ``batch``, None when it cannot tell (the loss shape check then does without)."""
+    try:
+        return extract_batch_size(batch)
+    except Exception:
+        return None
+
+
+def module_step(engine: SAMEngine, module: "pl.LightningModule", batch: Any, backend: Backend,
+                base_step: Callable[[], Any], *, per_sample: bool = True, **passes: Any) -> StepStats:
+    """``engine.step`` on one batch of a LightningModule: its ``per_sample_loss`` (or head split) as the forward.
+
+    ``per_sample=False`` runs without the module's per-instance losses (the callback's plain SAM);
+    ``passes`` are the engine's ``first_pass`` / ``second_pass``.
+    """
+    forward, head = probe_plan(module, batch, engine.config.step_probe_scope) if per_sample else (None, None)
+    try:
+        return engine.step(forward, backend, base_step, batch_size=batch_size_of(batch), head=head,
+                           source=f"{type(module).__name__}.per_sample_loss", **passes)
+    finally:
+        if head is not None:
+            head.clear()
+
+
+def log_stats(module: "pl.LightningModule", stats: StepStats, engine: SAMEngine, batch: Any, loss_key: str,
+              prog_bar: bool = False) -> None:
+    """Log the loss at w as ``loss_key`` and the step's ``deltasam/*`` diagnostics."""
+    batch_size = batch_size_of(batch)
+    module.log(loss_key, stats.loss, prog_bar=prog_bar, batch_size=batch_size)
+    module.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=batch_size)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
-from .config import CLIP_ALGORITHMS, SAMConfig
-from .engine import SAMEngine, StepStats
-from .head_probe import probe_plan
-from .lightning_backend import LightningBackend
+from .config import CLIP_ALGORITHMS, ClipAlgorithm, SAMConfig, check_choice, check_int, check_number
+from .engine import StepStats
+from .lightning_backend import EngineSlot, LightningBackend, log_stats, module_step
 
 _CHECKPOINT_KEY = "deltasam"
 
@@ -26,7 +24,7 @@ class DeltaSAMMixin:
     the end of an epoch). The mixin turns on manual optimization, wraps whatever ``configure_optimizers``
     returns, steps LR schedulers per their interval, and logs ``train/loss`` and ``deltasam/*``.
     With ``probe_scope="head"`` the module also defines the split of
-    :mod:`lightning_deltasam.head_probe`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
+    :mod:`lightning_deltasam.probes`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
     ``on_save_checkpoint`` / ``on_load_checkpoint`` must call ``super()``.
     """
 
@@ -34,28 +32,29 @@ class DeltaSAMMixin:
         self,
         *args: Any,
         gradient_clip_val: Optional[float] = None,
-        gradient_clip_algorithm: str = "norm",
+        gradient_clip_algorithm: ClipAlgorithm = "norm",
         accumulate_grad_batches: int = 1,
         **kwargs: Any,
     ) -> None:
         config, rest = SAMConfig.split(kwargs)
         super().__init__(*args, **rest)
-        if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool) or not gradient_clip_val >= 0):
-            raise ValueError(f"gradient_clip_val={gradient_clip_val!r} must be >= 0 or None (no clipping).")
-        if gradient_clip_algorithm not in CLIP_ALGORITHMS:
-            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported; use 'norm' or 'value'.")
-        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r} must be an integer >= 1.")
+        if gradient_clip_val is not None:
+            check_number("gradient_clip_val", gradient_clip_val, minimum=0.0, hint=" Use None for no clipping.")
+        check_choice("gradient_clip_algorithm", gradient_clip_algorithm, CLIP_ALGORITHMS)
+        check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
         self.accumulate_grad_batches = accumulate_grad_batches
-        self._deltasam_micro_batches = 0
         self.deltasam_config = config
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.automatic_optimization = False
-        self._deltasam_engine: Optional[SAMEngine] = None
-        self._deltasam_pending_state: Optional[dict[str, Any]] = None
+        self._deltasam_slot = EngineSlot(config)
+        self._deltasam_window = _Window()
         self._deltasam_optimizer_steps = 0
         self.deltasam_last_stats: Optional[StepStats] = None
+
+    @property
+    def _deltasam_engine(self) -> Any:
+        return self._deltasam_slot.engine
 
     # ------------------------------------------------------------ user API
     def per_sample_loss(self, batch: Any) -> Tensor:
@@ -70,48 +69,31 @@ class DeltaSAMMixin:
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
             raise ValueError(f"DeltaSAMMixin supports one optimizer; configure_optimizers returned {len(optimizer)}.")
-        engine = self._engine_for(optimizer.optimizer)
+        engine = self._deltasam_slot.for_optimizer(optimizer.optimizer)
         backend = LightningBackend(self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers()))
 
-        def base_step() -> None:
-            engine.clip_gradients(self.gradient_clip_val, self.gradient_clip_algorithm, backend.loss_scale())
+        def clipped_step() -> None:
+            _clip(engine.params(), self.gradient_clip_val, self.gradient_clip_algorithm, backend.loss_scale())
             optimizer.step()
 
-        try:
-            batch_size: Optional[int] = extract_batch_size(batch)
-        except Exception:  # a batch Lightning cannot size: the length check is left to the shape check
-            batch_size = None
-        engine.accumulate_grad_batches = self.accumulate_grad_batches
-        self._deltasam_micro_batches += 1
-        window_end = self._deltasam_micro_batches % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
-        if window_end:
-            self._deltasam_micro_batches = 0
-        forward, head = probe_plan(self, batch, self.deltasam_config.probe_scope if self.deltasam_config.uses_probes else "all")
-        try:
-            stats = engine.step(forward, backend, base_step, batch_size=batch_size, head=head, window_end=window_end,
-                                source=f"{type(self).__name__}.per_sample_loss")
-        finally:
-            if head is not None:
-                head.clear()
+        window = self._deltasam_window
+        window_end = window.count_micro_batch(self.accumulate_grad_batches, bool(self.trainer.is_last_batch))
+        if self.accumulate_grad_batches == 1:
+            stats = module_step(engine, self, batch, backend, clipped_step)
+        else:  # one perturbed micro-batch; the optimizer steps at the window's end
+            micro = _MicroBatchBackend(self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers()))
+            micro.window = window
+            stats = module_step(engine, self, batch, micro, lambda: window.add(engine.params()))
+            if window_end and window.close(engine.params(), backend, clipped_step):
+                stats.skipped = True
         self.deltasam_last_stats = stats
         if window_end:
             self._deltasam_optimizer_steps += 1
             self._step_schedulers("step")
-        self.log("train/loss", stats.loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=batch_size)
+        log_stats(self, stats, engine, batch, "train/loss", prog_bar=True)
         return stats.loss
 
     # ------------------------------------------------------------ internals
-    def _engine_for(self, optimizer: torch.optim.Optimizer) -> SAMEngine:
-        engine = self._deltasam_engine
-        if engine is None or engine.param_groups is not optimizer.param_groups:
-            engine = SAMEngine(optimizer.param_groups, self.deltasam_config)
-            if self._deltasam_pending_state is not None:
-                engine.load_state_dict(self._deltasam_pending_state)
-                self._deltasam_pending_state = None
-            self._deltasam_engine = engine
-        return engine
-
     def _step_schedulers(self, interval: str) -> None:
         for config in self.trainer.lr_scheduler_configs:
             if config.interval != interval:
@@ -135,8 +117,7 @@ class DeltaSAMMixin:
         super().on_train_epoch_end()  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = self._deltasam_engine.state_dict() if self._deltasam_engine is not None else self._deltasam_pending_state
-        checkpoint[_CHECKPOINT_KEY] = {"engine": state, "optimizer_steps": self._deltasam_optimizer_steps}
+        checkpoint[_CHECKPOINT_KEY] = {"engine": self._deltasam_slot.state_dict(), "optimizer_steps": self._deltasam_optimizer_steps}
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -144,8 +125,76 @@ class DeltaSAMMixin:
         if saved is not None:
             self._deltasam_optimizer_steps = int(saved.get("optimizer_steps", 0))
             if saved.get("engine") is not None:
-                if self._deltasam_engine is not None:
-                    self._deltasam_engine.load_state_dict(saved["engine"])
-                else:
-                    self._deltasam_pending_state = saved["engine"]
+                self._deltasam_slot.load_state_dict(saved["engine"])
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def _clip(params: list[Tensor], value: Optional[float], algorithm: str, loss_scale: float = 1.0) -> None:
+    """Clip the descent gradient by norm or by value; thresholds follow a loss scale (scaled grads)."""
+    if value is None or value <= 0:
+        return
+    grads_params = [p for p in params if p.grad is not None]
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(grads_params, value * loss_scale, foreach=True)
+    else:
+        torch.nn.utils.clip_grad_value_(grads_params, value * loss_scale, foreach=True)
+
+
+class _Window:
+    """Gradient accumulation over k micro-batches: the mean of their descent gradients, one optimizer step.
+
+    A micro-batch whose step the engine skips (non-finite) poisons the window: its step is skipped as a whole.
+    """
+
+    def __init__(self) -> None:
+        self.sum: Optional[list[Tensor]] = None
+        self.count = 0
+        self.poisoned = False
+        self.micro_batches = 0
+
+    def count_micro_batch(self, k: int, last_batch: bool) -> bool:
+        """Count one micro-batch; whether it ends the window (every k, and at an epoch's end)."""
+        self.micro_batches += 1
+        if self.micro_batches % k == 0 or last_batch:
+            self.micro_batches = 0
+            return True
+        return False
+
+    def add(self, params: list[Tensor]) -> None:
+        """The engine's base step for a micro-batch: add its descent gradient, clear ``.grad``."""
+        if self.sum is None:
+            self.sum = [torch.zeros_like(p) for p in params]
+        self.count += 1
+        with torch.no_grad():
+            present = [(a, p.grad) for a, p in zip(self.sum, params) if p.grad is not None]
+            if present:
+                torch._foreach_add_([a for a, _ in present], [g for _, g in present])
+        for p in params:
+            p.grad = None
+
+    def close(self, params: list[Tensor], backend: LightningBackend, base_step: Callable[[], Any]) -> bool:
+        """The window's one optimizer step on the mean gradient (or a skipped step); whether it was skipped."""
+        acc, count, poisoned = self.sum, self.count, self.poisoned
+        self.sum, self.count, self.poisoned = None, 0, False
+        if poisoned or acc is None:
+            backend.skip(params, base_step)
+            for p in params:
+                p.grad = None
+            return True
+        with torch.no_grad():
+            torch._foreach_div_(acc, float(count))
+        for p, a in zip(params, acc):
+            p.grad = a
+        base_step()
+        return False
+
+
+class _MicroBatchBackend(LightningBackend):
+    """A micro-batch's backend: a skipped step poisons the window instead of stepping the optimizer."""
+
+    window: _Window
+
+    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
+        self.window.poisoned = True
+        for p in params:
+            p.grad = None

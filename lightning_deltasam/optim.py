@@ -34,7 +34,7 @@ class DeltaSAM(Optimizer):
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer={base_optimizer!r} must be an optimizer class such as torch.optim.AdamW.")
         config, base_kwargs = SAMConfig.split(kwargs)
-        if config.uses_probes and config.probe_scope == "head":
+        if config.step_probe_scope == "head":
             raise ValueError(
                 "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "
                 "DeltaSAM's closure returns losses only: use probe_scope='all'."

@@ -136,7 +136,7 @@ def test_head_probes_mixin_and_callback_agree():
 
 
 def test_head_probe_losses_are_the_loss_with_head_parameters_replaced():
-    from lightning_deltasam.head_probe import probe_plan
+    from lightning_deltasam.probes import probe_plan
 
     module = MixinClassifier()
     x, y = next(iter(make_loader()))
@@ -152,9 +152,9 @@ def test_head_probe_losses_are_the_loss_with_head_parameters_replaced():
 
 
 def test_head_probe_at_zero_offset_measures_zero_under_dropout(monkeypatch):
-    from lightning_deltasam.engine import SAMEngine
+    from lightning_deltasam.probes import ProbeNoise
 
-    monkeypatch.setattr(SAMEngine, "probe_noise", lambda self, params: [torch.zeros_like(p) for p in params])
+    monkeypatch.setattr(ProbeNoise, "draw", lambda self, params: [torch.zeros_like(p) for p in params])
     module = MixinClassifier(rho=0.05, reweight="delta", score="sharpness", probe_scope="head")
     module.net[2].p = 0.5  # dropout below the split
     L.Trainer(max_steps=1, **QUIET).fit(module, make_loader())

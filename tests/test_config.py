@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_deltasam import SAMConfig
-from lightning_deltasam.app import build_callbacks, build_loggers, optimizer_options
-from lightning_deltasam.glue import GLUE_TASKS, TextTask
+from lightning_deltasam.glue.app import build_callbacks, build_loggers, optimizer_options
+from lightning_deltasam.glue.tasks import GLUE_TASKS, TextTask
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -40,6 +40,8 @@ def test_groups_have_every_option() -> None:
     assert options("model") == ["hf", "minilm", "tiny"]
     assert options("optimizer") == ["adamw", "asam", "deltasam", "sam"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
+    assert (options("data"), options("classifier")) == (["glue"], ["glue"])
+    assert (options("logger"), options("callbacks")) == (["default"], ["default"])
 
 
 def test_defaults() -> None:
@@ -76,8 +78,7 @@ def test_optimizer_options(name: str) -> None:
     cfg = make(f"optimizer={name}")
     opts = optimizer_options(cfg)
     sam, rest = SAMConfig.split(opts)
-    assert set(rest) == {"lr", "weight_decay", "warmup_ratio", "head_dropout", "gradient_clip_val",
-                         "gradient_clip_algorithm", "accumulate_grad_batches"}
+    assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
     expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
                 "deltasam": (0.05, False, "delta")}[name]
     assert (sam.rho, sam.adaptive, sam.reweight) == expected
@@ -154,3 +155,24 @@ def test_every_interpolation_resolves(model: str) -> None:
     assert resolved["optimizer"]["lr"] == resolved["model"]["lr"] and resolved["data"]["seed"] == 3
     assert resolved["trainer"]["default_root_dir"] == "/tmp/unused"
     assert not OmegaConf.missing_keys(cfg)
+
+
+def test_classifier_is_built_from_its_target(tmp_path: Path) -> None:
+    """conf/classifier/glue.yaml builds GlueClassifier by _target_, with the model, schedule and step settings."""
+    from lightning_deltasam.glue.app import build_components
+    from lightning_deltasam.glue.classifier import GlueClassifier
+
+    from .test_glue import FIXTURES, write_rows
+
+    for file, rows in FIXTURES["SST-2"].items():
+        write_rows(tmp_path / "SST-2" / file, rows)
+    cfg = make(f"task.data_dir={tmp_path}", "model=tiny", "optimizer=sam", "classifier.head_dropout=0.2",
+               "classifier.warmup_ratio=0.3", "classifier.gradient_clip_val=1.0", "classifier.accumulate_grad_batches=2")
+    assert cfg.classifier._target_ == "lightning_deltasam.glue.classifier.GlueClassifier"
+    _, _, module, encoder = build_components(cfg)
+    assert isinstance(module, GlueClassifier) and module.encoder is encoder
+    assert (module.dropout.p, module.hparams.warmup_ratio, module.gradient_clip_val, module.accumulate_grad_batches) == (
+        0.2, 0.3, 1.0, 2)
+    assert (module.deltasam_config.rho, module.hparams.lr) == (0.05, cfg.model.lr)
+    with pytest.raises(ValueError, match=r"classifier.head_dropout=1.5 must be >= 0.0 and < 1.0"):
+        build_components(make(f"task.data_dir={tmp_path}", "model=tiny", "classifier.head_dropout=1.5"))

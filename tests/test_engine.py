@@ -47,16 +47,21 @@ def test_asam_matches_its_formula():
 
 
 def test_asam_perturbation_is_rho_T2_g_over_norm_Tg():
+    """The step's own ascent + perturb_ (what step runs) move w by eps = rho T^2 g / ||T g||."""
     torch.manual_seed(0)
-    params = [torch.randn(4, 3), torch.randn(5)]
-    grads = [torch.randn(4, 3), torch.randn(5)]
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    grads = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    before = [p.clone() for p in params]
     engine = SAMEngine([{"params": params}], SAMConfig(rho=0.3, adaptive=True, eta=0.05))
-    eps, norm = engine.perturbation(params, grads)
+    direction, norm = engine.ascent(params, grads)
     t = [p.abs() + 0.05 for p in params]
     ref_norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
     assert norm == pytest.approx(float(ref_norm), rel=1e-6)
-    for e, ti, g in zip(eps, t, grads):
-        torch.testing.assert_close(e, 0.3 * ti * ti * g / ref_norm)
+    eps_norm = engine.perturb_(params, direction, norm)
+    ref_eps = [0.3 * ti * ti * g / ref_norm for ti, g in zip(t, grads)]
+    for p, b, e in zip(params, before, ref_eps):
+        torch.testing.assert_close(p - b, e)
+    assert eps_norm == pytest.approx(float(torch.sqrt(sum((e ** 2).sum() for e in ref_eps))), rel=1e-6)
 
 
 def test_delta_sam_with_loss_score_matches_weighted_reference():
@@ -186,7 +191,7 @@ def test_probe_at_zero_offset_gives_zero_differences_under_dropout(monkeypatch):
     x, y = make_data(n=16)
     net = make_net(dropout=0.5)
     opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=LR, rho=RHO, reweight="delta", score="sharpness")
-    monkeypatch.setattr(opt.engine, "probe_noise", lambda params: [torch.zeros_like(p) for p in params])
+    monkeypatch.setattr(opt.engine.noise, "draw", lambda params: [torch.zeros_like(p) for p in params])
     opt.step(lambda: per_sample_ce(net, x, y))
     assert opt.last_stats.weight_fallback  # all-zero scores: uniform, flagged
 
@@ -290,8 +295,8 @@ def test_closure_must_return_per_instance_losses():
 def test_probe_noise_is_seeded_and_scaled():
     params = [torch.full((1000,), 2.0)]
     engine = SAMEngine([{"params": params}], SAMConfig(probe_std=0.1, probe_scale="relative", eta=0.0, seed=5))
-    a = engine.probe_noise(params)[0]
+    a = engine.noise.draw(params)[0]
     engine2 = SAMEngine([{"params": params}], SAMConfig(probe_std=0.1, probe_scale="relative", eta=0.0, seed=5))
-    assert torch.equal(a, engine2.probe_noise(params)[0])
+    assert torch.equal(a, engine2.noise.draw(params)[0])
     assert float(a.std()) == pytest.approx(0.2, rel=0.1)  # sigma * |w|
     assert math.isfinite(float(a.sum()))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_deltasam.glue import GLUE_TASKS, GlueDataModule, glue_task, tsv_task
-from lightning_deltasam.models import word_tokenizer
+from lightning_deltasam.glue.data import GlueDataModule
+from lightning_deltasam.glue.models import word_tokenizer
+from lightning_deltasam.glue.tasks import GLUE_TASKS, glue_task, tsv_task
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO / "../shared/data/glue")).resolve()

@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_deltasam.app import build_components
-from lightning_deltasam.landscape import analyze, filter_normalized_direction, main
+from benchmarks.landscape import analyze, filter_normalized_direction, main
+from lightning_deltasam.glue.app import build_components
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["task=sst2", "model=tiny", "optimizer=sam", "data.batch_size=16", "data.limit_train=256"]
@@ -66,5 +66,5 @@ def test_landscape_help_prints_usage():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "lightning_deltasam.landscape", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "landscape.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ckpt=" in proc.stdout and "rho" in proc.stdout

@@ -122,7 +122,7 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     """Two val dataloaders (MNLI matched/mismatched) and regression (STS-B) through the app, on fixture files."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_deltasam.app import run
+    from lightning_deltasam.glue.app import run
 
     from .test_glue import FIXTURES, write_rows
 

@@ -1,4 +1,6 @@
-"""``GlueClassifier``: a sentence (pair) classifier / regressor trained with SAM or delta-SAM through the mixin."""
+"""The ``classifier`` config group: ``GlueClassifier``, a sentence (pair) classifier / regressor trained with SAM
+or delta-SAM through the mixin. ``conf/classifier/glue.yaml`` builds it with ``_target_``; the app passes the
+encoder (``model`` group), the task (``task`` group) and the ``optimizer`` group's options."""
 
 from __future__ import annotations
 
@@ -10,23 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .glue import TextTask
-from .mixin import DeltaSAMMixin
+from ..config import check_number
+from ..mixin import DeltaSAMMixin
 from .models import TextEncoder
-
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value < high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high != math.inf else "")
-        raise ValueError(f"{name}={value!r} must be a number {bound}.")
+from .tasks import TextTask
 
 
 class GlueClassifier(DeltaSAMMixin, L.LightningModule):
     """Encoder + dropout + linear head; per-sample cross entropy (or MSE for regression tasks).
 
-    ``lr``/``weight_decay``/``warmup_ratio`` configure AdamW with linear warmup and decay; every
+    ``lr``/``weight_decay`` configure AdamW, ``warmup_ratio`` its linear warmup and decay; every
     other keyword (``rho``, ``reweight``, ``gradient_clip_val``, ...) goes to :class:`DeltaSAMMixin`,
     whose ``training_step`` runs the SAM / delta-SAM step over :meth:`per_sample_loss`.
     """
@@ -42,10 +37,10 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         **sam: Any,
     ) -> None:
         super().__init__(**sam)
-        _check_number("optimizer.lr", lr, 0.0, low_open=True)
-        _check_number("optimizer.weight_decay", weight_decay, 0.0)
-        _check_number("optimizer.warmup_ratio", warmup_ratio, 0.0, 1.0)
-        _check_number("head_dropout", head_dropout, 0.0, 1.0)
+        check_number("optimizer.lr", lr, minimum=0.0, strict=True)
+        check_number("optimizer.weight_decay", weight_decay, minimum=0.0)
+        check_number("classifier.warmup_ratio", warmup_ratio, minimum=0.0, below=1.0)
+        check_number("classifier.head_dropout", head_dropout, minimum=0.0, below=1.0)
         self.save_hyperparameters(ignore=["encoder", "task"])
         self.hparams.update(task=task.name, encoder=type(encoder).__name__)  # recorded in checkpoints
         self.task = task

@@ -1,4 +1,4 @@
-"""GLUE and custom TSV text-classification tasks: file formats, labels, metrics and a LightningDataModule."""
+"""The ``task`` config group: GLUE and custom TSV text-classification tasks (files, labels, metrics)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import lightning as L
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
@@ -318,122 +314,3 @@ def tsv_task(
         train_file=train_file, val_files=val_files or {"val": "dev.tsv"}, delimiter=delimiter,
         skip_malformed=skip_malformed,
     )
-
-
-# ===================================================================== data module
-class TextDataset(Dataset):
-    """Indexable view of a :class:`Split` (optionally a subset of its rows)."""
-
-    def __init__(self, split: Split, indices: Optional[Sequence[int]] = None) -> None:
-        self.split = split
-        self.indices = list(range(len(split))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[tuple[str, ...], Union[int, float]]:
-        j = self.indices[i]
-        return self.split.texts[j], self.split.labels[j]
-
-
-class Collator:
-    """Tokenizes a list of examples, padding to the longest in the batch and truncating at ``max_length``."""
-
-    def __init__(self, tokenizer: Any, max_length: int, regression: bool) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.regression = regression
-
-    def __call__(self, rows: Sequence[tuple[tuple[str, ...], Union[int, float]]]) -> dict[str, Tensor]:
-        texts, labels = zip(*rows)
-        columns = list(zip(*texts))  # one list per text column
-        batch = dict(
-            self.tokenizer(
-                *columns, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        )
-        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
-        return batch
-
-
-class GlueDataModule(L.LightningDataModule):
-    """Train/validation dataloaders for a :class:`TextTask` with per-batch dynamic padding and seeded order.
-
-    ``limit_train`` keeps a seeded random subset of the train split (quick runs); the train order is
-    shuffled by a generator seeded with ``seed`` so identical seeds give identical batches.
-    """
-
-    def __init__(
-        self,
-        task: TextTask,
-        tokenizer: Any = None,
-        batch_size: int = 32,
-        eval_batch_size: Optional[int] = None,
-        max_length: int = 64,
-        limit_train: Optional[int] = None,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        _positive("data.batch_size", batch_size)
-        _positive("data.max_length", max_length)
-        if eval_batch_size is not None:
-            _positive("data.eval_batch_size", eval_batch_size)
-        if limit_train is not None:
-            _positive("data.limit_train", limit_train, hint=" Use null for the whole train split.")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0.")
-        self.task = task
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or 2 * batch_size
-        self.max_length = max_length
-        self.limit_train = limit_train
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_set: Optional[TextDataset] = None
-        self.val_sets: dict[str, TextDataset] = {}
-
-    def train_texts(self) -> Iterator[str]:
-        """Every sentence of the full train split (a vocabulary source for from-scratch tokenizers)."""
-        for row in self.task.load("train").texts:
-            yield from row
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        """Read the splits (cached by the task) and draw the seeded ``limit_train`` subset."""
-        if self.train_set is None:
-            train = self.task.load("train")
-            indices = None
-            if self.limit_train is not None and self.limit_train < len(train):
-                g = torch.Generator().manual_seed(self.seed)
-                indices = sorted(torch.randperm(len(train), generator=g)[: self.limit_train].tolist())
-            self.train_set = TextDataset(train, indices)
-        for name in self.task.val_names:
-            if name not in self.val_sets:
-                self.val_sets[name] = TextDataset(self.task.load(name))
-
-    def _collator(self) -> Collator:
-        if self.tokenizer is None:
-            raise ValueError("GlueDataModule.tokenizer is None; pass the encoder's tokenizer before training.")
-        return Collator(self.tokenizer, self.max_length, self.task.regression)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches in an order fixed by ``seed``."""
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collator(),
-            generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per validation split, in :attr:`TextTask.val_names` order."""
-        return [
-            DataLoader(self.val_sets[name], batch_size=self.eval_batch_size, collate_fn=self._collator(),
-                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-            for name in self.task.val_names
-        ]
-
-
-def _positive(name: str, value: Any, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1.{hint}")

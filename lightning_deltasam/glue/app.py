@@ -1,4 +1,5 @@
-"""The training app behind ``train.py``: build data, model and Trainer from a Hydra config, fit, validate, report."""
+"""The training app behind ``train.py``: build task, data, classifier and Trainer from the Hydra config
+(``conf/``, one group per part), fit, validate, report."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ..config import SAMConfig
 from .classifier import GlueClassifier
-from .config import SAMConfig
-from .glue import GlueDataModule, TextTask
+from .data import GlueDataModule
 from .models import TextEncoder
+from .tasks import TextTask
 
 RESULTS_FILE = "results.json"
 
@@ -62,14 +64,14 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
 
 
-def _choice(group: str, default: str) -> str:
+def _picked(group: str, default: str) -> str:
     """The option picked for a config group (``task=sst2`` -> ``sst2``), when run under Hydra."""
     if HydraConfig.initialized():
         return str(HydraConfig.get().runtime.choices.get(group, default))
     return default
 
 
-def _number(value: Any) -> Any:
+def _json_number(value: Any) -> Any:
     """A JSON-friendly scalar (tensors to floats, rounded for reading)."""
     value = float(value)
     return round(value, 6) if math.isfinite(value) else None
@@ -84,7 +86,8 @@ def build_components(cfg: DictConfig, options: Optional[dict[str, Any]] = None) 
     datamodule = instantiate(cfg.data, _partial_=True)(task=task)
     encoder = instantiate(cfg.model.encoder, _partial_=True)(train_texts=datamodule.train_texts())
     datamodule.tokenizer = encoder.tokenizer
-    return task, datamodule, GlueClassifier(encoder=encoder, task=task, **options), encoder
+    classifier = instantiate(cfg.classifier, _partial_=True)(encoder=encoder, task=task, **options)
+    return task, datamodule, classifier, encoder
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -110,14 +113,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = trainer.checkpoint_callback
     results = {
         "task": task.name,
-        "model": _choice("model", type(encoder).__name__),
-        "optimizer": _choice("optimizer", "custom"),
+        "model": _picked("model", type(encoder).__name__),
+        "optimizer": _picked("optimizer", "custom"),
         "optimizer_options": options,
+        "classifier_options": {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
+                               if not k.startswith("_")},
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "main_metric": task.main_metric,
-        **{k: _number(v) for k, v in sorted(metrics.items())},
+        **{k: _json_number(v) for k, v in sorted(metrics.items())},
         "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
         "output_dir": os.path.abspath(output_dir),
     }

@@ -1,4 +1,4 @@
-"""Sentence encoders and their tokenizers: pretrained MiniLM, any transformers checkpoint, or a tiny from-scratch transformer."""
+"""The ``model`` config group: sentence encoders and their tokenizers: pretrained MiniLM, any transformers checkpoint, or a tiny from-scratch transformer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..config import check_choice
 
 POOLINGS = ("mean", "cls")
 
@@ -19,8 +21,7 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
 
 
 def _check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"model.encoder.pooling={pooling!r} is not supported; use one of {list(POOLINGS)}.")
+    check_choice("model.encoder.pooling", pooling, POOLINGS)
 
 
 class TextEncoder(nn.Module):

@@ -1,6 +1,6 @@
 """Loss landscape around trained checkpoints: 1-D slices and scalar sharpness.
 
-    python -m lightning_deltasam.landscape ckpt=run1/last.ckpt,run2/last.ckpt task=sst2 model=minilm out=landscape
+    python benchmarks/landscape.py ckpt=run1/last.ckpt,run2/last.ckpt task=sst2 model=minilm out=landscape
 
 For each checkpoint, on fixed dev batches (model in eval mode): the loss along filter-normalized
 random directions (Li et al., 2018) and along the adversarial direction (the normalized
@@ -23,6 +23,12 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: conf/ and the package
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from lightning_deltasam.oracle import batch_size_of  # noqa: E402
 
 TOOL_KEYS = {"ckpt": "", "out": "landscape", "rho": "0.05", "span": "1.0", "points": "21", "directions": "2",
              "batches": "4", "seed": "0", "labels": ""}
@@ -68,7 +74,6 @@ def _norm(vectors: list[Tensor]) -> float:
 def loss_gradient(module: nn.Module, batches: list[Any]) -> list[Tensor]:
     params = _params(module)
     grads = [torch.zeros_like(p) for p in params]
-    from .oracle import batch_size_of
 
     n = sum(batch_size_of(b) for b in batches)
     for b in batches:
@@ -158,12 +163,12 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
-    from .app import build_components
+    from lightning_deltasam.glue.app import build_components
 
     tool, overrides = parse(sys.argv[1:] if argv is None else argv)
     paths = tool["ckpt"].split(",")
     labels = tool["labels"].split(",") if tool["labels"] else [os.path.basename(os.path.dirname(os.path.dirname(p))) or p for p in paths]
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    conf_dir = os.path.join(ROOT, "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "paths.output_dir=."])
     task, datamodule, module, _ = build_components(cfg)
