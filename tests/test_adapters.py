@@ -169,3 +169,95 @@ def test_head_scope_needs_the_split():
         L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(**HEAD)], **QUIET).fit(NoSplit(), make_loader())
     with pytest.raises(ValueError, match="probe_scope"):
         DeltaSAM(make_net().parameters(), torch.optim.SGD, lr=0.1, **HEAD)
+
+
+def test_callback_refuses_two_optimizers():
+    """Lightning 2.x already refuses several optimizers under automatic optimization (before any callback hook);
+    the callback's own check guards the one engine it keeps, should an optimizer list reach it."""
+    from types import SimpleNamespace
+
+    module = PlainClassifier()
+    params = list(module.parameters())
+    two = SimpleNamespace(optimizers=[torch.optim.SGD(params[:2], lr=0.1), torch.optim.SGD(params[2:], lr=0.1)])
+    with pytest.raises(ValueError, match="supports one optimizer.*returned 2"):
+        DeltaSAMCallback().on_fit_start(two, module)
+    assert all("step" not in opt.__dict__ for opt in two.optimizers)  # nothing wrapped
+
+
+def test_callback_options_are_samconfigs():
+    """The callback's explicit typed options are SAMConfig's, with the same defaults (nothing hidden in **options)."""
+    import dataclasses
+    import inspect
+
+    from lightning_deltasam import SAMConfig
+
+    params = inspect.signature(DeltaSAMCallback.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
+    assert {n: p.default for n, p in params.items() if n != "self"} == fields
+    for name in fields:
+        assert f"{name}:" in DeltaSAMCallback.__doc__, name  # documented under Args:
+    assert DeltaSAMCallback(rho=0.1, reweight="delta").config == SAMConfig(rho=0.1, reweight="delta")
+    assert DeltaSAMCallback().state_key == "DeltaSAMCallback"  # the base class's key: old checkpoints still load
+
+
+def test_lightning_internals_the_callback_reads():
+    """On the installed Lightning, optimizer.step gets partial(_wrap_closure, model, optimizer, Closure) and the
+    Closure keeps its result in ``_result``: what lightning_closure_parts relies on."""
+    import functools
+
+    import lightning
+    from lightning.pytorch.loops.optimization.automatic import Closure, ClosureResult
+
+    from lightning_deltasam.callback import lightning_closure_parts
+
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            original = optimizer.step
+
+            def step(closure=None, **kwargs):
+                seen["partial"] = isinstance(closure, functools.partial)
+                inner, get_result, set_result = lightning_closure_parts(closure)
+                seen["inner"] = inner
+                loss = inner()
+                seen["result"] = get_result()
+                set_result(seen["result"])
+                seen["loss"] = loss
+                return original(closure=lambda: loss, **kwargs)
+
+            optimizer.step = step
+
+    L.Trainer(max_steps=1, callbacks=[Spy()], **QUIET).fit(PlainClassifier(), make_loader())
+    assert seen["partial"] and isinstance(seen["inner"], Closure), lightning.__version__
+    assert isinstance(seen["result"], ClosureResult) and torch.equal(seen["result"].loss, seen["loss"])
+    plain = lambda: 1.0  # noqa: E731  (any other closure: run as it is, no result)
+    inner, get_result, _ = lightning_closure_parts(plain)
+    assert inner is plain and get_result() is None
+
+
+def test_library_imports_without_lightning():
+    """DeltaSAM and SAMConfig need PyTorch only; the Lightning adapters are lazy attributes."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lightning_deltasam import DeltaSAM, SAMConfig\n"
+            "assert not any(m == 'lightning' or m.startswith(('lightning.', 'lightning_fabric', 'pytorch_lightning')) "
+            "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('lightning'))\n"
+            "import lightning_deltasam\nassert 'glue' not in dir(lightning_deltasam)\n"
+            "from lightning_deltasam import DeltaSAMCallback, DeltaSAMMixin\nassert 'lightning' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_library_never_imports_the_app():
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "lightning_deltasam"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+                assert "glue" not in name, f"{path.name} imports {name}"
