@@ -7,13 +7,15 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import SAMConfig
@@ -36,7 +38,7 @@ def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 #: Errors that mean "bad option or missing data": reported as one ``error:`` line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, InstantiationException)
+USER_ERRORS = (ValueError, FileNotFoundError, InstantiationException, MisconfigurationException)
 
 
 def describe_error(err: BaseException) -> str:
@@ -49,14 +51,80 @@ def describe_error(err: BaseException) -> str:
 def build_callbacks(cfg: DictConfig, main_metric: str) -> list[Callback]:
     """Instantiate ``cfg.callbacks`` (entries set to null are skipped); checkpoints monitor the task metric by default."""
     callbacks = []
+    progress = cfg.trainer.get("enable_progress_bar", True) is not False
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
         callback = instantiate(node)
+        if isinstance(callback, ProgressBar) and not progress:
+            continue  # trainer.enable_progress_bar=false: no bar and no plain lines
         if isinstance(callback, ModelCheckpoint) and callback.monitor is None:
             callback = instantiate(node, monitor=main_metric)
         callbacks.append(callback)
     return callbacks
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (``trainer=gpu``) on a machine without a usable GPU: say what to use instead."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = ("this torch is the CPU-only build (README: Install has the CUDA wheel)" if torch.version.cuda is None
+           else "torch.cuda.is_available() is False")
+    raise ValueError(f"trainer.accelerator={accelerator} (trainer={_picked('trainer', 'gpu')}) but no CUDA GPU is "
+                     f"usable here: {why}; use trainer=cpu (or trainer=ddp trainer.accelerator=cpu for CPU processes).")
+
+
+#: Overrides that may differ between a run and its resumption with ``ckpt_path=last`` (a longer budget).
+RESUME_MAY_DIFFER = ("ckpt_path", "trainer.max_steps", "trainer.max_epochs")
+
+
+def _settings(overrides: Any) -> tuple[str, ...]:
+    """A run's overrides without those that may change when resuming it."""
+    return tuple(sorted(str(o) for o in overrides
+                        if str(o).lstrip("+~").split("=", 1)[0] not in RESUME_MAY_DIFFER))
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Optional[str]:
+    """``ckpt_path`` as a file: ``last`` is this run dir's ``checkpoints/last.ckpt`` if it exists, else the newest
+    ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one (``outputs/<task>-<optimizer>/*``,
+    or ``multirun/*/*`` for a sweep job) whose overrides equal these but for :data:`RESUME_MAY_DIFFER`."""
+    path = cfg.get("ckpt_path")
+    if path is None:
+        return None
+    if str(path) != "last":
+        if not os.path.isfile(os.path.expanduser(str(path))):
+            raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file; give a .ckpt file or ckpt_path=last.")
+        return os.path.expanduser(str(path))
+    here = Path(str(cfg.paths.output_dir)).resolve()
+    if (here / "checkpoints" / "last.ckpt").is_file():
+        return str(here / "checkpoints" / "last.ckpt")
+    if not HydraConfig.initialized():
+        raise ValueError("ckpt_path=last finds earlier runs through Hydra's run directories; give the file instead.")
+    hydra_cfg = HydraConfig.get()
+    from hydra.types import RunMode
+
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    base = here.parent.parent if sweep else here.parent
+    runs = base.glob("*/*") if sweep else base.glob("*")
+    mine = _settings(hydra_cfg.overrides.task)
+    found = []
+    for run_dir in runs:
+        last, record = run_dir / "checkpoints" / "last.ckpt", run_dir / ".hydra" / "overrides.yaml"
+        if run_dir.resolve() == here or not last.is_file() or not record.is_file():
+            continue
+        if _settings(OmegaConf.load(record)) == mine:
+            found.append((last.stat().st_mtime, str(last)))
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no earlier run under {base} with these settings ({', '.join(mine) or 'the defaults'}; "
+            f"{', '.join(RESUME_MAY_DIFFER[1:])} may differ) has checkpoints/last.ckpt; run without ckpt_path first, "
+            "or give ckpt_path=<run dir>/checkpoints/last.ckpt.")
+    return max(found)[1]
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -97,6 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{', '.join(missing)} must be set (??? in the config), e.g. {missing[0]}=<value>.")
     options = optimizer_options(cfg)
+    check_accelerator(cfg)
+    ckpt_path = resolve_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     task, datamodule, model, encoder = build_components(cfg, options)
@@ -104,7 +174,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, task.main_metric), logger=build_loggers(cfg) or False
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if ckpt_path is not None and trainer.is_global_zero:
+        print(f"resuming from {ckpt_path}", flush=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {}
     for loader_metrics in trainer.validate(model, datamodule=datamodule, verbose=False):
         metrics.update(loader_metrics)
@@ -120,6 +192,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                if not k.startswith("_")},
         "seed": cfg.seed,
         "steps": trainer.global_step,
+        "resumed_from": ckpt_path,
+        "label_noise": datamodule.label_noise,
+        "flipped_labels": datamodule.flipped_labels,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "main_metric": task.main_metric,
         **{k: _json_number(v) for k, v in sorted(metrics.items())},

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_int
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..config import check_int, check_number
 from .tasks import Split, TextTask
 
 
@@ -53,6 +55,8 @@ class GlueDataModule(L.LightningDataModule):
 
     ``limit_train`` keeps a seeded random subset of the train split (quick runs); the train order is
     shuffled by a generator seeded with ``seed`` so identical seeds give identical batches.
+    ``label_noise=p`` flips a seeded random share p of the training labels (after ``limit_train``) to another
+    class, drawn uniformly among the others; validation splits and the data order are untouched.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class GlueDataModule(L.LightningDataModule):
         limit_train: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         check_int("data.batch_size", batch_size, minimum=1)
@@ -74,6 +79,12 @@ class GlueDataModule(L.LightningDataModule):
         if limit_train is not None:
             check_int("data.limit_train", limit_train, minimum=1, hint=" Use null for the whole train split.")
         check_int("data.num_workers", num_workers, minimum=0)
+        check_number("data.label_noise", label_noise, minimum=0.0, below=1.0)
+        if label_noise > 0 and task.regression:
+            raise ValueError(
+                f"data.label_noise={label_noise} flips class labels, but task {task.name!r} is a regression task "
+                "(task.regression=true); use it with a classification task, or data.label_noise=0."
+            )
         self.task = task
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -82,6 +93,8 @@ class GlueDataModule(L.LightningDataModule):
         self.limit_train = limit_train
         self.num_workers = num_workers
         self.seed = seed
+        self.label_noise = float(label_noise)
+        self.flipped_labels = 0
         self.train_set: Optional[TextDataset] = None
         self.val_sets: dict[str, TextDataset] = {}
 
@@ -98,10 +111,32 @@ class GlueDataModule(L.LightningDataModule):
             if self.limit_train is not None and self.limit_train < len(train):
                 g = torch.Generator().manual_seed(self.seed)
                 indices = sorted(torch.randperm(len(train), generator=g)[: self.limit_train].tolist())
+            if self.label_noise > 0:
+                train, self.flipped_labels = self._noisy(train, indices)
+                rank_zero_info(
+                    f"data.label_noise={self.label_noise}: flipped {self.flipped_labels} of "
+                    f"{len(indices) if indices is not None else len(train)} training labels (seed {self.seed})."
+                )
             self.train_set = TextDataset(train, indices)
         for name in self.task.val_names:
             if name not in self.val_sets:
                 self.val_sets[name] = TextDataset(self.task.load(name))
+
+    def _noisy(self, train: Split, indices: Optional[Sequence[int]]) -> tuple[Split, int]:
+        """A copy of ``train`` with round(p * n) of the n used rows' labels moved to another class, uniformly."""
+        rows = list(range(len(train))) if indices is None else list(indices)
+        classes = self.task.num_outputs
+        if classes < 2:
+            raise ValueError(f"data.label_noise needs at least 2 classes; task {self.task.name!r} has {classes}.")
+        count = round(self.label_noise * len(rows))
+        g = torch.Generator().manual_seed(self.seed + 1)  # its own stream: limit_train's subset draws from seed
+        chosen = torch.randperm(len(rows), generator=g)[:count].tolist()
+        shifts = torch.randint(1, classes, (count,), generator=g).tolist()
+        labels = list(train.labels)
+        for position, shift in zip(chosen, shifts):
+            row = rows[position]
+            labels[row] = (int(labels[row]) + shift) % classes
+        return Split(train.texts, labels), count
 
     def _collator(self) -> Collator:
         if self.tokenizer is None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -194,23 +196,29 @@ class TextTask:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f, delimiter=self.delimiter, quoting=csv.QUOTE_NONE)
             header = next(rows, None) if self.header else None
-            text_idx = [self._column(c, header, path) for c in self.text_columns]
-            label_idx = self._column(self.label_column, header, path)
+            text_idx = [self._column(c, header, path, "task.text_columns") for c in self.text_columns]
+            label_idx = self._column(self.label_column, header, path, "task.label_column")
             need = max(i if i >= 0 else -i - 1 for i in [*text_idx, label_idx]) + 1
             texts, labels = [], []
+            skipped = 0
             for lineno, row in enumerate(rows, start=2 if self.header else 1):
                 if not row or row == [""]:
                     continue
                 if len(row) < need:
                     if self.skip_malformed:
+                        skipped += 1
                         continue
                     raise ValueError(
                         f"{path}:{lineno} has {len(row)} columns but task {self.name!r} reads column "
-                        f"{need - 1}; check task.text_columns/label_column/header/delimiter."
+                        f"{need - 1}; check task.text_columns / task.label_column / task.header / task.delimiter, "
+                        "or set task.skip_malformed=true to drop such rows."
                     )
                 raw = row[label_idx].strip()
                 texts.append(tuple(row[i] for i in text_idx))
                 labels.append(raw if raw_labels else self._label(raw, path, lineno))
+        if skipped and not raw_labels:
+            warnings.warn(f"task {self.name!r}: skipped {skipped} malformed row(s) of {path} (fewer than {need} "
+                          f"columns; task.skip_malformed=true), kept {len(labels)}.", UserWarning, stacklevel=2)
         return Split(texts, labels)
 
     def _label(self, raw: str, path: str, lineno: int) -> Union[int, float]:
@@ -227,19 +235,24 @@ class TextTask:
                 f"{path}:{lineno}: label {raw!r} is not one of task.labels={known}; add it to task.labels."
             ) from None
 
-    def _column(self, column: Column, header: Optional[list[str]], path: str) -> int:
+    def _column(self, column: Column, header: Optional[list[str]], path: str, option: str) -> int:
         if isinstance(column, int):
             return column
         if isinstance(column, str) and column.lstrip("-").isdigit():
             return int(column)
         if header is None:
             raise ValueError(
-                f"task {self.name!r}: column {column!r} is a name but {path} is read without a header "
+                f"task {self.name!r}: {option} names column {column!r} but {path} is read without a header "
                 "(task.header=false); give a 0-based index instead."
             )
-        names = [h.strip() for h in header]
+        names = [h.strip().lstrip("\ufeff") for h in header]
         if column not in names:
-            raise ValueError(f"task {self.name!r}: column {column!r} is not in the header of {path}: {names}.")
+            close = difflib.get_close_matches(str(column), names, n=2, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"task {self.name!r}: {option} names column {column!r}, which is not in the header of {path}: "
+                f"{names}{hint} Set {option} to one of them (or task.header=false and 0-based indices)."
+            )
         return names.index(column)
 
 

@@ -1,0 +1,139 @@
+"""Progress that shows the real budget: optimizer steps done out of the run's total (``trainer.max_steps``,
+or the steps of ``trainer.max_epochs`` epochs), with a time estimate for the whole run.
+
+In a terminal, :class:`StepProgressBar` (Lightning's ``RichProgressBar``) draws one bar for the run;
+otherwise (output to a file or a pipe) :class:`PlainProgress` prints a plain line every N steps.
+:func:`progress_bar` picks one (``callbacks.progress`` in ``conf/callbacks/default.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+
+def step_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) -> int:
+    """Optimizer steps the run will take: ``max_steps``, or fewer when ``max_epochs`` ends it first."""
+    batches = trainer.num_training_batches
+    accumulate = max(int(getattr(module, "accumulate_grad_batches", 1) or 1), int(trainer.accumulate_grad_batches))
+    epochs_total = None
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(batches):
+        epochs_total = trainer.max_epochs * math.ceil(batches / accumulate)
+    steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+    if steps is None:
+        return int(epochs_total) if epochs_total is not None else 0
+    return int(min(steps, epochs_total)) if epochs_total is not None else int(steps)
+
+
+def epoch_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) -> int:
+    """Epochs the run will (at least partly) go through."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches <= 0:
+        return int(trainer.max_epochs or 1)
+    accumulate = max(int(getattr(module, "accumulate_grad_batches", 1) or 1), int(trainer.accumulate_grad_batches))
+    return max(1, math.ceil(step_budget(trainer, module) / math.ceil(batches / accumulate)))
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=int(round(seconds)))) if math.isfinite(seconds) else "?"
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar counting optimizer steps toward the run's budget, ``Epoch e/E`` with E the real
+    number of epochs (1-based); its time estimate is for the rest of the run."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = epoch_budget(self.trainer, self.trainer.lightning_module)
+        text = f"Epoch {current_epoch + 1}/{total}"
+        return f"{text:{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled:
+            return
+        description = self._get_train_description(trainer.current_epoch)
+        if self.progress is not None:
+            if self.train_progress_bar_id is None:
+                self.train_progress_bar_id = self.progress.add_task(
+                    description, total=step_budget(trainer, pl_module), completed=trainer.global_step)
+            else:  # one bar for the whole run: only the epoch in its description changes
+                self.progress.update(self.train_progress_bar_id, description=description, visible=True)
+        self.refresh()
+
+    def _initialize_train_progress_bar_id(self) -> None:  # resumed mid-epoch
+        self.train_progress_bar_id = self.progress.add_task(
+            self._get_train_description(self.trainer.current_epoch),
+            total=step_budget(self.trainer, self.trainer.lightning_module), completed=self.trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class PlainProgress(ProgressBar):
+    """One plain line every ``every_n_steps`` optimizer steps (and at the last): step, loss, rate, elapsed, ETA.
+
+    ``every_n_steps=None``: about 20 lines per run. For output that is not a terminal (a log file, CI).
+    """
+
+    def __init__(self, every_n_steps: Optional[int] = None) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start: Optional[float] = None
+        self._first_step = 0
+        self._last_printed = -1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._enabled or not trainer.is_global_zero or self._start is None:
+            return
+        step, total = trainer.global_step, step_budget(trainer, pl_module)
+        every = self.every_n_steps or max(1, round(total / 20))
+        if step == self._last_printed or (step % every and step < total):
+            return
+        self._last_printed = step
+        elapsed = time.perf_counter() - self._start
+        done = step - self._first_step
+        rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
+        eta = (total - step) / rate if rate == rate and rate > 0 else float("nan")
+        loss = trainer.callback_metrics.get("train/loss")
+        parts = [f"step {step}/{total}", f"epoch {trainer.current_epoch + 1}/{epoch_budget(trainer, pl_module)}"]
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        parts.append(f"{1 / rate:.2f} s/step" if rate == rate and rate > 0 else "- s/step")
+        parts += [f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta)}"]
+        print(" | ".join(parts), flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        if shown:
+            print(f"validation at step {trainer.global_step}: "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())), flush=True)
+
+
+def progress_bar(terminal: Optional[bool] = None, every_n_steps: Optional[int] = None) -> ProgressBar:
+    """The bar for a terminal (``terminal=None``: when stdout is one), else plain lines every ``every_n_steps``."""
+    if terminal is None:
+        terminal = sys.stdout.isatty()
+    return StepProgressBar() if terminal else PlainProgress(every_n_steps)
