@@ -321,3 +321,92 @@ def test_seeded_order_and_limit_train(glue_dir: Path, tmp_path: Path) -> None:
     assert sorted(sum(order(4, limit=20), [])) != sorted(sum(subset, []))
     with pytest.raises(ValueError, match=r"data.limit_train=0 must be an integer >= 1"):
         GlueDataModule(glue_task("sst2", str(tmp_path)), limit_train=0)
+
+
+# --------------------------------------------------------------------------- data.label_noise (issue 15)
+def _noisy(task, p: float, seed: int = 0, limit=None) -> GlueDataModule:
+    dm = GlueDataModule(task, batch_size=16, limit_train=limit, seed=seed, label_noise=p)
+    dm.setup("fit")
+    return dm
+
+
+def _used_labels(dm: GlueDataModule) -> list:
+    return [dm.train_set.split.labels[i] for i in dm.train_set.indices]
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "SST-2" / "train.tsv").is_file(), reason="no real SST-2")
+def test_label_noise_flips_a_seeded_share_of_real_sst2() -> None:
+    task = glue_task("sst2", str(GLUE_DIR))
+    clean = _noisy(task, 0.0, seed=1, limit=1000)
+    noisy = _noisy(task, 0.3, seed=1, limit=1000)
+    assert clean.flipped_labels == 0 and noisy.flipped_labels == 300
+    assert noisy.train_set.indices == clean.train_set.indices  # the same rows...
+    before, after = _used_labels(clean), _used_labels(noisy)
+    assert sum(a != b for a, b in zip(before, after)) == 300  # ...300 of them with the other class
+    assert _used_labels(_noisy(task, 0.3, seed=1, limit=1000)) == after  # same seed: same flips
+    assert _used_labels(_noisy(task, 0.3, seed=2, limit=1000)) != after  # another seed: other flips
+    # the task's own rows and the dev set are untouched
+    assert task.load("train").labels[:50] == clean.train_set.split.labels[:50] and clean.train_set.split is task.load("train")
+    assert noisy.val_sets["val"].split is task.load("val")
+
+
+def test_label_noise_zero_changes_nothing_and_keeps_the_order(glue_dir: Path, tmp_path: Path) -> None:
+    rows = [["sentence", "label"]] + [[f"sentence number {i}", str(i % 2)] for i in range(100)]
+    write_rows(tmp_path / "SST-2" / "train.tsv", rows)
+    write_rows(tmp_path / "SST-2" / "dev.tsv", rows[:5])
+    task = glue_task("sst2", str(tmp_path))
+
+    def batches(p: float) -> tuple[list, list]:
+        dm = GlueDataModule(task, batch_size=10, seed=5, label_noise=p)
+        dm.tokenizer = word_tokenizer(dm.train_texts())
+        dm.setup("fit")
+        out = list(dm.train_dataloader())
+        return [b["input_ids"][:, 3].tolist() for b in out], [b["labels"].tolist() for b in out]
+
+    order0, labels0 = batches(0.0)
+    plain = GlueDataModule(task, batch_size=10, seed=5)
+    plain.tokenizer = word_tokenizer(plain.train_texts())
+    plain.setup("fit")
+    assert [b["labels"].tolist() for b in plain.train_dataloader()] == labels0  # p=0 is today's data
+    order5, labels5 = batches(0.5)
+    assert order5 == order0 and labels5 != labels0  # same order, 50 labels flipped
+    assert sum(a != b for x, y in zip(labels0, labels5) for a, b in zip(x, y)) == 50
+
+
+def test_label_noise_moves_to_another_class_uniformly(tmp_path: Path) -> None:
+    rows = [["text", "y"]] + [[f"row {i}", "abc"[i % 3]] for i in range(3000)]
+    write_rows(tmp_path / "train.tsv", rows)
+    write_rows(tmp_path / "dev.tsv", rows[:4])
+    task = tsv_task(str(tmp_path), text_columns="text", label_column="y")
+    clean, noisy = _noisy(task, 0.0), _noisy(task, 0.5)
+    pairs = [(a, b) for a, b in zip(_used_labels(clean), _used_labels(noisy)) if a != b]
+    assert noisy.flipped_labels == len(pairs) == 1500
+    moves = {}
+    for a, b in pairs:
+        moves[(a, b)] = moves.get((a, b), 0) + 1
+    assert len(moves) == 6 and all(200 < n < 300 for n in moves.values())  # 6 (from, to) pairs, ~250 each
+
+
+@pytest.mark.parametrize("p, name, message", [
+    (1.0, "sst2", r"data.label_noise=1.0 must be >= 0.0 and < 1.0"),
+    (-0.1, "sst2", r"data.label_noise=-0.1 must be >= 0.0"),
+    (0.2, "stsb", r"data.label_noise=0.2 flips class labels, but task 'stsb' is a regression task"),
+])
+def test_label_noise_errors_name_the_option(glue_dir: Path, p: float, name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GlueDataModule(glue_task(name, str(glue_dir)), label_noise=p)
+    GlueDataModule(glue_task("stsb", str(glue_dir)), label_noise=0.0)  # p=0 is fine for regression
+
+
+def test_tsv_errors_name_the_option(tmp_path: Path) -> None:
+    write_rows(tmp_path / "train.tsv", [["review", "stars"], ["good", "5"], ["short row"], ["bad", "1"]])
+    write_rows(tmp_path / "dev.tsv", [["review", "stars"], ["fine", "5"]])
+    with pytest.raises(ValueError, match=r"task.label_column names column 'star'.*did you mean 'stars'"):
+        tsv_task(str(tmp_path), text_columns="review", label_column="star").load("train")
+    with pytest.raises(ValueError, match=r"task.text_columns names column 'reviews'.*did you mean 'review'"):
+        tsv_task(str(tmp_path), text_columns="reviews", label_column="stars").load("train")
+    with pytest.raises(ValueError, match=r"train.tsv:3 has 1 columns.*task.skip_malformed=true"):
+        tsv_task(str(tmp_path), text_columns="review", label_column="stars").load("train")
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed row\(s\) of .*train.tsv.*kept 2"):
+        split = tsv_task(str(tmp_path), text_columns="review", label_column="stars", skip_malformed=True).load("train")
+    assert len(split) == 2

@@ -55,7 +55,7 @@ def _node(cfg: Any, parts: Sequence[str]) -> tuple[Any, int]:
     for i, part in enumerate(parts):
         if isinstance(node, ListConfig):
             return node, len(parts)  # an index into a list value: not checked here
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, DictConfig) or part not in node.keys():
             return node, i
         node = node._get_node(part)
     return node, len(parts)
