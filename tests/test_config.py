@@ -143,7 +143,10 @@ def test_callbacks_and_loggers(tmp_path: Path) -> None:
     assert any(isinstance(c, LearningRateMonitor) for c in callbacks)
     assert sorted(type(lg).__name__ for lg in build_loggers(cfg)) == ["CSVLogger", "TensorBoardLogger"]
     off = make("callbacks.lr_monitor=null", "logger.tensorboard=null", "callbacks.model_checkpoint.monitor=val/acc")
-    assert [type(c).__name__ for c in build_callbacks(off, "val/mcc")] == ["ModelCheckpoint"]
+    names = [type(c).__name__ for c in build_callbacks(off, "val/mcc")]
+    assert names[0] == "RunCheckpoint" and names[1:] in (["PlainProgress"], ["StepProgressBar"])  # without a tty: lines
+    quiet = make("callbacks.lr_monitor=null", "trainer.enable_progress_bar=false")
+    assert [type(c).__name__ for c in build_callbacks(quiet, "val/mcc")] == ["RunCheckpoint"]  # no bar, no lines
     assert build_callbacks(off, "val/mcc")[0].monitor == "val/acc"
     assert [type(lg).__name__ for lg in build_loggers(off)] == ["CSVLogger"]
 
