@@ -129,8 +129,13 @@ def test_ckpt_path_last_resumes_the_latest_run_of_the_same_settings(tmp_path: Pa
     common = [*TINY, "optimizer=sam", "data.limit_train=256", "trainer.limit_val_batches=2"]
     first = train(*common, "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
-    other = train(*common, "seed=7", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'b'}")  # other settings
-    assert other.returncode == 0, other.stderr[-3000:]
+    # a newer run of other settings (seed=7) beside it: must not be picked (its checkpoint is not even loadable)
+    (tmp_path / "b" / ".hydra").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints").mkdir()
+    overrides = (tmp_path / "a" / ".hydra" / "overrides.yaml").read_text()
+    assert "seed=" not in overrides
+    (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text(overrides + "- seed=7\n")
+    (tmp_path / "b" / "checkpoints" / "last.ckpt").write_text("not a checkpoint")
     proc = train(*common, "trainer.max_steps=12", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'c'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
