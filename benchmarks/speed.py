@@ -68,7 +68,7 @@ class Method:
             base["s"] += time.perf_counter() - t
 
         t0 = time.perf_counter()
-        self.engine.step(timed_forward, backend, base_step, head=head)
+        self.engine.step(timed_forward, backend, base_step, head=head, module=self.module)
         total = time.perf_counter() - t0
         model = fwd["s"] + backend.backward_s
         return {"total": total, "model": model, "base": base["s"], "engine": total - model - base["s"]}

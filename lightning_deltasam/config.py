@@ -12,6 +12,7 @@ Weighting = Literal["softmax", "linear"]
 ProbeScale = Literal["relative", "absolute"]
 ProbeScope = Literal["auto", "all", "head"]
 Sync = Literal["global", "local"]
+Estimator = Literal["probes", "exact", "sketch"]
 ClipAlgorithm = Literal["norm", "value"]
 
 REWEIGHTS = (None, "delta")
@@ -21,6 +22,8 @@ PROBE_SCALES: tuple[str, ...] = get_args(ProbeScale)
 PROBE_SCOPES: tuple[str, ...] = get_args(ProbeScope)
 SYNCS: tuple[str, ...] = get_args(Sync)
 CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+EXACT_SCORES = ("gram", "gradnorm")  # the scores an exact / sketched per-instance Gram matrix gives
 
 
 # ----------------------------------------------------------------------------- validators
@@ -60,6 +63,10 @@ class SAMConfig:
 
     ``rho=0`` makes the step the base optimizer's (one pass: with a zero perturbation the
     second pass would recompute the first). ``reweight=None`` is SAM; ``"delta"`` is delta-SAM.
+    ``estimator`` says where per-instance gradient information comes from: ``"probes"`` (Gaussian
+    forward probes), ``"exact"`` (the Gram matrix of per-instance gradients from the first
+    backward, :mod:`~lightning_deltasam.gram`) or ``"sketch"`` (its rank-``sketch_rank`` sketch).
+    The exact rule is ``score="gram", weights="linear", estimator="exact"``.
     """
 
     rho: float = 0.05
@@ -76,6 +83,8 @@ class SAMConfig:
     antithetic: bool = False
     probe_scope: ProbeScope = "auto"
     gram_ridge: float = 1e-3
+    estimator: Estimator = "probes"
+    sketch_rank: int = 32
     sync: Sync = "global"
     seed: int = 0
 
@@ -96,6 +105,13 @@ class SAMConfig:
         check_choice("probe_scope", self.probe_scope, PROBE_SCOPES)
         check_bool("antithetic", self.antithetic)
         check_number("gram_ridge", self.gram_ridge, minimum=0.0)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.estimator != "probes" and self.score not in EXACT_SCORES:
+            raise ValueError(
+                f"estimator={self.estimator!r} gives per-instance gradients, which score={self.score!r} does not use; "
+                f"use score='gram' (or 'gradnorm') with it, or estimator='probes'."
+            )
+        check_int("sketch_rank", self.sketch_rank, minimum=1, hint=" It is the rank r of estimator='sketch'.")
         check_choice("sync", self.sync, SYNCS)
         check_int("seed", self.seed)
 
@@ -110,7 +126,12 @@ class SAMConfig:
 
     @property
     def uses_probes(self) -> bool:
-        return self.reweighting and self.score != "loss"
+        return self.reweighting and self.score != "loss" and self.estimator == "probes"
+
+    @property
+    def uses_gram(self) -> bool:
+        """Whether the first pass forms the per-instance gradient Gram matrix (estimator 'exact' or 'sketch')."""
+        return self.reweighting and self.estimator != "probes"
 
     @property
     def step_probe_scope(self) -> str:

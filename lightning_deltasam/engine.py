@@ -5,7 +5,9 @@ probes (forward only, at w + dw_k, dropout masks replayed) -> first pass at w (p
 losses, weighted backward) -> all-reduce of the weighted gradient -> eps = rho g/||g||
 (ASAM: rho T^2 g/||T g||) -> second pass at w + eps -> exact restore of w -> base step.
 The adapters differ only in how they run backward, all-reduce and step: a :class:`Backend`.
-Probes are in :mod:`.probes`, the scores and weights in :mod:`.weighting`.
+Probes are in :mod:`.probes`, the scores and weights in :mod:`.weighting`. With ``estimator="exact"``
+(or ``"sketch"``) the first pass is a backward to the layers' outputs instead: per-instance gradient
+Gram matrix, weights, and the weighted gradient book-kept by :mod:`.gram`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import SAMConfig
 from .distributed import Reducer, default_reducer
 from .probes import HeadProbe, LossFn, ProbeNoise, RNGReplay, full_probes, head_probes
-from .weighting import ProbeLosses, Weights, compute_weights, instance_scores, uniform_weights, weight_stats
+from .gram import GramCapture
+from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
 
 class Backend:
@@ -140,6 +143,7 @@ class _Passes:
     backend: Backend
     source: str
     batch_size: Optional[int]
+    module: Optional[nn.Module] = None
 
     def losses(self, needed_for: str) -> Tensor:
         """Per-instance losses [B] at the current weights, checked, with grad."""
@@ -167,6 +171,7 @@ class SAMEngine:
         self.skipped_steps = 0
         self._stores: dict[str, list[Tensor]] = {}
         self._warned_skip = False
+        self._gram: Optional[tuple[tuple[int, ...], GramCapture]] = None
 
     # ------------------------------------------------------------------ step
     def step(
@@ -180,13 +185,14 @@ class SAMEngine:
         batch_size: Optional[int] = None,
         source: str = "the closure",
         head: Optional[HeadProbe] = None,
+        module: Optional[nn.Module] = None,
     ) -> StepStats:
         """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
 
         ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
         (they run backward themselves and return the mean loss): the callback uses them to
         run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
-        after the first pass. ``base_step()`` applies the descent gradient left in ``.grad``.
+        after the first pass. ``module`` is the model whose layers ``estimator="exact"`` hooks. ``base_step()`` applies the descent gradient left in ``.grad``.
         Weights are restored exactly even if a pass raises.
         """
         cfg = self.config
@@ -194,7 +200,7 @@ class SAMEngine:
         if not params:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
         self.zero_grad(params)
-        passes = _Passes(forward, first_pass, second_pass, backend, source, batch_size)
+        passes = _Passes(forward, first_pass, second_pass, backend, source, batch_size, module)
         if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
             loss, losses = passes.descent()
             return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step)
@@ -238,20 +244,53 @@ class SAMEngine:
         with passes.backend.no_sync():
             if passes.first_pass is not None and not cfg.reweighting:
                 return StepStats(loss=passes.first_pass().detach())
-            losses = passes.losses("reweight='delta'" if cfg.reweighting else "the step")
             weights: Weights
-            if cfg.reweighting:
-                if head is not None and cfg.uses_probes:
-                    probes = head_probes(cfg, head, self.noise)
-                weights = compute_weights(instance_scores(cfg, losses, probes, cfg.probe_std, reducer), cfg, reducer)
+            if cfg.uses_gram:
+                losses, weights = self._gram_pass(passes)
             else:
-                weights = uniform_weights(losses.numel(), losses.device, reducer)
-            passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
+                losses = passes.losses("reweight='delta'" if cfg.reweighting else "the step")
+                if cfg.reweighting:
+                    if head is not None and cfg.uses_probes:
+                        probes = head_probes(cfg, head, self.noise)
+                    weights = compute_weights(instance_scores(cfg, losses, probes, cfg.probe_std, reducer), cfg, reducer)
+                else:
+                    weights = uniform_weights(losses.numel(), losses.device, reducer)
+                passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
         stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
         if cfg.reweighting:
             stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
             stats.weight_fallback = weights.fallback
         return stats
+
+    def _gram_pass(self, passes: _Passes) -> tuple[Tensor, Weights]:
+        """estimator 'exact' / 'sketch': one forward, one backward to the layers' outputs, weights from the
+        per-instance gradient Gram matrix, and g_delta = sum_i delta_i g_i book-kept into ``.grad``."""
+        cfg, reducer = self.config, passes.backend.reducer
+        capture = self.gram_capture(passes.module)
+        try:
+            with capture.record(passes.batch_size):
+                losses = passes.losses(f"estimator={cfg.estimator!r}")
+            capture.backward(losses, scale=passes.backend.loss_scale())
+            weights = compute_weights(gram_scores(capture.gram(), cfg, reducer), cfg, reducer)
+            for p, g in capture.weighted_grads(weights.delta).items():
+                p.grad = g
+        finally:
+            capture.clear()
+        return losses, weights
+
+    def gram_capture(self, module: Optional[nn.Module]) -> GramCapture:
+        """The hooks that form ``module``'s per-instance gradient Grams (built once per module and parameter set)."""
+        if module is None:
+            raise ValueError(
+                f"estimator={self.config.estimator!r} hooks the model's layers: pass the model "
+                "(DeltaSAM(..., module=model)); DeltaSAMMixin and DeltaSAMCallback pass it themselves."
+            )
+        params = self.params()
+        key = (id(module), *(id(p) for p in params))
+        if self._gram is None or self._gram[0] != key:
+            gen = self.noise.generator(params[0].device) if self.config.estimator == "sketch" else None
+            self._gram = (key, GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen))  # type: ignore[arg-type]
+        return self._gram[1]
 
     def _ascent_direction(self, params: list[Tensor], backend: Backend) -> tuple[list[Tensor], list[Tensor], float]:
         """(parameters with a gradient, direction d, norm) of the all-reduced first-pass gradient (:meth:`ascent`)."""

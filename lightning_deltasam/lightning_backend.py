@@ -111,7 +111,7 @@ def module_step(engine: SAMEngine, module: "pl.LightningModule", batch: Any, bac
     """
     forward, head = probe_plan(module, batch, engine.config.step_probe_scope) if per_sample else (None, None)
     try:
-        return engine.step(forward, backend, base_step, batch_size=batch_size_of(batch), head=head,
+        return engine.step(forward, backend, base_step, batch_size=batch_size_of(batch), head=head, module=module,
                            source=f"{type(module).__name__}.per_sample_loss", **passes)
     finally:
         if head is not None:

@@ -19,7 +19,7 @@ class DeltaSAM(Optimizer):
     per-instance losses, shape [B], with grad enabled. It returns those losses at the
     unperturbed weights (detached). ``param_groups`` and ``state`` are the base optimizer's,
     so LR schedulers work unchanged. Pass ``module=`` so running statistics (BatchNorm) are
-    updated by the first pass only. Every keyword that is not a SAM option goes to the base
+    updated by the first pass only (and, for ``estimator="exact"``/``"sketch"``, so its layers can be hooked). Every keyword that is not a SAM option goes to the base
     optimizer.
     """
 
@@ -38,6 +38,11 @@ class DeltaSAM(Optimizer):
             raise ValueError(
                 "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "
                 "DeltaSAM's closure returns losses only: use probe_scope='all'."
+            )
+        if config.uses_gram and module is None:
+            raise ValueError(
+                f"estimator={config.estimator!r} forms per-instance gradients from the model's layers: "
+                "pass the model, DeltaSAM(params, base_optimizer, module=model, ...)."
             )
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer: Optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -60,7 +65,7 @@ class DeltaSAM(Optimizer):
         buffers = (lambda: list(self._module.buffers())) if self._module is not None else None
         backend = make_backend(self.config, buffers)
         with torch.enable_grad():
-            stats = self.engine.step(closure, backend, self.base_optimizer.step, source="DeltaSAM closure")
+            stats = self.engine.step(closure, backend, self.base_optimizer.step, source="DeltaSAM closure", module=self._module)
         self.last_stats = stats
         assert stats.losses is not None
         return stats.losses

@@ -145,7 +145,7 @@ def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMC
         captured.extend(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params)
 
     with torch.enable_grad():
-        engine.step(forward, Backend(Reducer()), capture, head=head)
+        engine.step(forward, Backend(Reducer()), capture, head=head, module=module)
     engine.zero_grad(params)
     if not captured:
         raise RuntimeError("the step was skipped (non-finite loss or gradient): no update to measure.")

@@ -63,14 +63,34 @@ def _gram_coefficients(d: Tensor, probe_std: float, ridge: float, reducer: Reduc
     """delta = (K + lambda I)^-1 diag(K)^1/2 with K = D^T D / (K sigma^2), on the global batch."""
     d_all, offset = reducer.gather_cat(d, dim=1)
     gram = d_all.t() @ d_all / (d_all.shape[0] * probe_std**2)
-    diag = gram.diagonal().clamp_min(0)
-    lam = ridge * diag.mean().clamp_min(torch.finfo(gram.dtype).tiny)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return solve_gram(gram, gram.diagonal().clamp_min(0).mean(), ridge).narrow(0, offset, d.shape[1])
+
+
+def solve_gram(gram: Tensor, diag_mean: Tensor, ridge: float) -> Tensor:
+    """(K + lambda I)^-1 diag(K)^1/2 in float64, lambda = ridge * mean diag K; NaN if singular."""
+    k = gram.double()
+    diag = k.diagonal().clamp_min(0)
+    lam = ridge * diag_mean.double().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
     try:
-        coef = torch.linalg.solve(gram.double() + lam.double() * eye.double(), diag.double().sqrt()).to(gram.dtype)
-    except RuntimeError:  # singular despite the ridge (e.g. all-zero differences): no usable scores
+        coef = torch.linalg.solve(k + lam * eye, diag.sqrt())
+    except RuntimeError:  # singular despite the ridge (e.g. all-zero gradients): no usable scores
         coef = torch.full_like(diag, float("nan"))
-    return coef.narrow(0, offset, d.shape[1])
+    return coef.to(gram.dtype if gram.dtype != torch.float64 else torch.float32)
+
+
+def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
+    """Scores from this rank's exact (or sketched) per-instance gradient Gram matrix [b, b].
+
+    ``gram``: (K + lambda I)^-1 diag(K)^1/2. Under ``sync="global"`` K is block-diagonal over the
+    ranks (cross-rank entries are not formed), so each rank solves its own block with the global
+    ridge; the weights are then normalized over the global batch. ``gradnorm``: sqrt(diag K) = ||g_i||.
+    """
+    diag = gram.diagonal().clamp_min(0)
+    if config.score == "gradnorm":
+        return diag.sqrt().float()
+    total = reducer.sum_(torch.stack([diag.sum(), torch.tensor(float(diag.numel()), dtype=diag.dtype, device=diag.device)]))
+    return solve_gram(gram, total[0] / total[1], config.gram_ridge)
 
 
 @dataclass
