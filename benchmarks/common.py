@@ -62,7 +62,9 @@ def rule_name(cfg: SAMConfig) -> str:
     name = f"{cfg.score}-{cfg.weights}-t{cfg.temperature:g}"
     if cfg.mix:
         name += f"-mix{cfg.mix:g}"
-    if cfg.score != "loss":
+    if cfg.uses_gram:
+        name += f"-{cfg.estimator}" + (f"-r{cfg.sketch_rank}" if cfg.estimator == "sketch" else "")
+    elif cfg.score != "loss":
         name += f"-K{cfg.num_probes}-{cfg.probe_scope}" + ("-anti" if cfg.antithetic else "")
     return name
 

@@ -22,13 +22,29 @@ import torch
 from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
+from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
 from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import fidelity, method_update, oracle_update, weighted_sam_update
 
 
-def rule_configs(rho: float, probes: list[int], head: bool) -> list[SAMConfig]:
-    """SAM, then the weighting family: every score at tau 1, milder variants, probe counts, head scope."""
+SKETCH_RANKS = (8, 32, 128)
+
+
+def gram_configs(rho: float) -> list[SAMConfig]:
+    """The rules that read per-instance gradients from the first backward: exact K, and K sketched at each rank."""
+    exact = dict(rho=rho, reweight="delta", score="gram", weights="linear")
+    out = [SAMConfig(**exact, estimator="exact"), SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact")]
+    out += [SAMConfig(**exact, estimator="sketch", sketch_rank=r) for r in SKETCH_RANKS]
+    return out
+
+
+def rule_configs(rho: float, probes: list[int], head: bool, families: str = "probes,gram") -> list[SAMConfig]:
+    """SAM, then the weighting family: every score at tau 1, milder variants, probe counts, head scope;
+    then the exact/sketched Gram rules. ``families`` picks 'probes' and/or 'gram' (SAM and the default always)."""
     out = [SAMConfig(rho=rho)]
+    default = default_delta_config(rho=rho)
+    if "probes" not in families.split(","):
+        return [*out, default, *(gram_configs(rho) if "gram" in families.split(",") else [])]
     out.append(SAMConfig(rho=rho, reweight="delta", score="loss"))
     for k in probes:
         for score in ("sharpness", "gradnorm", "gram"):
@@ -41,9 +57,10 @@ def rule_configs(rho: float, probes: list[int], head: bool) -> list[SAMConfig]:
         for score, k in (("gradnorm", 8), ("gram", 32), ("gram", 128)):
             out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k, probe_scope="head"))
         out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head", temperature=4.0))
-    default = default_delta_config(rho=rho)
     if all(c != default for c in out):
         out.append(default)
+    if "gram" in families.split(","):
+        out += gram_configs(rho)
     return out
 
 
@@ -59,8 +76,41 @@ def exact_weights(rows: torch.Tensor, rule: str, ridge: float = 1e-3) -> torch.T
     return torch.softmax(norms / norms.abs().mean(), dim=0)
 
 
+def block_weights(rows: torch.Tensor, ranks: int, ridge: float = 1e-3) -> torch.Tensor:
+    """The exact rule as ``sync="global"`` computes it over ``ranks`` DDP ranks (sample i on rank i mod ranks):
+    K without its cross-rank entries, the global ridge, weights normalized over the whole batch."""
+    gram = (rows @ rows.t()).double()
+    same = torch.arange(len(gram)) % ranks
+    gram = gram * (same.unsqueeze(0) == same.unsqueeze(1))
+    diag = gram.diagonal()
+    coef = torch.linalg.solve(gram + ridge * diag.mean() * torch.eye(len(diag), dtype=gram.dtype), diag.sqrt()).clamp_min(0)
+    return (coef / coef.sum()).float()
+
+
+def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch: Any, rho: float, oracle: Any) -> torch.Tensor:
+    """The hindsight ceiling: the delta whose single perturbation best fits the oracle's correction.
+
+    To first order SAM along g_delta corrects by a non-negative combination of the corrections c_j of
+    SAM along each g_j alone (weights delta_j ||g_j||); so fit the oracle's correction u* - g_bar by
+    c alpha, alpha >= 0 (NNLS, projected gradient on the B x B normal equations), and take
+    delta_j proportional to alpha_j / ||g_j||. Costs B backward passes: a measure, not a rule.
+    """
+    rows = oracle.rows
+    n = rows.shape[0]
+    corr = torch.stack([weighted_sam_update(module, loss_fn, batch, rho, torch.eye(n)[j], rows) - oracle.mean_grad
+                        for j in range(n)], dim=1).double()  # [P, B]
+    target = (oracle.update - oracle.mean_grad).double()
+    gram, rhs = corr.t() @ corr, corr.t() @ target
+    alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    step = 1.0 / float(torch.linalg.eigvalsh(gram)[-1])
+    for _ in range(2000):
+        alpha = (alpha - step * (gram @ alpha - rhs)).clamp_min(0)
+    delta = alpha / rows.norm(dim=1).double().clamp_min(1e-30)
+    return (delta / delta.sum()).float() if delta.sum() > 0 else torch.full((n,), 1.0 / n)
+
+
 def measure(module: Any, batch: dict[str, torch.Tensor], configs: list[SAMConfig], engines: dict[str, SAMEngine],
-            rho: float) -> dict[str, tuple[float, float]]:
+            rho: float, hindsight: bool = False) -> dict[str, tuple[float, float]]:
     loss_fn: Callable[[Any], torch.Tensor] = module.per_sample_loss
     oracle = oracle_update(module, loss_fn, batch, rho=rho, keep_rows=True)
     out: dict[str, tuple[float, float]] = {}
@@ -74,6 +124,12 @@ def measure(module: Any, batch: dict[str, torch.Tensor], configs: list[SAMConfig
     for rule in ("gradnorm-exact", "gram-exact"):
         u = weighted_sam_update(module, loss_fn, batch, rho, exact_weights(oracle.rows, rule), oracle.rows)
         out[rule] = fidelity(u, oracle.update, oracle.mean_grad)
+    if any(c.uses_gram for c in configs):
+        u = weighted_sam_update(module, loss_fn, batch, rho, block_weights(oracle.rows, 2), oracle.rows)
+        out["gram-exact-2ranks"] = fidelity(u, oracle.update, oracle.mean_grad)
+    if hindsight:
+        u = weighted_sam_update(module, loss_fn, batch, rho, hindsight_weights(module, loss_fn, batch, rho, oracle), oracle.rows)
+        out["hindsight-ceiling"] = fidelity(u, oracle.update, oracle.mean_grad)
     return out
 
 
@@ -103,6 +159,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--train-steps", type=int, default=None, help="AdamW steps to the late checkpoint (default: tiny 300, minilm 150)")
     ap.add_argument("--probes", default="3,8", help="probe counts K to study (comma-separated)")
     ap.add_argument("--no-head", action="store_true", help="skip head-only probe rules")
+    ap.add_argument("--families", default="probes,gram", help="rule families: probes and/or gram (SAM and the default always)")
+    ap.add_argument("--hindsight", action="store_true", help="also the hindsight ceiling (B extra backward passes per batch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -111,7 +169,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     checkpoints = {"early": max(1, train_steps // 6), "mid": train_steps // 2, "late": train_steps}
 
     _, datamodule, module = build(args.model, args.batch_size, args.seed)
-    configs = rule_configs(args.rho, [int(k) for k in args.probes.split(",")], head=not args.no_head)
+    configs = rule_configs(args.rho, [int(k) for k in args.probes.split(",")], head=not args.no_head, families=args.families)
+    try:
+        GramCapture(module, [p for p in module.parameters() if p.requires_grad])
+    except UnsupportedModuleError as err:  # e.g. model=tiny's nn.MultiheadAttention
+        print(f"[gram rules skipped: {err}]")
+        configs = [c for c in configs if not c.uses_gram]
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=module.hparams.lr)
     train_stream, measure_stream = batches(datamodule, args.seed), batches(datamodule, args.seed + 1000)
     per_ckpt: dict[str, list[dict[str, tuple[float, float]]]] = {}
@@ -125,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             opt.step()
             step += 1
         module.eval()
-        per_ckpt[label] = [measure(module, next(measure_stream), configs, engines, args.rho) for _ in range(args.batches)]
+        per_ckpt[label] = [measure(module, next(measure_stream), configs, engines, args.rho, args.hindsight)
+                           for _ in range(args.batches)]
         print(f"[{label}: step {step}, {time.perf_counter() - t0:.0f}s]", flush=True)
     rules = summarize(per_ckpt)
     default = rule_name(default_delta_config(rho=args.rho))
@@ -134,6 +198,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "rules": rules,
         "setup": {"model": args.model, "task": "sst2", "batch_size": args.batch_size, "rho": args.rho,
                   "batches_per_checkpoint": args.batches, "checkpoints": checkpoints, "seed": args.seed,
+                  "families": args.families, "hindsight": args.hindsight,
                   "wall_s": round(time.perf_counter() - t0, 1)},
     }
     return emit(result, args.out, print_table)
@@ -152,7 +217,8 @@ def print_table(result: dict[str, Any]) -> None:
         row = (f"{name + mark:42s} {r['fidelity_mean']:8.3f} {r['fidelity_min']:8.3f} {r['beats_sam_frac']:6.2f} "
                f"{r['relerr_mean']:7.3f} " + " ".join(f"{r['by_checkpoint'][c]:7.3f}" for c in cks))
         print(row)
-    print("(* the library default; gradnorm-exact / gram-exact use the oracle's exact per-instance gradients: ceilings, not usable rules)")
+    print("(* the library default; gradnorm-exact / gram-exact / gram-exact-2ranks / hindsight-ceiling use the oracle's "
+          "per-instance gradients: references, not rules; *-exact / *-sketch-r* are the trainable estimator rules)")
     assert all(math.isfinite(r["fidelity_mean"]) for r in rules.values())
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .config import ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Weighting
+from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Weighting
 from .engine import StepStats
 from .lightning_backend import EngineSlot, LightningBackend, grad_scaler, log_stats, module_step
 from .probes import has_split, probe_plan
@@ -47,6 +47,9 @@ class DeltaSAMCallback(Callback):
         antithetic: also probe at w - dw.
         probe_scope: ``"all"`` parameters, the module's ``"head"`` split, or ``"auto"`` (head when the module splits).
         gram_ridge: lambda of the ``gram`` score, relative to mean diag(K).
+        estimator: per-instance gradient information from ``"probes"``, or ``"exact"`` / ``"sketch"``: the Gram
+            matrix of per-instance gradients from the first backward (the module's layers are hooked).
+        sketch_rank: rank r of ``estimator="sketch"``.
         sync: DDP: ``"global"`` (the step over the global batch) or ``"local"`` (each rank's own eps).
         seed: seed of the probe generator (identical on every rank).
     """
@@ -67,13 +70,15 @@ class DeltaSAMCallback(Callback):
         antithetic: bool = False,
         probe_scope: ProbeScope = "auto",
         gram_ridge: float = 1e-3,
+        estimator: Estimator = "probes",
+        sketch_rank: int = 32,
         sync: Sync = "global",
         seed: int = 0,
     ) -> None:
         self.config = SAMConfig(
             rho=rho, adaptive=adaptive, eta=eta, reweight=reweight, score=score, weights=weights,
             temperature=temperature, mix=mix, num_probes=num_probes, probe_std=probe_std, probe_scale=probe_scale,
-            antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, sync=sync, seed=seed,
+            antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, estimator=estimator, sketch_rank=sketch_rank, sync=sync, seed=seed,
         )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []

@@ -16,12 +16,14 @@ CASES = [
     dict(rho=0.05, reweight="delta", score="gradnorm", num_probes=3, probe_scope="all"),
     dict(rho=0.05, reweight="delta", score="gram", num_probes=4, antithetic=True, probe_scope="all"),
     dict(rho=0.5, adaptive=True, reweight="delta", score="loss"),
+    dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="exact"),
+    dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="sketch", sketch_rank=4),
 ]
 
 
 def _plain_run(options: dict) -> torch.nn.Module:
     net = make_net(seed=0)
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **options)
     loader = make_loader()
     steps = 0
     while steps < STEPS:

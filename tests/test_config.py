@@ -38,7 +38,7 @@ def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
 def test_groups_have_every_option() -> None:
     assert options("task") == sorted([*GLUE_TASKS, "tsv"])
     assert options("model") == ["hf", "minilm", "tiny"]
-    assert options("optimizer") == ["adamw", "asam", "deltasam", "sam"]
+    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "sam"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert (options("data"), options("classifier")) == (["glue"], ["glue"])
     assert (options("logger"), options("callbacks")) == (["default"], ["default"])
@@ -179,3 +179,10 @@ def test_classifier_is_built_from_its_target(tmp_path: Path) -> None:
     assert (module.deltasam_config.rho, module.hparams.lr) == (0.05, cfg.model.lr)
     with pytest.raises(ValueError, match=r"classifier.head_dropout=1.5 must be >= 0.0 and < 1.0"):
         build_components(make(f"task.data_dir={tmp_path}", "model=tiny", "classifier.head_dropout=1.5"))
+
+
+def test_deltasam_exact_group_is_the_exact_gram_rule() -> None:
+    cfg = make(["optimizer=deltasam_exact"])
+    o = cfg.optimizer
+    assert (o.reweight, o.score, o.weights, o.estimator, o.rho) == ("delta", "gram", "linear", "exact", 0.05)
+    assert make(["optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8"]).optimizer.sketch_rank == 8
