@@ -80,7 +80,7 @@ def test_optimizer_options(name: str) -> None:
     sam, rest = SAMConfig.split(opts)
     assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
     expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
-                "deltasam": (0.05, False, "delta")}[name]
+                "deltasam": (0.05, False, "delta"), "deltasam_exact": (0.05, False, "delta")}[name]
     assert (sam.rho, sam.adaptive, sam.reweight) == expected
     assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
 
@@ -182,7 +182,7 @@ def test_classifier_is_built_from_its_target(tmp_path: Path) -> None:
 
 
 def test_deltasam_exact_group_is_the_exact_gram_rule() -> None:
-    cfg = make(["optimizer=deltasam_exact"])
+    cfg = make("optimizer=deltasam_exact")
     o = cfg.optimizer
     assert (o.reweight, o.score, o.weights, o.estimator, o.rho) == ("delta", "gram", "linear", "exact", 0.05)
-    assert make(["optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8"]).optimizer.sketch_rank == 8
+    assert make("optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8").optimizer.sketch_rank == 8
