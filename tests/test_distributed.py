@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_deltasam import DeltaSAM
+from lightning_deltasam.gram import GramCapture
 import lightning as L
 
 from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce
@@ -33,6 +34,11 @@ CASES = {
                                                               "probe_scope": "head"}},
     "callback_sam": {"adapter": "callback", "options": {"rho": 0.05}},
     "callback_delta_loss": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3}},
+    # the exact Gram rule: each rank forms its own block of K (no cross-rank entries), global ridge and normalization
+    "mixin_delta_exact": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "weights": "linear",
+                                                          "estimator": "exact"}},
+    "callback_delta_exact_local": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "gram",
+                                                                      "weights": "linear", "estimator": "exact", "sync": "local"}},
     "mixin_sam_local": {"adapter": "mixin", "options": {"rho": 0.05, "sync": "local"}},
     "mixin_delta_local": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"}},
 }
@@ -59,7 +65,7 @@ def _single_process(options: dict, double: bool = False) -> list[torch.Tensor]:
         L.Trainer(max_steps=STEPS, **QUIET).fit(module, make_loader(batch_size=2 * B))
         return [p.detach() for p in module.parameters()]
     net = make_net(seed=0).to(torch.float64 if double else torch.float32)
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, **{k: v for k, v in options.items() if k != "sync"})
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **{k: v for k, v in options.items() if k != "sync"})
     steps = 0
     while steps < STEPS:
         for x, y in make_loader(batch_size=2 * B, double=double):
@@ -76,14 +82,35 @@ def test_ranks_hold_identical_parameters(ddp_results, name):
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
 
 
+def _rank_blocks(monkeypatch) -> None:
+    """One process whose Gram matrix keeps only the entries of samples on the same rank (rank = position mod 2)."""
+    full = GramCapture.gram
+
+    def blocks(self):
+        k = full(self)
+        rank = torch.arange(k.shape[0]) % 2
+        return k * (rank[:, None] == rank[None, :])
+
+    monkeypatch.setattr(GramCapture, "gram", blocks)
+
+
 @pytest.mark.parametrize("name", [n for n in CASES if not n.endswith("_local")])
-def test_global_sync_equals_one_process_on_the_doubled_batch(ddp_results, name):
+def test_global_sync_equals_one_process_on_the_doubled_batch(ddp_results, name, monkeypatch):
+    if CASES[name]["options"].get("estimator") == "exact":
+        _rank_blocks(monkeypatch)
     expected = _single_process(CASES[name]["options"], double=bool(CASES[name].get("double")))
     for got, want in zip(ddp_results[name][0], expected):  # 1e-5 relative, tensor by tensor (float rounding)
         assert float((got - want).norm() / want.norm()) < 1e-5, (name, float((got - want).norm() / want.norm()))
 
 
-@pytest.mark.parametrize("name", ["mixin_sam_local", "mixin_delta_local"])
+def test_exact_rule_needs_its_rank_blocks(ddp_results):
+    """Without the block structure the one-process step differs: the test above checks the semantics, not a no-op."""
+    expected = _single_process(CASES["mixin_delta_exact"]["options"])
+    diff = max(float((g - w).abs().max()) for g, w in zip(ddp_results["mixin_delta_exact"][0], expected))
+    assert diff > 1e-6
+
+
+@pytest.mark.parametrize("name", ["mixin_sam_local", "mixin_delta_local", "callback_delta_exact_local"])
 def test_local_sync_is_a_different_step(ddp_results, name):
     expected = _single_process(CASES[name]["options"])
     diff = max(float((g - w).abs().max()) for g, w in zip(ddp_results[name][0], expected))
