@@ -187,7 +187,7 @@ class GramCapture:
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
         grads = torch.autograd.grad(total, [u.out for u in uses], allow_unused=True)
         for u, g in zip(uses, grads):
-            u.b = None if g is None else (g / scale if scale != 1.0 else g)
+            u.b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32: no underflow
             u.out = u.out.detach()  # the graph can go
 
     def clear(self) -> None:

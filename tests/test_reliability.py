@@ -176,6 +176,17 @@ def test_fp16_mixed_with_grad_scaler_trains_and_skips_overflow():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_fp16_grad_scaler_with_the_exact_rule_trains_and_skips_overflow():
+    """The first pass's activation backward runs at the scaler's scale (no float16 underflow), then unscales."""
+    module = Faulty(at=4, fault="inf", rho=0.05, reweight="delta", score="gram", weights="linear", estimator="exact")
+    trainer = L.Trainer(max_steps=4, plugins=[_fp16_plugin()], **QUIET)
+    trainer.fit(module, make_loader())
+    starts = module.weights_at_batch_start
+    assert all(torch.equal(a, b) for a, b in zip(starts[1], starts[2]))  # the overflowed step is skipped
+    assert not all(torch.equal(a, b) for a, b in zip(starts[2], starts[3]))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_clipping_acts_on_the_unscaled_descent_gradient_under_fp16():
     class Clipped(SGDClassifier):
         def configure_optimizers(self):
@@ -189,8 +200,9 @@ def test_clipping_acts_on_the_unscaled_descent_gradient_under_fp16():
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
-def test_other_precisions_train(precision):
-    module = MixinClassifier(rho=0.05, reweight="delta")
+@pytest.mark.parametrize("rule", [{}, {"score": "gram", "weights": "linear", "estimator": "exact"}], ids=["default", "exact"])
+def test_other_precisions_train(precision, rule):
+    module = MixinClassifier(rho=0.05, reweight="delta", **rule)
     before = _weights(module)
     L.Trainer(max_steps=3, precision=precision, **QUIET).fit(module, make_loader(double=precision == "64-true"))
     assert all(torch.isfinite(p).all() for p in module.parameters())
