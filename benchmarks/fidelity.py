@@ -97,10 +97,12 @@ def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch
     """
     rows = oracle.rows
     n = rows.shape[0]
-    corr = torch.stack([weighted_sam_update(module, loss_fn, batch, rho, torch.eye(n)[j], rows) - oracle.mean_grad
-                        for j in range(n)], dim=1).double()  # [P, B]
-    target = (oracle.update - oracle.mean_grad).double()
-    gram, rhs = corr.t() @ corr, corr.t() @ target
+    corr = torch.empty(n, rows.shape[1], dtype=rows.dtype)  # [B, P], filled in place (B x P floats, no copies)
+    for j in range(n):
+        torch.sub(weighted_sam_update(module, loss_fn, batch, rho, torch.eye(n)[j], rows), oracle.mean_grad, out=corr[j])
+    target = oracle.update - oracle.mean_grad
+    gram, rhs = (corr @ corr.t()).double(), (corr @ target).double()
+    del corr
     alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)
     step = 1.0 / float(torch.linalg.eigvalsh(gram)[-1])
     for _ in range(2000):

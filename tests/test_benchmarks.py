@@ -24,7 +24,7 @@ def test_fidelity_interface(tmp_path):
 
     out = tmp_path / "fid.json"
     fidelity.main(["--model", "tiny", "--batches", "1", "--batch-size", "8", "--train-steps", "6", "--probes", "2",
-                   "--out", str(out)])
+                   "--hindsight", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["default"] in result["rules"]
     for name in ("sam", "gram-exact", "gradnorm-exact", result["default"]):
@@ -32,6 +32,10 @@ def test_fidelity_interface(tmp_path):
         assert set(rule) >= {"fidelity_mean", "fidelity_min", "beats_sam_frac"}
         assert -1.0 <= rule["fidelity_min"] <= rule["fidelity_mean"] <= 1.0
     assert result["rules"]["sam"]["beats_sam_frac"] == 0.0
+    # the trainable exact rule forms the same K as the oracle's rows: the same fidelity
+    exact, reference = result["rules"]["gram-linear-t4-exact"], result["rules"]["gram-exact"]
+    assert exact["fidelity_mean"] == pytest.approx(reference["fidelity_mean"], abs=1e-4)
+    assert {"gram-linear-t4-sketch-r8", "gram-exact-2ranks", "hindsight-ceiling"} <= set(result["rules"])
 
 
 def test_speed_interface(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_choice
@@ -137,10 +138,7 @@ class TinyEncoder(TextEncoder):
         self.tokens = nn.Embedding(len(self.tokenizer), d_model, padding_idx=self.tokenizer.pad_token_id)
         self.positions = nn.Embedding(max_positions, d_model)
         self.segments = nn.Embedding(2, d_model)
-        layer = nn.TransformerEncoderLayer(
-            d_model, num_heads, dim_feedforward, dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(_PreNormBlock(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
@@ -149,5 +147,31 @@ class TinyEncoder(TextEncoder):
         x = self.tokens(input_ids) + self.positions(positions)
         if token_type_ids is not None:
             x = x + self.segments(token_type_ids)
-        x = self.layers(x, src_key_padding_mask=attention_mask == 0)
+        keep = attention_mask.bool()
+        for block in self.layers:
+            x = block(x, keep)
         return pool(self.norm(x), attention_mask, self.pooling)
+
+
+class _PreNormBlock(nn.Module):
+    """A pre-norm transformer encoder layer (as ``nn.TransformerEncoderLayer(norm_first=True, activation="gelu")``)
+    built from Linear and LayerNorm modules only, so every layer's per-instance gradients can be formed
+    (``estimator="exact"``; ``nn.MultiheadAttention`` uses its weights outside any Linear's forward)."""
+
+    def __init__(self, d_model: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ff1, self.ff2 = nn.Linear(d_model, dim_feedforward), nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``keep`` [B, T]: True for real tokens (padding is never attended to)."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout.p if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=p)
+        x = x + self.dropout(self.proj(att.transpose(1, 2).reshape(b, t, d)))
+        return x + self.dropout(self.ff2(self.dropout(F.gelu(self.ff1(self.norm2(x))))))
