@@ -211,3 +211,15 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     assert Path(results["best_checkpoint"]).is_file()  # validated every batch: a best exists
     assert results["flipped_labels"] == (1 if name == "mnli" else 0)  # label noise 0.5 of 2 MNLI fixture rows
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+
+
+@needs_sst2
+def test_train_tiny_exact_rule(tmp_path: Path) -> None:
+    """optimizer=deltasam_exact trains the app's tiny model (every layer hookable) and logs its weights."""
+    proc = train(*TINY, "optimizer=deltasam_exact", "trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    options = results["optimizer_options"]
+    assert (options["score"], options["weights"], options["estimator"], results["steps"]) == ("gram", "linear", "exact", 4)
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "deltasam/weight_max" in metrics and "deltasam/weight_fallback" in metrics
