@@ -228,6 +228,7 @@ class GramCapture:
             raise RuntimeError("GramCapture.gram() before a recorded forward.")
         device = next((u.a.device for layer in self.layers for u in layer.uses), torch.device("cpu"))
         k = torch.zeros(bsz, bsz, dtype=torch.float32, device=device)
+        cache: dict = {}
         for layer in self.layers:
             tok = self._tokens(layer)
             if tok is None:
@@ -248,7 +249,7 @@ class GramCapture:
                 rows = self._sketch(a, b).flatten(1)
                 k.addmm_(rows, rows.t())
             else:
-                k.add_(_linear_gram(a, b))
+                k.add_(_linear_gram(a, b, cache=cache))
         return k.double()
 
     def _sketch(self, a: Tensor, b: Tensor) -> Tensor:
@@ -288,13 +289,14 @@ class GramCapture:
         return out
 
 
-def _linear_gram(a: Tensor, b: Tensor, route: str = "auto") -> Tensor:
+def _linear_gram(a: Tensor, b: Tensor, route: str = "auto", cache: Optional[dict] = None) -> Tensor:
     """sum over tokens of a Linear weight's per-instance Gram, by the cheaper route for these sizes.
 
     Tokens whose output gradient is exactly zero (padding: masked keys, unpooled positions) add
     nothing and are dropped first (N' kept of N = B T).
     Materialized: G_i = b_i^T a_i (B x d_out x d_in), then G G^T: ~2N d_in d_out + 2B^2 d_in d_out FLOPs.
     Ghost: K_ij = sum_{t,t'} (a_it.a_jt')(b_it.b_jt'): ~2N'^2 (d_in + d_out) FLOPs, N'^2 memory.
+    ``cache`` keeps a A^T per input tensor: layers reading one input (BERT's query, key, value) share it.
     """
     bsz, t, d_in = a.shape
     d_out = b.shape[-1]
@@ -306,9 +308,18 @@ def _linear_gram(a: Tensor, b: Tensor, route: str = "auto") -> Tensor:
     ghost = 2 * kept * kept * (d_in + d_out + 1)
     if route == "ghost" or (route == "auto" and GHOST_DISCOUNT * ghost < materialized):
         idx = keep.nonzero().squeeze(1)
-        fa, fb = a.reshape(n, d_in).index_select(0, idx), fb.index_select(0, idx)
+        fb = fb.index_select(0, idx)
+        key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and torch.equal(hit[0], idx):
+            prod = hit[1] * (fb @ fb.t())
+        else:
+            fa = a.reshape(n, d_in).index_select(0, idx)
+            gram_a = fa @ fa.t()
+            if cache is not None:
+                cache[key] = (idx, gram_a, a)  # a kept alive: its address cannot be reused by another input
+            prod = gram_a * (fb @ fb.t())
         seg = idx // t
-        prod = (fa @ fa.t()).mul_(fb @ fb.t())
         rows = torch.zeros(bsz, kept, dtype=prod.dtype, device=prod.device).index_add_(0, seg, prod)
         return torch.zeros(bsz, bsz, dtype=prod.dtype, device=prod.device).index_add_(1, seg, rows)
     g = torch.bmm(b.transpose(1, 2), a).reshape(bsz, -1)
