@@ -164,6 +164,29 @@ class Peer:
         return {"total": total, "model": model["s"], "base": base["s"], "engine": total - model["s"] - base["s"]}
 
 
+ENGINE_PHASES = ("backup", "ascent_norm", "perturb", "restore", "finite_check", "statistics")
+
+
+def profile_phases(method: "Method", batches: list[dict[str, Tensor]], steps: int) -> dict[str, float]:
+    """Milliseconds per step in each of the engine's ``deltasam.<phase>`` profiler ranges (median over ``steps``
+    steps, each profiled on its own), plus ``engine_total``: the sum of the phases in ENGINE_PHASES."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step: list[dict[str, float]] = []
+    for i in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            method.step(batches[i % len(batches)])
+        times: dict[str, float] = {}
+        for e in prof.events():
+            if e.name.startswith("deltasam."):
+                key = e.name[len("deltasam."):]
+                times[key] = times.get(key, 0.0) + e.cpu_time_total / 1e3
+        times["engine_total"] = sum(times.get(k, 0.0) for k in ENGINE_PHASES)
+        per_step.append(times)
+    keys = sorted({k for t in per_step for k in t})
+    return {k: statistics.median(t.get(k, 0.0) for t in per_step) for k in keys}
+
+
 def available_peers() -> dict[str, str]:
     """Peer name -> '' if it can run here, else why not."""
     out = {name: "" for name in PEERS}
@@ -206,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     "'' skips them)")
     ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32; '' skips it)")
     ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
+                    "for the engine's time per phase, after the timed run; 0 skips it")
     ap.add_argument("--methods", choices=["all", "peers"], default="all",
                     help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations")
     ap.add_argument("--out", default=None)
@@ -234,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 samples[name].append(r)
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
     med["deltasam"] = med[default]
+    phases = {name: profile_phases(methods[name], fixed, args.profile_steps)
+              for name in ("sam", default) if args.profile_steps > 0}
     if args.oracle_repeats > 0:
         module.eval()
         oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
@@ -283,6 +310,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           for name, v in samples.items()},
         "step_seconds_spread": {name: _spread([s["total"] for s in v]) for name, v in samples.items()},
         "vs_peers": vs_peers,
+        "engine_phase_ms": phases,
         "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
         "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
@@ -318,6 +346,8 @@ def print_table(result: dict[str, Any]) -> None:
                   f"range {row['min']:.3f}-{row['max']:.3f}, n={row['n']})")
     if vs:
         print(f"fastest peer: {vs['fastest_peer']}; SAM / fastest peer (medians): {vs['sam/fastest_peer']:.3f}")
+    for name, ph in (result.get("engine_phase_ms") or {}).items():
+        print(f"engine phases, {name} (ms/step, profiled): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
     for name, why in (result.get("peers_skipped") or {}).items():
         print(f"peer {name} skipped: {why}")
     if not result["batch_scaling"]:
