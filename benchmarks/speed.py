@@ -283,7 +283,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         fastest = min(peers, key=lambda n: med[n])
         for name in peers:
             paired = [a["total"] / b["total"] for a, b in zip(samples["sam"], samples[name])]
-            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], **_spread(paired)}
+            fastest_steps = min(s["total"] for s in samples["sam"]) / min(s["total"] for s in samples[name])
+            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], "min_over_min": fastest_steps, **_spread(paired)}
         vs_peers["fastest_peer"] = fastest
         vs_peers["sam/fastest_peer"] = med["sam"] / med[fastest]
 
@@ -343,7 +344,7 @@ def print_table(result: dict[str, Any]) -> None:
     for key, row in vs.items():
         if isinstance(row, dict):
             print(f"{key:24s} paired per repeat: median {row['median']:.3f} (quartiles {row['q1']:.3f}-{row['q3']:.3f}, "
-                  f"range {row['min']:.3f}-{row['max']:.3f}, n={row['n']})")
+                  f"range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); fastest step / fastest step {row['min_over_min']:.3f}")
     if vs:
         print(f"fastest peer: {vs['fastest_peer']}; SAM / fastest peer (medians): {vs['sam/fastest_peer']:.3f}")
     for name, ph in (result.get("engine_phase_ms") or {}).items():
