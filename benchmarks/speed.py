@@ -15,6 +15,7 @@ size against delta-SAM's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -237,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
     _, datamodule, module = build(args.model, args.batch_size)
     module.train()  # dropout on: the training step as users run it
     stream = batches(datamodule, seed=0)
@@ -315,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
         "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
-                  "default": default, "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_start, 1)},
+                  "default": default, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                  "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "wall_s": round(time.perf_counter() - t_start, 1)},
     }
     return emit(result, args.out, print_table)
 

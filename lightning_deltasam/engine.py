@@ -162,10 +162,6 @@ class _Ascent:
     groups: list[tuple[list[Tensor], list[Tensor], float, Optional[list[Tensor]]]]
     norm: float
 
-    @property
-    def params(self) -> list[Tensor]:
-        return [p for ps, _, _, _ in self.groups for p in ps]
-
 
 @dataclass
 class _Pending:
@@ -340,7 +336,7 @@ class SAMEngine:
         if passes.forward is None:
             raise ValueError(f"score={self.config.score!r} needs per-instance losses: define per_sample_loss.")
         rng = RNGReplay({p.device for p in params})
-        with snapshot.restoring():
+        with snapshot.restoring(), _phase("probes"):
             probes = full_probes(self.config, params, self.noise, passes.forward, rng,
                                  lambda: snapshot.restore(buffers=False), passes.backend.forward_context)
         rng.rewind()
@@ -364,7 +360,8 @@ class SAMEngine:
             passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
         stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
         if cfg.reweighting:
-            stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
+            with _phase("statistics"):
+                stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
             stats.weight_fallback = weights.fallback
         return stats
 
