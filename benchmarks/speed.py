@@ -1,16 +1,21 @@
-"""Time per optimizer step: AdamW, SAM, delta-SAM (each rule and probe count) and the oracle.
+"""Time per optimizer step: AdamW, SAM, delta-SAM (each rule and probe count), the peers and the oracle.
 
 All methods run interleaved in one process on the same real SST-2 batches after a warm-up;
-each figure is the median over repeats. Also reports the engine's own overhead (step time minus
-the model's forwards, backwards and the base optimizer step) and how the oracle's cost grows
-with the batch size against delta-SAM's.
+each figure is the median over repeats. The peers are other SAM implementations timed in the same
+run on the same module and batches: ``pytorch_optimizer.SAM`` (benchmark-only dependency, the
+``[bench]`` extra; skipped when absent) and ``ref-sam``, a minimal two-step SAM written below from
+the published algorithm. Also reports the engine's own overhead (step time minus the model's
+forwards, backwards and the base optimizer step) and how the oracle's cost grows with the batch
+size against delta-SAM's.
 
     python benchmarks/speed.py --model tiny --steps 5 --out speed-tiny.json
+    python benchmarks/speed.py --model minilm --steps 16 --methods peers --probes '' --scaling '' --oracle-repeats 0
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -24,6 +29,8 @@ from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
 from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import oracle_update
+
+PEERS = ("pt-sam", "ref-sam")
 
 
 class TimingBackend(Backend):
@@ -74,6 +81,123 @@ class Method:
         return {"total": total, "model": model, "base": base["s"], "engine": total - model - base["s"]}
 
 
+class RefSAM(torch.optim.Optimizer):
+    """The minimal two-step SAM of the published algorithm (davda54/sam style), the speed reference.
+
+    ``first_step``: save ``p.data.clone()``, perturb by rho g/||g||; ``second_step``: put the saved
+    tensors back by ``p.data = old_p`` (a storage swap, no copy) and step the base optimizer.
+    """
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"]
+                                            if p.grad is not None]), p=2)
+        for group in self.param_groups:
+            scale = group["rho"] / (grad_norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.data.clone()
+                p.add_(p.grad * scale.to(p))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "old_p" in self.state[p]:
+                    p.data = self.state[p].pop("old_p")
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+
+class Peer:
+    """A peer SAM optimizer (its own AdamW inside) stepping the shared module, timed like :class:`Method`."""
+
+    def __init__(self, module: Any, name: str, rho: float) -> None:
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        if name == "pt-sam":
+            from pytorch_optimizer import SAM  # benchmark-only dependency: pip install -e ".[bench]"
+
+            self.opt: Any = SAM(params, torch.optim.AdamW, rho=rho, lr=1e-6)
+        else:
+            self.opt = RefSAM(params, torch.optim.AdamW, rho=rho, lr=1e-6)
+
+    def step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        model = {"s": 0.0}
+
+        def forward_backward() -> Tensor:
+            t = time.perf_counter()
+            loss = self.module.per_sample_loss(batch).mean()
+            loss.backward()
+            model["s"] += time.perf_counter() - t
+            return loss
+
+        base_opt = self.opt.base_optimizer
+        base = {"s": 0.0}
+        inner = base_opt.step
+
+        def timed_base_step(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            out = inner(*a, **k)
+            base["s"] += time.perf_counter() - t
+            return out
+
+        t0 = time.perf_counter()
+        base_opt.step = timed_base_step  # instance attribute, removed below
+        try:
+            self.opt.zero_grad()
+            forward_backward()
+            self.opt.first_step(zero_grad=True)
+            forward_backward()
+            self.opt.second_step(zero_grad=True)
+        finally:
+            del base_opt.step
+        total = time.perf_counter() - t0
+        return {"total": total, "model": model["s"], "base": base["s"], "engine": total - model["s"] - base["s"]}
+
+
+ENGINE_PHASES = ("backup", "ascent_norm", "perturb", "restore", "finite_check", "statistics")
+
+
+def profile_phases(method: "Method", batches: list[dict[str, Tensor]], steps: int) -> dict[str, float]:
+    """Milliseconds per step in each of the engine's ``deltasam.<phase>`` profiler ranges (median over ``steps``
+    steps, each profiled on its own), plus ``engine_total``: the sum of the phases in ENGINE_PHASES."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step: list[dict[str, float]] = []
+    for i in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            method.step(batches[i % len(batches)])
+        times: dict[str, float] = {}
+        for e in prof.events():
+            if e.name.startswith("deltasam."):
+                key = e.name[len("deltasam."):]
+                times[key] = times.get(key, 0.0) + e.cpu_time_total / 1e3
+        times["engine_total"] = sum(times.get(k, 0.0) for k in ENGINE_PHASES)
+        per_step.append(times)
+    keys = sorted({k for t in per_step for k in t})
+    return {k: statistics.median(t.get(k, 0.0) for t in per_step) for k in keys}
+
+
+def available_peers() -> dict[str, str]:
+    """Peer name -> '' if it can run here, else why not."""
+    out = {name: "" for name in PEERS}
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        out["pt-sam"] = "pytorch_optimizer is not installed (pip install -e '.[bench]')"
+    return out
+
+
 def oracle_seconds(module: Any, batch: dict[str, Tensor], rho: float) -> float:
     t = time.perf_counter()
     oracle_update(module, module.per_sample_loss, batch, rho=rho)
@@ -105,38 +229,66 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--probes", default="3", help="probe counts K to time the full-model probe rules at (comma-separated; "
                     "'' skips them)")
     ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32; '' skips it)")
-    ap.add_argument("--oracle-repeats", type=int, default=1)
+    ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
+                    "for the engine's time per phase, after the timed run; 0 skips it")
+    ap.add_argument("--methods", choices=["all", "peers"], default="all",
+                    help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
     _, datamodule, module = build(args.model, args.batch_size)
     module.train()  # dropout on: the training step as users run it
     stream = batches(datamodule, seed=0)
     fixed = [next(stream) for _ in range(4)]
-    methods = {rule_name(c): Method(module, c) for c in method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])}
     default = rule_name(default_delta_config(rho=args.rho))
+    configs = method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])
+    if args.methods == "peers":
+        configs = [c for c in configs if rule_name(c) in ("adamw", "sam", default)]
+    methods: dict[str, Any] = {rule_name(c): Method(module, c) for c in configs}
+    peers_skipped = {name: why for name, why in available_peers().items() if why}
+    methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
+    names = list(methods)
     for rep in range(args.steps + 1):  # interleaved: every method sees the machine in the same state
-        for name, m in methods.items():
-            r = m.step(fixed[rep % len(fixed)])
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no method always follows another
+        for name in order:
+            r = methods[name].step(fixed[rep % len(fixed)])
             if rep > 0:
                 samples[name].append(r)
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
     med["deltasam"] = med[default]
-    module.eval()
-    oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
-    med["oracle"] = statistics.median(oracle_runs)
-    module.train()
+    phases = {name: profile_phases(methods[name], fixed, args.profile_steps)
+              for name in ("sam", default) if args.profile_steps > 0}
+    if args.oracle_repeats > 0:
+        module.eval()
+        oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
+        med["oracle"] = statistics.median(oracle_runs)
+        module.train()
 
     sam = samples["sam"]
     overhead = statistics.median(s["engine"] / s["total"] for s in sam)
     ratios = {"sam/adamw": med["sam"] / med["adamw"], "deltasam/sam": med["deltasam"] / med["sam"],
-              "deltasam/adamw": med["deltasam"] / med["adamw"], "oracle/sam": med["oracle"] / med["sam"]}
+              "deltasam/adamw": med["deltasam"] / med["adamw"]}
+    if "oracle" in med:
+        ratios["oracle/sam"] = med["oracle"] / med["sam"]
     for name in methods:
         if name not in ("adamw", "sam"):
             ratios[f"{name}/sam"] = med[name] / med["sam"]
+    peers = [name for name in PEERS if name in samples]
+    vs_peers: dict[str, Any] = {}
+    if peers:
+        # Paired per repeat (the same batch, back to back), so machine noise common to both cancels.
+        fastest = min(peers, key=lambda n: med[n])
+        for name in peers:
+            paired = [a["total"] / b["total"] for a, b in zip(samples["sam"], samples[name])]
+            fastest_steps = min(s["total"] for s in samples["sam"]) / min(s["total"] for s in samples[name])
+            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], "min_over_min": fastest_steps, **_spread(paired)}
+        vs_peers["fastest_peer"] = fastest
+        vs_peers["sam/fastest_peer"] = med["sam"] / med[fastest]
 
     scaling_arg = ("8,16,32,64,128" if args.model == "tiny" else "8,16,32") if args.scaling is None else args.scaling
     sizes = [int(b) for b in scaling_arg.split(",") if b]
@@ -157,11 +309,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "ratios": ratios,
         "engine_overhead_frac_of_sam_step": overhead,
         "engine_overhead_frac": {name: statistics.median(s["engine"] / s["total"] for s in v) for name, v in samples.items()},
+        "phase_seconds": {name: {k: statistics.median(s[k] for s in v) for k in ("model", "base", "engine")}
+                          for name, v in samples.items()},
+        "step_seconds_spread": {name: _spread([s["total"] for s in v]) for name, v in samples.items()},
+        "vs_peers": vs_peers,
+        "engine_phase_ms": phases,
+        "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
         "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
-                  "default": default, "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_start, 1)},
+                  "default": default, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                  "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "wall_s": round(time.perf_counter() - t_start, 1)},
     }
     return emit(result, args.out, print_table)
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    """Median, quartiles and range of ``xs`` (the spread over repeats)."""
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -178,6 +343,19 @@ def print_table(result: dict[str, Any]) -> None:
               f"{'' if eng is None else f'{100 * eng:7.1f}%':>8s}")
     print(f"(* default delta-SAM; engine% = step time outside the model's forward/backward and AdamW; "
           f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)")
+    vs = result.get("vs_peers") or {}
+    for key, row in vs.items():
+        if isinstance(row, dict):
+            print(f"{key:24s} paired per repeat: median {row['median']:.3f} (quartiles {row['q1']:.3f}-{row['q3']:.3f}, "
+                  f"range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); fastest step / fastest step {row['min_over_min']:.3f}")
+    if vs:
+        print(f"fastest peer: {vs['fastest_peer']}; SAM / fastest peer (medians): {vs['sam/fastest_peer']:.3f}")
+    for name, ph in (result.get("engine_phase_ms") or {}).items():
+        print(f"engine phases, {name} (ms/step, profiled): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+    for name, why in (result.get("peers_skipped") or {}).items():
+        print(f"peer {name} skipped: {why}")
+    if not result["batch_scaling"]:
+        return
     print(f"\n{'B':>5s} {'deltasam s':>11s} {'oracle s':>9s} {'oracle/delta':>12s}")
     for row in result["batch_scaling"]:
         print(f"{row['batch_size']:5d} {row['deltasam_s']:11.3f} {row['oracle_s']:9.3f} {row['oracle/deltasam']:12.1f}")

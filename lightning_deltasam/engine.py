@@ -8,6 +8,12 @@ The adapters differ only in how they run backward, all-reduce and step: a :class
 Probes are in :mod:`.probes`, the scores and weights in :mod:`.weighting`. With ``estimator="exact"``
 (or ``"sketch"``) the first pass is a backward to the layers' outputs instead: per-instance gradient
 Gram matrix, weights, and the weighted gradient book-kept by :mod:`.gram`.
+
+Parameter groups may carry their own ``rho``, ``adaptive`` and ``eta`` (they override the
+config's, as in davda54/sam and pytorch_optimizer): group k moves by rho_k d_k / ||d||, the norm
+taken over every group. :meth:`SAMEngine.first_step` / :meth:`SAMEngine.second_step` split the
+same step around a caller's own backward at w + eps (the peers' two-step API).
+Every phase runs inside a ``deltasam.<phase>`` profiler range while a ``torch.profiler`` records.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import SAMConfig
+from .config import SAMConfig, check_bool, check_number
 from .distributed import Reducer, default_reducer
 from .probes import HeadProbe, LossFn, ProbeNoise, RNGReplay, full_probes, head_probes
 from .gram import GramCapture
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
+
+
+def _phase(name: str) -> ContextManager:
+    """A ``deltasam.<name>`` profiler range while a profiler records; otherwise nothing (no cost)."""
+    return torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
 
 
 class Backend:
@@ -66,9 +77,10 @@ class Backend:
 
 @dataclass
 class StepStats:
-    """What one step measured, for logging. ``loss`` is the mean loss at the unperturbed w."""
+    """What one step measured, for logging. ``loss`` is the mean loss at the unperturbed w (None when the
+    step did not see it: the two-step API, whose first backward is the caller's)."""
 
-    loss: Tensor
+    loss: Optional[Tensor]
     losses: Optional[Tensor] = None
     eps_norm: float = 0.0
     loss_rise: float = float("nan")
@@ -114,9 +126,10 @@ class _Snapshot:
 
     @torch.no_grad()
     def restore(self, buffers: bool = True) -> None:
-        torch._foreach_copy_(self.params, self.saved)
-        if buffers and self.buffers:
-            torch._foreach_copy_(self.buffers, self.saved_buffers)
+        with _phase("restore"):
+            torch._foreach_copy_(self.params, self.saved)
+            if buffers and self.buffers:
+                torch._foreach_copy_(self.buffers, self.saved_buffers)
 
     @torch.no_grad()
     def keep_buffers(self) -> None:
@@ -125,12 +138,41 @@ class _Snapshot:
             torch._foreach_copy_(self.saved_buffers, self.buffers)
 
     @contextmanager
+    def restoring_on_error(self) -> Iterator[None]:
+        """An exception inside restores w and the statistics before it propagates."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
+    @contextmanager
     def restoring(self) -> Iterator[None]:
         """Whatever happens inside (a return, a NaN, an exception), w and the statistics are restored on the way out."""
         try:
             yield
         finally:
             self.restore()
+
+
+@dataclass
+class _Ascent:
+    """The first-pass gradient as eps: group k (its parameters with a gradient) moves by rho_k d_k / norm.
+
+    ``norms`` are the per-tensor norms of ``direction`` for SAM groups (``direction`` is the gradient),
+    None for ASAM groups (their normalizer is ||T g||, not ||d||)."""
+
+    groups: list[tuple[list[Tensor], list[Tensor], float, Optional[list[Tensor]]]]
+    norm: float
+
+
+@dataclass
+class _Pending:
+    """What :meth:`SAMEngine.first_step` leaves for :meth:`SAMEngine.second_step`."""
+
+    stats: StepStats
+    snapshot: Optional[_Snapshot]  # None: nothing was perturbed (rho = 0 or a skipped step)
+    skip: bool = False
 
 
 @dataclass
@@ -171,6 +213,7 @@ class SAMEngine:
         self.skipped_steps = 0
         self._stores: dict[str, list[Tensor]] = {}
         self._warned_skip = False
+        self._pending: Optional[_Pending] = None
         self._gram: Optional[tuple[tuple[int, ...], GramCapture]] = None
 
     # ------------------------------------------------------------------ step
@@ -191,8 +234,9 @@ class SAMEngine:
 
         ``first_pass`` / ``second_pass`` replace the engine's own forward+backward of a pass
         (they run backward themselves and return the mean loss): the callback uses them to
-        run Lightning's closure. ``head`` (with ``probe_scope="head"``) probes the top layers only,
-        after the first pass. ``module`` is the model whose layers ``estimator="exact"`` hooks. ``base_step()`` applies the descent gradient left in ``.grad``.
+        run Lightning's closure. ``module`` is the model whose layers ``estimator="exact"`` hooks.
+        ``head`` (with ``probe_scope="head"``) probes the top layers only,
+        after the first pass. ``base_step()`` applies the descent gradient left in ``.grad``.
         Weights are restored exactly even if a pass raises.
         """
         cfg = self.config
@@ -201,29 +245,97 @@ class SAMEngine:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
         self.zero_grad(params)
         passes = _Passes(forward, first_pass, second_pass, backend, source, batch_size, module)
-        if not cfg.enabled:  # rho = 0: the base optimizer's step, one pass
-            loss, losses = passes.descent()
-            return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step)
+        if not self.enabled():  # rho = 0 (in every group): the base optimizer's step, one pass
+            with _phase("first_pass"):
+                loss, losses = passes.descent()
+            return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step, loss)
         if cfg.step_probe_scope == "head" and head is None:
             raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see probes).")
 
         snapshot = self._snapshot(params, backend.buffers())
         probes = self._full_probes(params, snapshot, passes) if cfg.uses_probes and head is None else None
-        stats = self._first_pass(passes, probes, head)
-        direction_params, direction, norm = self._ascent_direction(params, backend)
+        with _phase("first_pass"):
+            stats = self._first_pass(passes, probes, head)
+        ascent = self._ascent_direction(params, backend)
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
-        if not self._agree_finite(math.isfinite(norm) and bool(torch.isfinite(stats.loss)), backend):
+        assert stats.loss is not None
+        if not self._agree_finite(math.isfinite(ascent.norm) and bool(torch.isfinite(stats.loss)), backend):
             return self._skip(params, stats, backend, base_step, "the first pass")
         with snapshot.restoring():
-            stats.eps_norm = self.perturb_(direction_params, direction, norm)
+            stats.eps_norm = self._perturb(ascent)
             self.zero_grad(params)
-            loss1, _ = passes.descent()
-        stats.loss_rise = float(loss1.float() - stats.loss.float())
-        return self._finish(params, stats, backend, base_step)
+            with _phase("second_pass"):
+                loss1, _ = passes.descent()
+        with _phase("statistics"):
+            stats.loss_rise = float(loss1.float() - stats.loss.float())
+        return self._finish(params, stats, backend, base_step, loss1)
+
+    # ------------------------------------------------------- two-step API
+    def first_step(self, backend: Backend) -> None:
+        """First half of the step around a caller's own passes (davda54/sam's ``first_step``).
+
+        The gradient at w is the one in ``.grad`` now (the caller's backward, already all-reduced by
+        DDP if any): eps from it, w <- w + eps. The caller then runs its backward at w + eps and
+        calls :meth:`second_step`. A non-finite gradient perturbs nothing and makes that step a skip.
+        """
+        if self._pending is not None:
+            raise RuntimeError("first_step() was called twice in a row: call second_step() (it restores w and steps) "
+                               "before the next first_step().")
+        if self.config.reweighting:
+            raise ValueError("reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
+                             "calls backward() itself do not give: use step(closure) with closure() returning the "
+                             "per-instance losses, shape [B] (or reweight=None for SAM / ASAM).")
+        params = self.params()
+        if not params:
+            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
+        stats = StepStats(loss=None)
+        if not self.enabled():
+            self._pending = _Pending(stats, None)
+            return
+        ascent = self._ascent_direction(params, None)
+        if not self._agree_finite(math.isfinite(ascent.norm), backend):
+            self._pending = _Pending(stats, None, skip=True)
+            return
+        snapshot = self._snapshot(params, backend.buffers())
+        with snapshot.restoring_on_error():
+            stats.eps_norm = self._perturb(ascent)
+        self._pending = _Pending(stats, snapshot)
+
+    def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Optional[Tensor] = None) -> StepStats:
+        """Second half: w restored bit for bit, then the base step on the gradient in ``.grad`` (taken at
+        w + eps by the caller), skipped if it (or ``loss``, the caller's loss at w + eps) is not finite."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("second_step() needs a first_step() before it (first_step perturbs w, second_step restores it).")
+        self.restore_pending()
+        params = self.params()
+        if pending.skip:
+            return self._skip(params, pending.stats, backend, base_step, "the first pass")
+        return self._finish(params, pending.stats, backend, base_step, loss)
+
+    def restore_pending(self) -> None:
+        """Put back w (and the running statistics) a :meth:`first_step` perturbed, if any; forget that step."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.snapshot is not None:
+            pending.snapshot.restore()
+
+    def closure_step(self, closure: Callable[[], Any], backend: Backend, base_step: Callable[[], Any]) -> tuple[StepStats, Any]:
+        """:meth:`first_step`, ``closure()`` (the caller's forward + backward at w + eps, the gradient at w already in
+        ``.grad``), :meth:`second_step`; w is restored whatever ``closure`` does. Returns the stats and closure's value."""
+        self.first_step(backend)
+        try:
+            self.zero_grad(self.params())
+            with torch.enable_grad(), _phase("second_pass"):
+                loss = closure()
+        except BaseException:
+            self.restore_pending()
+            raise
+        checked = loss.detach() if isinstance(loss, Tensor) else None
+        return self.second_step(backend, base_step, checked), loss
 
     # ---------------------------------------------------------------- phases
     def _snapshot(self, params: list[Tensor], buffers: list[Tensor]) -> _Snapshot:
-        with torch.no_grad():
+        with torch.no_grad(), _phase("backup"):
             return _Snapshot(params, self._saved("params", params), buffers, self._saved("buffers", buffers))
 
     def _full_probes(self, params: list[Tensor], snapshot: _Snapshot, passes: _Passes) -> ProbeLosses:
@@ -231,7 +343,7 @@ class SAMEngine:
         if passes.forward is None:
             raise ValueError(f"score={self.config.score!r} needs per-instance losses: define per_sample_loss.")
         rng = RNGReplay({p.device for p in params})
-        with snapshot.restoring():
+        with snapshot.restoring(), _phase("probes"):
             probes = full_probes(self.config, params, self.noise, passes.forward, rng,
                                  lambda: snapshot.restore(buffers=False), passes.backend.forward_context)
         rng.rewind()
@@ -258,7 +370,8 @@ class SAMEngine:
                 passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
         stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
         if cfg.reweighting:
-            stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
+            with _phase("statistics"):
+                stats.weight_entropy, stats.weight_max = weight_stats(weights.delta, reducer)
             stats.weight_fallback = weights.fallback
         return stats
 
@@ -270,10 +383,11 @@ class SAMEngine:
         try:
             with capture.record(passes.batch_size):
                 losses = passes.losses(f"estimator={cfg.estimator!r}")
-            capture.backward(losses, scale=passes.backend.loss_scale())
-            weights = compute_weights(gram_scores(capture.gram(), cfg, reducer), cfg, reducer)
-            for p, g in capture.weighted_grads(weights.delta).items():
-                p.grad = g
+            with _phase("gram"):
+                capture.backward(losses, scale=passes.backend.loss_scale())
+                weights = compute_weights(gram_scores(capture.gram(), cfg, reducer), cfg, reducer)
+                for p, g in capture.weighted_grads(weights.delta).items():
+                    p.grad = g
         finally:
             capture.clear()
         return losses, weights
@@ -292,43 +406,91 @@ class SAMEngine:
             self._gram = (key, GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen))  # type: ignore[arg-type]
         return self._gram[1]
 
-    def _ascent_direction(self, params: list[Tensor], backend: Backend) -> tuple[list[Tensor], list[Tensor], float]:
-        """(parameters with a gradient, direction d, norm) of the all-reduced first-pass gradient (:meth:`ascent`)."""
-        grads_params = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in grads_params]
-        with torch.no_grad():
-            backend.reducer.sum_coalesced_(grads)
-            direction, norm = self.ascent(grads_params, grads)
-        return grads_params, direction, norm
+    def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend]) -> _Ascent:
+        """The first-pass gradient (all-reduced by ``backend``'s reducer; as it is without one) as eps, per group."""
+        with torch.no_grad(), _phase("ascent_norm"):
+            if backend is not None:
+                backend.reducer.sum_coalesced_([p.grad for p in params if p.grad is not None])
+            groups, norms = [], []
+            for index, group in enumerate(self.param_groups):
+                rho, adaptive, eta = self.group_options(index)
+                with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
+                if not with_grad:
+                    continue
+                direction, tensor_norms = self._direction(with_grad, [p.grad for p in with_grad], adaptive, eta)
+                groups.append((with_grad, direction, rho, None if adaptive else tensor_norms))
+                norms.extend(tensor_norms)
+            return _Ascent(groups, _norm_of(norms))
+
+    @staticmethod
+    def _direction(params: list[Tensor], grads: list[Tensor], adaptive: bool, eta: float) -> tuple[list[Tensor], list[Tensor]]:
+        """(d, the per-tensor norms of the normalizer's vector): SAM d = g, normalizer g; ASAM d = T^2 g, normalizer T g."""
+        if adaptive:
+            scale = torch._foreach_abs(params)
+            torch._foreach_add_(scale, eta)
+            direction = torch._foreach_mul(grads, scale)  # T g
+            norms = torch._foreach_norm(direction)
+            torch._foreach_mul_(direction, scale)  # T (T g)
+            return direction, list(norms)
+        return grads, list(torch._foreach_norm(grads))
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
-        """The ascent direction d and its normalizer: eps = rho d / norm.
+        """The ascent direction d and its normalizer with the config's options: eps = rho d / norm.
 
         SAM: d = g, norm = ||g||; ASAM: d = T^2 g, norm = ||T g||, T = |w| + eta. One host sync (the norm).
         """
-        if self.config.adaptive:
-            scale = torch._foreach_abs(params)
-            torch._foreach_add_(scale, self.config.eta)
-            direction = torch._foreach_mul(grads, scale)  # T g
-            norm = _global_norm(direction)
-            torch._foreach_mul_(direction, scale)  # T (T g)
-            return direction, norm
-        return grads, _global_norm(grads)
+        direction, norms = self._direction(params, grads, self.config.adaptive, self.config.eta)
+        return direction, _norm_of(norms)
 
     @torch.no_grad()
     def perturb_(self, params: list[Tensor], direction: list[Tensor], norm: float) -> float:
-        """w <- w + eps, eps = rho d / norm (a zero gradient gives eps = 0, never NaN), no eps tensor allocated; ||eps||."""
-        factor = self.config.rho / norm if norm > 0 else 0.0
-        torch._foreach_add_(params, direction, alpha=factor)
-        return factor * (_global_norm(direction) if self.config.adaptive else norm)
+        """w <- w + rho d / norm with the config's rho and adaptive (see :meth:`ascent`); returns ||eps||."""
+        norms = None if self.config.adaptive else list(torch._foreach_norm(direction))
+        return self._perturb(_Ascent([(params, direction, self.config.rho, norms)], norm))
 
-    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
-        """The base step on the descent gradient, unless its loss or gradient is non-finite (then skipped)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
-        if not self._agree_finite(bool(torch.isfinite(total)) and bool(torch.isfinite(stats.loss)), backend):
+    @torch.no_grad()
+    def _perturb(self, ascent: _Ascent) -> float:
+        """w <- w + eps, group k by rho_k d_k / norm (a zero gradient gives eps = 0, never NaN), no eps tensor
+        allocated; returns ||eps||."""
+        if not ascent.norm > 0:
+            return 0.0
+        with _phase("perturb"):
+            for params, direction, rho, _ in ascent.groups:
+                torch._foreach_add_(params, direction, alpha=rho / ascent.norm)
+        with _phase("statistics"):
+            if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
+                return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
+            squares = [(rho / ascent.norm) ** 2 * _norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
+                       for _, direction, rho, norms in ascent.groups]
+            return math.sqrt(sum(squares))
+
+    def enabled(self) -> bool:
+        """Whether the step perturbs at all: some group's rho (the config's unless the group sets its own) > 0."""
+        return any(self.group_options(i)[0] > 0 for i in range(len(self.param_groups)))
+
+    def group_options(self, index: int) -> tuple[float, bool, float]:
+        """(rho, adaptive, eta) of ``param_groups[index]``: the group's own values override the config's."""
+        group, cfg = self.param_groups[index], self.config
+        rho, adaptive, eta = group.get("rho", cfg.rho), group.get("adaptive", cfg.adaptive), group.get("eta", cfg.eta)
+        if (rho, adaptive, eta) != (cfg.rho, cfg.adaptive, cfg.eta):  # validated here: a schedule may write them
+            check_number(f"param_groups[{index}]['rho']", rho, minimum=0.0)
+            check_bool(f"param_groups[{index}]['adaptive']", adaptive)
+            check_number(f"param_groups[{index}]['eta']", eta, minimum=0.0)
+        return float(rho), adaptive, float(eta)
+
+    def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any],
+                loss: Optional[Tensor]) -> StepStats:
+        """The base step on the descent gradient, unless it or ``loss`` (the descent loss) is non-finite (then skipped)."""
+        with _phase("finite_check"):
+            grads = [p.grad for p in params if p.grad is not None]
+            total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
+            if loss is not None:
+                total = total + loss.detach().float().sum() * 0.0  # NaN / inf in the loss stays NaN: one check, one sync
+            finite = self._agree_finite(bool(torch.isfinite(total)), backend)
+        if not finite:
             return self._skip(params, stats, backend, base_step, "the descent pass")
-        base_step()
+        with _phase("base_step"):
+            base_step()
         return stats
 
     def _agree_finite(self, finite: bool, backend: Backend) -> bool:
@@ -387,8 +549,8 @@ def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
 
 
-def _global_norm(tensors: list[Tensor]) -> float:
-    """||concat(tensors)||_2 as a Python float (one host sync); 0 for an empty list."""
-    if not tensors:
+def _norm_of(norms: list[Tensor]) -> float:
+    """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list."""
+    if not norms:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)])))
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))

@@ -51,6 +51,26 @@ def test_speed_interface(tmp_path):
     assert result["batch_scaling"][0]["batch_size"] == 4
 
 
+def test_speed_peers_interface(tmp_path):
+    """Peers in the same run: pytorch_optimizer.SAM when installed (the [bench] extra), the minimal two-step SAM
+    always; the engine's time per phase from its profiler ranges."""
+    import speed
+
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "tiny", "--steps", "2", "--batch-size", "8", "--methods", "peers", "--scaling", "",
+                "--oracle-repeats", "0", "--profile-steps", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    peers = {"ref-sam"} | ({"pt-sam"} if not result["peers_skipped"] else set())
+    assert set(result["peers_skipped"]) <= {"pt-sam"}
+    assert {"adamw", "sam", "deltasam"} | peers <= set(result["step_seconds"])
+    assert result["vs_peers"]["fastest_peer"] in peers
+    for name in peers:
+        row = result["vs_peers"][f"sam/{name}"]
+        assert row["n"] == 2 and row["min"] <= row["median"] <= row["max"]
+    assert set(speed.ENGINE_PHASES) <= set(result["engine_phase_ms"]["sam"])
+    assert "oracle" not in result["step_seconds"]
+
+
 def test_accuracy_interface(tmp_path):
     """Runs train.py per optimizer and seed, writes the issue's JSON, table and plot; --reuse reads, never retrains."""
     import accuracy
