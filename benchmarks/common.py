@@ -53,6 +53,17 @@ def default_delta_config(**overrides: Any) -> SAMConfig:
     return replace(cfg, probe_scope="head") if cfg.probe_scope == "auto" else cfg
 
 
+SKETCH_RANKS = (8, 32, 128)
+
+
+def gram_configs(rho: float) -> list[SAMConfig]:
+    """The rules that read per-instance gradients from the first backward: exact K, and K sketched at each rank."""
+    exact = dict(rho=rho, reweight="delta", score="gram", weights="linear")
+    out = [SAMConfig(**exact, estimator="exact"), SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact")]
+    out += [SAMConfig(**exact, estimator="sketch", sketch_rank=r) for r in SKETCH_RANKS]
+    return out
+
+
 def rule_name(cfg: SAMConfig) -> str:
     """A short stable name for a method configuration, e.g. ``gradnorm-softmax-t1-K3-all``."""
     if not cfg.enabled:

@@ -19,23 +19,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
+from common import batches, build, default_delta_config, emit, gram_configs, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
 from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import fidelity, method_update, oracle_update, weighted_sam_update
-
-
-SKETCH_RANKS = (8, 32, 128)
-
-
-def gram_configs(rho: float) -> list[SAMConfig]:
-    """The rules that read per-instance gradients from the first backward: exact K, and K sketched at each rank."""
-    exact = dict(rho=rho, reweight="delta", score="gram", weights="linear")
-    out = [SAMConfig(**exact, estimator="exact"), SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact")]
-    out += [SAMConfig(**exact, estimator="sketch", sketch_rank=r) for r in SKETCH_RANKS]
-    return out
 
 
 def rule_configs(rho: float, probes: list[int], head: bool, families: str = "probes,gram") -> list[SAMConfig]:

@@ -10,6 +10,11 @@ size against delta-SAM's.
 
     python benchmarks/speed.py --model tiny --steps 5 --out speed-tiny.json
     python benchmarks/speed.py --model minilm --steps 16 --methods peers --probes '' --scaling '' --oracle-repeats 0
+    python benchmarks/speed.py --model minilm --steps 8 --methods gram --probes '' --scaling '' --gram-sweep --memory
+
+``--methods gram`` times the exact and sketched Gram rules against SAM; ``--gram-sweep`` how SAM, the
+exact rule, the r = 32 sketch and the oracle grow with the batch size B and the sequence length T;
+``--memory`` each method's peak resident memory over a step, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from common import batches, build, default_delta_config, emit, rule_name  # type: ignore[import-not-found]
+from common import batches, build, default_delta_config, emit, gram_configs, rule_name  # type: ignore[import-not-found]
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
@@ -232,10 +237,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
                     "for the engine's time per phase, after the timed run; 0 skips it")
-    ap.add_argument("--methods", choices=["all", "peers"], default="all",
-                    help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations")
+    ap.add_argument("--methods", choices=["all", "peers", "gram"], default="all",
+                    help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
+                         "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules")
+    ap.add_argument("--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process")
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.memory_of is not None:
+        return memory_child(args)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
@@ -245,11 +256,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     fixed = [next(stream) for _ in range(4)]
     default = rule_name(default_delta_config(rho=args.rho))
     configs = method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])
-    if args.methods == "peers":
+    if args.methods in ("peers", "gram"):
         configs = [c for c in configs if rule_name(c) in ("adamw", "sam", default)]
+    if args.methods in ("all", "gram"):
+        configs += gram_configs(args.rho)
     methods: dict[str, Any] = {rule_name(c): Method(module, c) for c in configs}
     peers_skipped = {name: why for name, why in available_peers().items() if why}
-    methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
+    if args.methods != "gram":
+        methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     names = list(methods)
@@ -304,6 +318,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         module.train()
         scaling.append({"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s})
 
+    sweep = gram_sweep(args, module) if args.gram_sweep else []
+    memory = {name: memory_of(args, name) for name in methods} if args.memory else {}
+    if memory:
+        memory = {name: {**m, "/sam": m["peak_mb"] / memory["sam"]["peak_mb"]} for name, m in memory.items()}
+
     result = {
         "step_seconds": med,
         "ratios": ratios,
@@ -316,11 +335,95 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "engine_phase_ms": phases,
         "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
+        "gram_sweep": sweep,
+        "peak_memory": memory,
         "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
                   "default": default, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "wall_s": round(time.perf_counter() - t_start, 1)},
     }
     return emit(result, args.out, print_table)
+
+
+SWEEP_METHODS = ("sam", "gram-linear-t4-exact", "gram-linear-t4-sketch-r32")
+
+
+def _fixed_length(batch: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """``batch`` truncated or padded (pad id 0, mask 0) to ``length`` tokens: padding='max_length' at that T."""
+    out = {}
+    for key, value in batch.items():
+        if value.dim() == 2:
+            value = value[:, :length]
+            if value.shape[1] < length:
+                value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=0)
+        out[key] = value
+    return out
+
+
+def gram_sweep(args: argparse.Namespace, module: Any) -> list[dict[str, Any]]:
+    """Seconds per step of SAM, the exact rule, the r = 32 sketch and the oracle as B and T grow."""
+    rules = {rule_name(c): c for c in [SAMConfig(rho=args.rho), *gram_configs(args.rho)] if rule_name(c) in SWEEP_METHODS}
+    points = [(b, None) for b in (8, 16, 32)] + [(32, t) for t in (16, 32, 64)]
+    rows = []
+    for b, t in points:
+        _, dm_b, _ = build(args.model, b)
+        batch = next(batches(dm_b, seed=1))
+        batch = _fixed_length(batch, t) if t is not None else batch
+        row: dict[str, Any] = {"batch_size": b, "tokens": int(batch["input_ids"].shape[1]),
+                               "real_tokens": int(batch["attention_mask"].sum())}
+        for name, cfg in rules.items():
+            m = Method(module, cfg)
+            m.step(batch)  # warm-up at this shape
+            row[name] = statistics.median(m.step(batch)["total"] for _ in range(3))
+        module.eval()
+        row["oracle"] = oracle_seconds(module, batch, args.rho)
+        module.train()
+        row.update({f"{n}/sam": row[n] / row["sam"] for n in (*SWEEP_METHODS[1:], "oracle")})
+        rows.append(row)
+        print(f"[sweep B={b} T={row['tokens']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k) + "]", flush=True)
+    return rows
+
+
+def memory_of(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Peak RSS over two steps of ``name`` in a fresh process, less the RSS once the model and batch are loaded."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho),
+           "--memory-of", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One method's peak resident memory over two steps (Linux): the high-water mark is reset once the
+    model and batch are loaded (``/proc/self/clear_refs``), so loading's own peak does not count."""
+    import json
+
+    torch.manual_seed(0)
+    _, datamodule, module = build(args.model, args.batch_size)
+    module.train()
+    batch = next(batches(datamodule, seed=0))
+    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=args.rho), default_delta_config(rho=args.rho),
+                                          *gram_configs(args.rho)]}
+    method: Any = Method(module, configs[args.memory_of]) if args.memory_of in configs else Peer(module, args.memory_of, args.rho)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mb("VmRSS")
+    for _ in range(2):
+        method.step(batch)
+    out = {"peak_mb": _status_mb("VmHWM") - base, "baseline_mb": base}
+    print(json.dumps(out))
+    return out
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
@@ -354,6 +457,11 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"engine phases, {name} (ms/step, profiled): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
     for name, why in (result.get("peers_skipped") or {}).items():
         print(f"peer {name} skipped: {why}")
+    for name, m in (result.get("peak_memory") or {}).items():
+        print(f"peak memory of a step, {name}: {m['peak_mb']:.0f} MB over the loaded model ({m['/sam']:.2f}x SAM's)")
+    for row in result.get("gram_sweep") or []:
+        print(f"B={row['batch_size']:3d} T={row['tokens']:3d} ({row['real_tokens']} real tokens): SAM {row['sam']:.3f} s; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("/sam")))
     if not result["batch_scaling"]:
         return
     print(f"\n{'B':>5s} {'deltasam s':>11s} {'oracle s':>9s} {'oracle/delta':>12s}")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (Path(os.environ["GLUE_DIR"]) / "SST-2" / "train.tsv").exists(), reason="needs GLUE_DIR")
@@ -134,3 +135,20 @@ def test_accuracy_curve_keeps_one_point_per_validation(tmp_path):
     log.parent.mkdir(parents=True)
     log.write_text("epoch,step,train/loss,val/acc\n0,9,0.7,\n0,99,,0.80\n0,199,,0.85\n0,200,,0.85\n")
     assert accuracy.read_curve(tmp_path, "val/acc") == [(99, 0.80), (200, 0.85)]
+
+
+def test_speed_gram_methods_and_fixed_length(tmp_path):
+    import speed
+
+    out = tmp_path / "speed-gram.json"
+    speed.main(["--model", "tiny", "--steps", "1", "--batch-size", "8", "--methods", "gram", "--probes", "",
+                "--scaling", "", "--oracle-repeats", "0", "--profile-steps", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"gram-linear-t4-exact", "gram-linear-t4-sketch-r8", "gram-linear-t4-sketch-r32", "gram-linear-t4-sketch-r128"} \
+        <= set(result["step_seconds"])
+    assert "gram-linear-t4-exact/sam" in result["ratios"] and not result["vs_peers"]
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.zeros(2, dtype=torch.long)}
+    longer, shorter = speed._fixed_length(batch, 8), speed._fixed_length(batch, 3)
+    assert longer["input_ids"].shape == (2, 8) and int(longer["attention_mask"].sum()) == 10
+    assert shorter["attention_mask"].shape == (2, 3) and longer["labels"].shape == (2,)
