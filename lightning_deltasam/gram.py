@@ -118,7 +118,7 @@ class GramCapture:
                 "the exact Gram rule needs every optimized parameter inside the module it hooks."
             )
         self.batch_size: Optional[int] = None
-        self._recording = False
+        self._tokens_of: dict[int, Optional[tuple[Tensor, Tensor]]] = {}  # per layer, shared by gram() and weighted_grads()
 
     # ---------------------------------------------------------------- forward
     @contextmanager
@@ -132,11 +132,9 @@ class GramCapture:
         self.clear()
         self.batch_size = batch_size
         handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
-        self._recording = True
         try:
             yield self
         finally:
-            self._recording = False
             for h in handles:
                 h.remove()
 
@@ -191,11 +189,18 @@ class GramCapture:
     def clear(self) -> None:
         for layer in self.layers:
             layer.uses.clear()
+        self._tokens_of.clear()
         self.batch_size = None
 
     # ------------------------------------------------------------ per layer
     def _tokens(self, layer: _Layer) -> Optional[tuple[Tensor, Tensor]]:
-        """(a, b) of all the layer's calls as [B, T_total, *] float32 (calls concatenated along tokens)."""
+        """(a, b) of all the layer's calls as [B, T_total, *] float32 (calls concatenated along tokens), formed once."""
+        key = id(layer)
+        if key not in self._tokens_of:
+            self._tokens_of[key] = self._form_tokens(layer)
+        return self._tokens_of[key]
+
+    def _form_tokens(self, layer: _Layer) -> Optional[tuple[Tensor, Tensor]]:
         used = [u for u in layer.uses if u.b is not None]
         if not used:
             return None
