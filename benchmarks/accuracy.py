@@ -16,7 +16,9 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,16 +29,21 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str], reuse: bool = False) -> dict[str, Any]:
+def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str], reuse: bool = False,
+            record: Optional[Path] = None) -> dict[str, Any]:
     """One ``train.py`` run; returns its results.json plus the validation curve from the CSV log.
 
-    With ``reuse``, a run directory that already holds results.json (an earlier, finished run of the
-    same command) is read instead of trained again.
+    With ``reuse``, a finished run of the same command is read instead of trained again: from the run
+    directory, else from ``record`` (the committed copy, so a fresh clone picks up where a session stopped).
+    A finished run's results.json and CSV log are copied to ``record / run_dir.name``.
     """
-    if reuse and (run_dir / "results.json").is_file():
-        results = json.loads((run_dir / "results.json").read_text())
-        results["curve"] = read_curve(run_dir, results["main_metric"])
-        return results
+    for source in [run_dir, *([record / run_dir.name] if record is not None else [])]:
+        if reuse and (source / "results.json").is_file():
+            results = json.loads((source / "results.json").read_text())
+            results["curve"] = read_curve(source, results["main_metric"])
+            if record is not None:
+                save_record(source, record / run_dir.name)
+            return results
     cmd = [sys.executable, str(ROOT / "train.py"), f"task={task}", f"model={model}", f"optimizer={optimizer}",
            f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
     t0 = time.perf_counter()
@@ -47,7 +54,31 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     results["curve"] = read_curve(run_dir, results["main_metric"])
     results["bench_wall_s"] = time.perf_counter() - t0
+    if record is not None:
+        save_record(run_dir, record / run_dir.name)
     return results
+
+
+def dev_size(task: str, metric: str) -> Optional[int]:
+    """Rows of ``task``'s dev split that ``metric`` is measured on (for runs whose results.json predates ``val_size``)."""
+    from lightning_deltasam.glue.tasks import glue_task
+
+    try:
+        t = glue_task(task, os.environ.get("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve())))
+        return len(t.load(metric.split("/", 1)[0]))
+    except (ValueError, OSError, KeyError):
+        return None
+
+
+def save_record(run_dir: Path, dest: Path) -> None:
+    """The small files of a finished run (results.json, the CSV metrics) copied to ``dest`` (no checkpoints)."""
+    if run_dir.resolve() == dest.resolve():
+        return
+    files = [run_dir / "results.json", *sorted(run_dir.glob("csv/**/metrics.csv"))]
+    for path in files:
+        target = dest / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
 
 
 def run_name(task: str, model: str, optimizer: str, seed: int, extra: list[str]) -> str:
@@ -80,6 +111,8 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
 
 
 def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[str, Any]:
+    """Per optimizer: the metric per seed, mean, std, mean wall seconds, and ``paired`` against each baseline
+    (the first optimizer and ``sam`` when run): mean per-seed difference and wins-losses on the shared seeds."""
     out = {}
     for opt, by_seed in runs.items():
         values = [r[metric] for r in by_seed.values()]
@@ -90,25 +123,47 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
             "wall_s": statistics.fmean(r["wall_seconds"] for r in by_seed.values()),
             "steps": next(iter(by_seed.values()))["steps"],
         }
-    base = next(iter(runs))  # paired by seed against the first optimizer: same data order, so seed noise cancels
-    for opt, by_seed in runs.items():
-        diffs = [by_seed[s][metric] - runs[base][s][metric] for s in by_seed if s in runs[base]]
-        out[opt]["paired"] = {"baseline": base, "mean_diff": statistics.fmean(diffs),
-                              "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+    baselines = list(dict.fromkeys([next(iter(runs)), *(["sam"] if "sam" in runs else [])]))
+    for opt, by_seed in runs.items():  # paired by seed: same data order and initialization, so seed noise cancels
+        out[opt]["paired_vs"] = {}
+        for base in baselines:
+            diffs = [by_seed[s][metric] - runs[base][s][metric] for s in by_seed if s in runs[base]]
+            if diffs:
+                out[opt]["paired_vs"][base] = {"mean_diff": statistics.fmean(diffs), "n": len(diffs),
+                                               "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+        first = out[opt]["paired_vs"][baselines[0]]
+        out[opt]["paired"] = {"baseline": baselines[0], **{k: first[k] for k in ("mean_diff", "wins", "losses")}}
     return out
+
+
+def one_run_se(metric: str, value: float, n: int) -> float:
+    """Standard error of one run's dev metric from the dev set's size alone (sampling noise of the dev set):
+    binomial sqrt(p(1-p)/n) for accuracy and F1 (F1: an approximation), (1-r^2)/sqrt(n-3) for a correlation
+    (MCC, Pearson, Spearman; the delta method on Fisher's z)."""
+    name = metric.rsplit("/", 1)[-1]
+    if name in ("acc", "f1"):
+        return math.sqrt(max(value * (1 - value), 0.0) / n)
+    if name in ("mcc", "pearson", "spearman"):
+        return (1 - value ** 2) / math.sqrt(max(n - 3, 1))
+    raise ValueError(f"no standard error formula for metric {metric!r}")
 
 
 def markdown(result: dict[str, Any]) -> str:
     seeds = sorted({s for o in result["optimizers"].values() for s in o["seeds"]}, key=int)
-    base = next(iter(result["optimizers"]))
-    lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std | vs {base}: mean Δ (points), wins-losses "
-             "| wall s/run |",
-             "|---|" + "---|" * (len(seeds) + 4)]
+    baselines = list(next(iter(result["optimizers"].values())).get("paired_vs", {}))
+    head = "".join(f" vs {b}: mean Δ (points), wins-losses |" for b in baselines)
+    lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std |{head} wall s/run |",
+             "|---|" + "---|" * (len(seeds) + 3 + len(baselines))]
     for name, o in result["optimizers"].items():
         cells = " | ".join(f"{o['seeds'][s]:.4f}" if s in o["seeds"] else "-" for s in seeds)
-        paired = o["paired"]
-        vs = "-" if name == base else f"{100 * paired['mean_diff']:+.2f}, {paired['wins']}-{paired['losses']}"
-        lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} | {vs} | {o['wall_s']:.0f} |")
+        vs = "".join(" - |" if name == b or b not in o["paired_vs"] else
+                     f" {100 * o['paired_vs'][b]['mean_diff']:+.2f}, {o['paired_vs'][b]['wins']}-{o['paired_vs'][b]['losses']} |"
+                     for b in baselines)
+        lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} |{vs} {o['wall_s']:.0f} |")
+    se = result.get("one_run_se")
+    if se is not None:
+        lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['val_size']}): "
+                     f"{100 * se:.2f} points.")
     return "\n".join(lines)
 
 
@@ -150,7 +205,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "accuracy"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--reuse", action="store_true", help="read finished runs (results.json in their run dir) instead of rerunning")
+    ap.add_argument("--reuse", action="store_true", help="read finished runs (results.json in their run dir, else in --record) "
+                    "instead of rerunning")
+    ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results" / "runs"),
+                    help="where each finished run's results.json and CSV log are copied (commit them); '' copies nothing")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     optimizers = args.optimizers.split(",")
@@ -158,15 +216,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for seed in seeds:  # seed-major: a partial run still compares optimizers on the same seeds
         for opt in optimizers:
             run_dir = Path(args.runs_dir) / run_name(args.task, args.model, opt, seed, extra)
-            runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse)
+            runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse,
+                                      record=Path(args.record) if args.record else None)
             print(f"{opt:10s} seed {seed}: {runs[opt][seed]['main_metric']}={runs[opt][seed][runs[opt][seed]['main_metric']]:.4f} "
                   f"({runs[opt][seed]['wall_seconds']:.0f}s)", flush=True)
     metric = runs[optimizers[0]][seeds[0]]["main_metric"]
+    summary = summarize(runs, metric)
+    val_size = runs[optimizers[0]][seeds[0]].get("val_size") or dev_size(args.task, metric)
+    mean_all = statistics.fmean(o["mean"] for o in summary.values())
     result = {
         "task": args.task, "model": args.model, "metric": metric,
-        "optimizers": summarize(runs, metric),
+        "val_size": val_size, "one_run_se": one_run_se(metric, mean_all, val_size) if val_size else None,
+        "optimizers": summary,
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,
+        "flipped_labels": {str(s): runs[optimizers[0]][s].get("flipped_labels") for s in seeds},
         "command": command,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,11 @@ forwards, backwards and the base optimizer step) and how the oracle's cost grows
 size against delta-SAM's.
 
     python benchmarks/speed.py --model tiny --steps 5 --out speed-tiny.json
-    python benchmarks/speed.py --model minilm --steps 16 --methods peers --probes '' --scaling '' --oracle-repeats 0
+    python benchmarks/speed.py --model minilm --steps 8 --isolate 4 --methods peers --probes '' --scaling '' --oracle-repeats 0
     python benchmarks/speed.py --model minilm --steps 8 --methods gram --probes '' --scaling '' --gram-sweep --memory
 
+``--isolate R`` times each method in its own fresh process instead (R rounds, rotated order), as a user runs
+one optimizer: methods sharing one module and allocator interact (see RESULTS.md, section 2).
 ``--methods gram`` times the exact and sketched Gram rules against SAM; ``--gram-sweep`` how SAM, the
 exact rule, the r = 32 sketch and the oracle grow with the batch size B and the sequence length T;
 ``--memory`` each method's peak resident memory over a step, each in a fresh process.
@@ -242,11 +244,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                          "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules")
     ap.add_argument("--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)")
     ap.add_argument("--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process")
+    ap.add_argument("--isolate", type=int, default=0, metavar="ROUNDS",
+                    help="time each method in its own fresh process (ROUNDS rounds in rotated order, --steps steps each) "
+                         "instead of interleaved on one shared module; 0: interleaved")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
+    ap.add_argument("--time-of", default=None, help=argparse.SUPPRESS)  # the child process of --isolate
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.memory_of is not None:
         return memory_child(args)
+    if args.time_of is not None:
+        return time_child(args)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
@@ -265,14 +273,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.methods != "gram":
         methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     names = list(methods)
-    for rep in range(args.steps + 1):  # interleaved: every method sees the machine in the same state
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no method always follows another
-        for name in order:
-            r = methods[name].step(fixed[rep % len(fixed)])
-            if rep > 0:
-                samples[name].append(r)
+    samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
     med["deltasam"] = med[default]
     phases = {name: profile_phases(methods[name], fixed, args.profile_steps)
@@ -300,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for name in peers:
             paired = [a["total"] / b["total"] for a, b in zip(samples["sam"], samples[name])]
             fastest_steps = min(s["total"] for s in samples["sam"]) / min(s["total"] for s in samples[name])
-            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], "min_over_min": fastest_steps, **_spread(paired)}
+            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], "min_over_min": fastest_steps, **_spread(paired),
+                                       "median_ci95": _median_ci(paired)}
         vs_peers["fastest_peer"] = fastest
         vs_peers["sam/fastest_peer"] = med["sam"] / med[fastest]
 
@@ -331,13 +334,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "phase_seconds": {name: {k: statistics.median(s[k] for s in v) for k in ("model", "base", "engine")}
                           for name, v in samples.items()},
         "step_seconds_spread": {name: _spread([s["total"] for s in v]) for name, v in samples.items()},
+        "step_seconds_samples": {name: [round(s["total"], 5) for s in v] for name, v in samples.items()},
         "vs_peers": vs_peers,
         "engine_phase_ms": phases,
         "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
         "gram_sweep": sweep,
         "peak_memory": memory,
-        "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": args.steps,
+        "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": len(samples["sam"]),
+                  "timing": f"each method in its own process, {args.isolate} rounds of {args.steps} steps" if args.isolate
+                  else "interleaved on one shared module",
                   "default": default, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "wall_s": round(time.perf_counter() - t_start, 1)},
     }
@@ -383,6 +389,60 @@ def gram_sweep(args: argparse.Namespace, module: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def interleaved_samples(methods: dict[str, Any], fixed: list[dict[str, Tensor]], steps: int) -> dict[str, list[dict[str, float]]]:
+    """Every method steps the one shared module in turn, after one warm-up step each: ``steps`` samples per method."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
+    names = list(methods)
+    for rep in range(steps + 1):  # interleaved: every method sees the machine in the same state
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no method always follows another
+        for name in order:
+            r = methods[name].step(fixed[rep % len(fixed)])
+            if rep > 0:
+                samples[name].append(r)
+    return samples
+
+
+def isolated_samples(args: argparse.Namespace, names: list[str]) -> dict[str, list[dict[str, float]]]:
+    """Each method in its own fresh process, as a user runs one optimizer: ``args.isolate`` rounds, the order rotated
+    per round, ``args.steps`` steps per process on the same batches. Sample i of every method is the same round and
+    batch, so pairs stay close in time. One shared module would let the methods' allocations interact: a method whose
+    weights another method's step reallocated runs its own passes slower (benchmarks/RESULTS.md, section 2)."""
+    import json
+    import subprocess
+    import sys
+
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rnd in range(args.isolate):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho),
+                   "--steps", str(args.steps), "--time-of", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            samples[name].extend(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return samples
+
+
+def make_method(name: str, module: Any, rho: float) -> Any:
+    """The method called ``name`` (a rule name, or a peer) stepping ``module``."""
+    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=rho), default_delta_config(rho=rho), *gram_configs(rho)]}
+    return Method(module, configs[name]) if name in configs else Peer(module, name, rho)
+
+
+def time_child(args: argparse.Namespace) -> list[dict[str, float]]:
+    """One method alone in this process: one warm-up step, then ``args.steps`` timed steps over the fixed batches."""
+    import json
+
+    torch.manual_seed(0)
+    _, datamodule, module = build(args.model, args.batch_size)
+    module.train()
+    stream = batches(datamodule, seed=0)
+    fixed = [next(stream) for _ in range(4)]
+    method = make_method(args.time_of, module, args.rho)
+    method.step(fixed[0])
+    out = [method.step(fixed[(rep + 1) % len(fixed)]) for rep in range(args.steps)]
+    print(json.dumps(out))
+    return out
+
+
 def memory_of(args: argparse.Namespace, name: str) -> dict[str, float]:
     """Peak RSS over two steps of ``name`` in a fresh process, less the RSS once the model and batch are loaded."""
     import json
@@ -413,9 +473,7 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     _, datamodule, module = build(args.model, args.batch_size)
     module.train()
     batch = next(batches(datamodule, seed=0))
-    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=args.rho), default_delta_config(rho=args.rho),
-                                          *gram_configs(args.rho)]}
-    method: Any = Method(module, configs[args.memory_of]) if args.memory_of in configs else Peer(module, args.memory_of, args.rho)
+    method = make_method(args.memory_of, module, args.rho)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_mb("VmRSS")
@@ -424,6 +482,15 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     out = {"peak_mb": _status_mb("VmHWM") - base, "baseline_mb": base}
     print(json.dumps(out))
     return out
+
+
+def _median_ci(xs: list[float], resamples: int = 2000) -> list[float]:
+    """95% bootstrap interval of the median of ``xs`` (seeded): whether a paired ratio is told apart from 1."""
+    import random
+
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
@@ -435,7 +502,7 @@ def _spread(xs: list[float]) -> dict[str, float]:
 def print_table(result: dict[str, Any]) -> None:
     med, setup = result["step_seconds"], result["setup"]
     print(f"\nstep time, {setup['model']} on sst2, B={setup['batch_size']}, median of {setup['repeats']} "
-          f"(interleaved, {setup['threads']} threads)")
+          f"({setup.get('timing', 'interleaved')}, {setup['threads']} threads)")
     print(f"{'method':40s} {'s/step':>8s} {'/adamw':>7s} {'/sam':>6s} {'engine%':>8s}")
     for name, s in med.items():
         if name == "deltasam":
@@ -449,8 +516,10 @@ def print_table(result: dict[str, Any]) -> None:
     vs = result.get("vs_peers") or {}
     for key, row in vs.items():
         if isinstance(row, dict):
-            print(f"{key:24s} paired per repeat: median {row['median']:.3f} (quartiles {row['q1']:.3f}-{row['q3']:.3f}, "
-                  f"range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); fastest step / fastest step {row['min_over_min']:.3f}")
+            ci = row.get("median_ci95") or [float("nan")] * 2
+            print(f"{key:24s} paired per repeat: median {row['median']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}; quartiles "
+                  f"{row['q1']:.3f}-{row['q3']:.3f}, range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); "
+                  f"fastest step / fastest step {row['min_over_min']:.3f}")
     if vs:
         print(f"fastest peer: {vs['fastest_peer']}; SAM / fastest peer (medians): {vs['sam/fastest_peer']:.3f}")
     for name, ph in (result.get("engine_phase_ms") or {}).items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,13 +73,29 @@ def test_speed_peers_interface(tmp_path):
     assert "oracle" not in result["step_seconds"]
 
 
+def test_speed_isolated_processes(tmp_path):
+    """--isolate: each method timed in its own process, rounds x steps samples per method, paired sample for sample (one round here)."""
+    import speed
+
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "tiny", "--steps", "2", "--isolate", "1", "--batch-size", "8", "--methods", "peers",
+                "--scaling", "", "--oracle-repeats", "0", "--profile-steps", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["setup"]["repeats"] == 2 and "own process" in result["setup"]["timing"]
+    row = result["vs_peers"]["sam/ref-sam"]
+    assert row["n"] == 2 and row["median_ci95"][0] <= row["median"] <= row["median_ci95"][1]
+    assert len(result["step_seconds_samples"]["sam"]) == 2
+    assert all(v > 0 for v in result["step_seconds"].values())
+
+
 def test_accuracy_interface(tmp_path):
     """Runs train.py per optimizer and seed, writes the issue's JSON, table and plot; --reuse reads, never retrains."""
     import accuracy
 
     out, png, runs = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "runs"
+    record = tmp_path / "record"
     argv = ["--model", "tiny", "--optimizers", "adamw,deltasam", "--seeds", "1,2", "--runs-dir", str(runs),
-            "--out", str(out), "--plot", str(png), "--",
+            "--record", str(record), "--out", str(out), "--plot", str(png), "--",
             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
             "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
     result = accuracy.main(argv)
@@ -104,6 +121,12 @@ def test_accuracy_interface(tmp_path):
     again = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--"):]])
     assert again["optimizers"] == result["optimizers"]
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")} == stamps
+    # the record (results.json + CSV, no checkpoints) lets a fresh clone reuse the runs: same numbers and curves, no training
+    assert sorted(p.name for p in record.iterdir()) == sorted(p.name for p in runs.iterdir())
+    assert not list(record.rglob("*.ckpt")) and len(list(record.rglob("metrics.csv"))) == 4
+    shutil.rmtree(runs)
+    from_record = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--"):]])
+    assert from_record["optimizers"] == result["optimizers"] and not runs.exists()
 
 
 def test_accuracy_run_names_carry_the_overrides():
@@ -114,18 +137,34 @@ def test_accuracy_run_names_carry_the_overrides():
         "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
 
 
-def test_accuracy_summary_pairs_seeds_against_the_first_optimizer():
+def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
     import accuracy
 
     def run(value):
         return {"val/acc": value, "wall_seconds": 10.0, "steps": 4}
 
-    runs = {"adamw": {1: run(0.88), 2: run(0.86), 3: run(0.87)}, "sam": {1: run(0.89), 2: run(0.85), 3: run(0.90)}}
+    runs = {"adamw": {1: run(0.88), 2: run(0.86), 3: run(0.87)}, "sam": {1: run(0.89), 2: run(0.85), 3: run(0.90)},
+            "deltasam": {1: run(0.90), 2: run(0.85), 3: run(0.89)}}
     summary = accuracy.summarize(runs, "val/acc")
     assert summary["sam"]["mean"] == pytest.approx(0.88) and summary["sam"]["std"] == pytest.approx(0.02645751)
     assert summary["sam"]["paired"] == {"baseline": "adamw", "mean_diff": pytest.approx(0.01), "wins": 2, "losses": 1}
-    table = accuracy.markdown({"optimizers": summary})
-    assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | 10 |" in table
+    # against SAM: +0.01, 0, -0.01 -> one win, one tie, one loss
+    assert summary["deltasam"]["paired_vs"]["sam"] == {"mean_diff": pytest.approx(0.0), "n": 3, "wins": 1, "losses": 1}
+    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "val_size": 872,
+                               "one_run_se": accuracy.one_run_se("val/acc", 0.88, 872)})
+    assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
+    assert "| deltasam | 0.9000 | 0.8500 | 0.8900 | **0.8800** | 0.0265 | +1.00, 2-1 | +0.00, 1-1 | 10 |" in table
+    assert "(n = 872): 1.10 points" in table
+
+
+def test_one_run_standard_error():
+    import accuracy
+
+    assert accuracy.one_run_se("val/acc", 0.5, 100) == pytest.approx(0.05)
+    assert accuracy.one_run_se("val/mcc", 0.5, 1043) == pytest.approx(0.75 / 1040 ** 0.5)
+    assert accuracy.one_run_se("val/pearson", 0.0, 103) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="loss"):
+        accuracy.one_run_se("val/loss", 0.5, 100)
 
 
 def test_accuracy_curve_keeps_one_point_per_validation(tmp_path):
