@@ -41,6 +41,7 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
         if reuse and (source / "results.json").is_file():
             results = json.loads((source / "results.json").read_text())
             results["curve"] = read_curve(source, results["main_metric"])
+            results["train_loss_by_epoch"] = train_loss_by_epoch(source)
             if record is not None:
                 save_record(source, record / run_dir.name)
             return results
@@ -53,6 +54,7 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
         raise RuntimeError(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     results["curve"] = read_curve(run_dir, results["main_metric"])
+    results["train_loss_by_epoch"] = train_loss_by_epoch(run_dir)
     results["bench_wall_s"] = time.perf_counter() - t0
     if record is not None:
         save_record(run_dir, record / run_dir.name)
@@ -61,6 +63,8 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
 
 def dev_size(task: str, metric: str) -> Optional[int]:
     """Rows of ``task``'s dev split that ``metric`` is measured on (for runs whose results.json predates ``val_size``)."""
+    if str(ROOT) not in sys.path:  # run as a script from a checkout that is not installed
+        sys.path.insert(0, str(ROOT))
     from lightning_deltasam.glue.tasks import glue_task
 
     try:
@@ -108,6 +112,18 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     # weights (same value): keep one point per validation
     return [p for i, p in enumerate(points) if not (i + 1 < len(points) and points[i + 1][0] == p[0] + 1
                                                     and points[i + 1][1] == p[1])]
+
+
+def train_loss_by_epoch(run_dir: Path) -> list[float]:
+    """Mean logged training loss per epoch (the loss at w, on the labels trained on: with ``data.label_noise``
+    a loss below the noise floor means the flipped labels are being fitted)."""
+    per_epoch: dict[int, list[float]] = {}
+    for path in sorted(run_dir.glob("csv/**/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss") and row.get("epoch"):
+                    per_epoch.setdefault(int(float(row["epoch"])), []).append(float(row["train/loss"]))
+    return [statistics.fmean(per_epoch[e]) for e in sorted(per_epoch)]
 
 
 def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[str, Any]:
@@ -231,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,
         "flipped_labels": {str(s): runs[optimizers[0]][s].get("flipped_labels") for s in seeds},
+        "train_loss_by_epoch": {o: {str(s): r["train_loss_by_epoch"] for s, r in by_seed.items()} for o, by_seed in runs.items()},
         "command": command,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,8 @@ def test_accuracy_interface(tmp_path):
         values = list(o["seeds"].values())
         assert o["mean"] == pytest.approx(sum(values) / 2) and o["std"] >= 0
     assert result["overrides"][0] == "trainer.max_steps=4"
+    losses = result["train_loss_by_epoch"]["adamw"]["1"]  # 4 steps of one epoch, logged every step
+    assert len(losses) == 1 and 0 < losses[0] < 10
     assert "| adamw |" in out.with_suffix(".md").read_text() and png.stat().st_size > 0
     # identical data order and initialization per seed: the first logged training loss agrees across optimizers
     first_loss = {}
