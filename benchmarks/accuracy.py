@@ -62,7 +62,7 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
 
 
 def dev_size(task: str, metric: str) -> Optional[int]:
-    """Rows of ``task``'s dev split that ``metric`` is measured on (for runs whose results.json predates ``val_size``)."""
+    """Rows of ``task``'s dev split that ``metric`` is measured on (for runs whose results.json predates ``dev_examples``)."""
     if str(ROOT) not in sys.path:  # run as a script from a checkout that is not installed
         sys.path.insert(0, str(ROOT))
     from lightning_deltasam.glue.tasks import glue_task
@@ -178,7 +178,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} |{vs} {o['wall_s']:.0f} |")
     se = result.get("one_run_se")
     if se is not None:
-        lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['val_size']}): "
+        lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['dev_examples']}): "
                      f"{100 * se:.2f} points.")
     return "\n".join(lines)
 
@@ -238,11 +238,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   f"({runs[opt][seed]['wall_seconds']:.0f}s)", flush=True)
     metric = runs[optimizers[0]][seeds[0]]["main_metric"]
     summary = summarize(runs, metric)
-    val_size = runs[optimizers[0]][seeds[0]].get("val_size") or dev_size(args.task, metric)
+    n_dev = runs[optimizers[0]][seeds[0]].get("dev_examples") or dev_size(args.task, metric)
     mean_all = statistics.fmean(o["mean"] for o in summary.values())
     result = {
         "task": args.task, "model": args.model, "metric": metric,
-        "val_size": val_size, "one_run_se": one_run_se(metric, mean_all, val_size) if val_size else None,
+        "dev_examples": n_dev, "one_run_se": one_run_se(metric, mean_all, n_dev) if n_dev else None,
         "optimizers": summary,
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,

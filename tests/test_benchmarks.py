@@ -152,7 +152,7 @@ def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
     assert summary["sam"]["paired"] == {"baseline": "adamw", "mean_diff": pytest.approx(0.01), "wins": 2, "losses": 1}
     # against SAM: +0.01, 0, -0.01 -> one win, one tie, one loss
     assert summary["deltasam"]["paired_vs"]["sam"] == {"mean_diff": pytest.approx(0.0), "n": 3, "wins": 1, "losses": 1}
-    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "val_size": 872,
+    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "dev_examples": 872,
                                "one_run_se": accuracy.one_run_se("val/acc", 0.88, 872)})
     assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
     assert "| deltasam | 0.9000 | 0.8500 | 0.8900 | **0.8800** | 0.0265 | +1.00, 2-1 | +0.00, 1-1 | 10 |" in table
