@@ -37,8 +37,9 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     directory, else from ``record`` (the committed copy, so a fresh clone picks up where a session stopped).
     A finished run's results.json and CSV log are copied to ``record / run_dir.name``.
     """
-    for source in [run_dir, *([record / run_dir.name] if record is not None else [])]:
-        if reuse and (source / "results.json").is_file():
+    sources = [run_dir, *([record / run_dir.name] if record is not None else [])] if reuse else []
+    for source in sources:
+        if (source / "results.json").is_file():
             results = json.loads((source / "results.json").read_text())
             results["curve"] = read_curve(source, results["main_metric"])
             results["train_loss_by_epoch"] = train_loss_by_epoch(source)

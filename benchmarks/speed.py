@@ -407,18 +407,23 @@ def isolated_samples(args: argparse.Namespace, names: list[str]) -> dict[str, li
     per round, ``args.steps`` steps per process on the same batches. Sample i of every method is the same round and
     batch, so pairs stay close in time. One shared module would let the methods' allocations interact: a method whose
     weights another method's step reallocated runs its own passes slower (benchmarks/RESULTS.md, section 2)."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rnd in range(args.isolate):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            samples[name].extend(_child(args, "--steps", str(args.steps), "--time-of", name))
+    return samples
+
+
+def _child(args: argparse.Namespace, *flags: str) -> Any:
+    """Run this script in a fresh process with the parent's model, batch size and rho plus ``flags``; its last
+    printed line, parsed as JSON."""
     import json
     import subprocess
     import sys
 
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for rnd in range(args.isolate):
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
-            cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho),
-                   "--steps", str(args.steps), "--time-of", name]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            samples[name].extend(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return samples
+    cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def make_method(name: str, module: Any, rho: float) -> Any:
@@ -445,14 +450,7 @@ def time_child(args: argparse.Namespace) -> list[dict[str, float]]:
 
 def memory_of(args: argparse.Namespace, name: str) -> dict[str, float]:
     """Peak RSS over two steps of ``name`` in a fresh process, less the RSS once the model and batch are loaded."""
-    import json
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho),
-           "--memory-of", name]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _child(args, "--memory-of", name)
 
 
 def _status_mb(field: str) -> float:
