@@ -8,6 +8,9 @@ Each run is the training app itself (``python train.py ...``), so the figures ar
 Writes the JSON (per optimizer: final metric per seed, mean, std, mean wall seconds), a Markdown
 table next to it, and with ``--plot`` the validation metric vs step (mean and min-max band over
 seeds). Extra ``key=value`` arguments after ``--`` are passed to every run (e.g. trainer.max_steps=400).
+``--jobs J`` trains J runs at once, each on cpu_count // J threads: on a small CPU that finishes a
+plan sooner (one thread per run wastes less on synchronization), and each run's wall time is then
+that of a shared machine.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str], reuse: bool = False,
-            record: Optional[Path] = None) -> dict[str, Any]:
+            record: Optional[Path] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """One ``train.py`` run; returns its results.json plus the validation curve from the CSV log.
 
     With ``reuse``, a finished run of the same command is read instead of trained again: from the run
     directory, else from ``record`` (the committed copy, so a fresh clone picks up where a session stopped).
-    A finished run's results.json and CSV log are copied to ``record / run_dir.name``.
+    A finished run's results.json and CSV log are copied to ``record / run_dir.name``. ``threads`` sets the
+    run's OMP_NUM_THREADS (None: the environment's).
     """
     sources = [run_dir, *([record / run_dir.name] if record is not None else [])] if reuse else []
     for source in sources:
@@ -50,6 +55,8 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
            f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
     t0 = time.perf_counter()
     env = {**os.environ, "GLUE_DIR": os.environ.get("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve()))}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -57,6 +64,7 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     results["curve"] = read_curve(run_dir, results["main_metric"])
     results["train_loss_by_epoch"] = train_loss_by_epoch(run_dir)
     results["bench_wall_s"] = time.perf_counter() - t0
+    results["bench_threads"] = threads
     if record is not None:
         save_record(run_dir, record / run_dir.name)
     return results
@@ -226,17 +234,28 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     "instead of rerunning")
     ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results" / "runs"),
                     help="where each finished run's results.json and CSV log are copied (commit them); '' copies nothing")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count // jobs threads "
+                    "(default 1: one run at a time on the environment's threads)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     seeds = [int(s) for s in args.seeds.split(",")]
     optimizers = args.optimizers.split(",")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    record = Path(args.record) if args.record else None
+
+    def train(seed: int, opt: str) -> dict[str, Any]:
+        run_dir = Path(args.runs_dir) / run_name(args.task, args.model, opt, seed, extra)
+        r = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse, record=record, threads=threads)
+        print(f"{opt:10s} seed {seed}: {r['main_metric']}={r[r['main_metric']]:.4f} ({r['wall_seconds']:.0f}s)", flush=True)
+        return r
+
+    plan = [(seed, opt) for seed in seeds for opt in optimizers]  # seed-major: a partial plan still pairs optimizers per seed
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(lambda job: train(*job), plan))
     runs: dict[str, dict[int, dict[str, Any]]] = {o: {} for o in optimizers}
-    for seed in seeds:  # seed-major: a partial run still compares optimizers on the same seeds
-        for opt in optimizers:
-            run_dir = Path(args.runs_dir) / run_name(args.task, args.model, opt, seed, extra)
-            runs[opt][seed] = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse,
-                                      record=Path(args.record) if args.record else None)
-            print(f"{opt:10s} seed {seed}: {runs[opt][seed]['main_metric']}={runs[opt][seed][runs[opt][seed]['main_metric']]:.4f} "
-                  f"({runs[opt][seed]['wall_seconds']:.0f}s)", flush=True)
+    for (seed, opt), r in zip(plan, done):
+        runs[opt][seed] = r
     metric = runs[optimizers[0]][seeds[0]]["main_metric"]
     summary = summarize(runs, metric)
     n_dev = runs[optimizers[0]][seeds[0]].get("dev_examples") or dev_size(args.task, metric)
@@ -247,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "optimizers": summary,
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,
+        "jobs": args.jobs,  # runs trained at once by this invocation (reused runs keep their own wall time)
         "flipped_labels": {str(s): runs[optimizers[0]][s].get("flipped_labels") for s in seeds},
         "train_loss_by_epoch": {o: {str(s): r["train_loss_by_epoch"] for s, r in by_seed.items()} for o, by_seed in runs.items()},
         "command": command,

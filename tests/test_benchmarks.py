@@ -131,6 +131,38 @@ def test_accuracy_interface(tmp_path):
     assert from_record["optimizers"] == result["optimizers"] and not runs.exists()
 
 
+def test_accuracy_jobs_trains_runs_at_once_on_split_threads(tmp_path, monkeypatch):
+    """--jobs 2 trains two runs concurrently, each on cpu_count // 2 threads, and reports them in plan order."""
+    import threading
+    import time
+
+    import accuracy
+
+    real_run, calls, lock = accuracy.subprocess.run, [], threading.Lock()
+
+    def spy(cmd, **kwargs):
+        start = time.monotonic()
+        proc = real_run(cmd, **kwargs)
+        with lock:
+            calls.append((start, time.monotonic(), kwargs["env"].get("OMP_NUM_THREADS"), next(a for a in cmd if a.startswith("optimizer="))))
+        return proc
+
+    monkeypatch.setattr(accuracy.subprocess, "run", spy)
+    out = tmp_path / "acc.json"
+    argv = ["--model", "tiny", "--optimizers", "adamw,sam", "--seeds", "1", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"),
+            "--record", "", "--out", str(out), "--", "trainer.max_steps=3", "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
+    result = accuracy.main(argv)
+    assert list(result["optimizers"]) == ["adamw", "sam"] and result["jobs"] == 2
+    assert all(set(o["seeds"]) == {"1"} and o["steps"] == 3 for o in result["optimizers"].values())
+    assert sorted(c[3] for c in calls) == ["optimizer=adamw", "optimizer=sam"]
+    assert {c[2] for c in calls} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    (s1, e1, *_), (s2, e2, *_) = sorted(calls)
+    assert s2 < e1, "the two runs did not overlap"
+    with pytest.raises(SystemExit):
+        accuracy.main(["--jobs", "0", "--out", str(out)])
+
+
 def test_accuracy_run_names_carry_the_overrides():
     import accuracy
 
