@@ -64,7 +64,6 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     results["curve"] = read_curve(run_dir, results["main_metric"])
     results["train_loss_by_epoch"] = train_loss_by_epoch(run_dir)
     results["bench_wall_s"] = time.perf_counter() - t0
-    results["bench_threads"] = threads
     if record is not None:
         save_record(run_dir, record / run_dir.name)
     return results
