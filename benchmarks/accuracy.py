@@ -5,8 +5,8 @@ Each run is the training app itself (``python train.py ...``), so the figures ar
     python benchmarks/accuracy.py --model minilm --seeds 1,2,3 --out benchmarks/results/accuracy-sst2-minilm.json \
         --plot benchmarks/results/accuracy-sst2-minilm.png
 
-Writes the JSON (per optimizer: final metric per seed, mean, std, mean wall seconds), a Markdown
-table next to it, and with ``--plot`` the validation metric vs step (mean and min-max band over
+Writes the JSON (per optimizer: final metric per seed, mean, std, mean wall seconds; the task's other
+dev metrics, e.g. STS-B's Spearman, under ``also``), a Markdown table next to it, and with ``--plot`` the validation metric vs step (mean and min-max band over
 seeds). Extra ``key=value`` arguments after ``--`` are passed to every run (e.g. trainer.max_steps=400).
 ``--jobs J`` trains J runs at once, each on cpu_count // J threads: on a small CPU that finishes a
 plan sooner (one thread per run wastes less on synchronization), and each run's wall time is then
@@ -160,34 +160,62 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
     return out
 
 
+PROPORTIONS, CORRELATIONS = ("acc", "f1"), ("mcc", "pearson", "spearman")  # the metrics one_run_se has a formula for
+
+
 def one_run_se(metric: str, value: float, n: int) -> float:
     """Standard error of one run's dev metric from the dev set's size alone (sampling noise of the dev set):
     binomial sqrt(p(1-p)/n) for accuracy and F1 (F1: an approximation), (1-r^2)/sqrt(n-3) for a correlation
     (MCC, Pearson, Spearman; the delta method on Fisher's z)."""
     name = metric.rsplit("/", 1)[-1]
-    if name in ("acc", "f1"):
+    if name in PROPORTIONS:
         return math.sqrt(max(value * (1 - value), 0.0) / n)
-    if name in ("mcc", "pearson", "spearman"):
+    if name in CORRELATIONS:
         return (1 - value ** 2) / math.sqrt(max(n - 3, 1))
     raise ValueError(f"no standard error formula for metric {metric!r}")
 
 
-def markdown(result: dict[str, Any]) -> str:
-    seeds = sorted({s for o in result["optimizers"].values() for s in o["seeds"]}, key=int)
-    baselines = list(next(iter(result["optimizers"].values())).get("paired_vs", {}))
+def also_measured(runs: dict[str, dict[int, dict[str, Any]]], metric: str, n_dev: Optional[int]) -> dict[str, Any]:
+    """The summary of every other dev metric all runs report (MRPC's accuracy, STS-B's Spearman), with its
+    one-run standard error where there is a formula; reported beside ``metric``, which the verdicts rest on."""
+    finished = [r for by_seed in runs.values() for r in by_seed.values()]
+    names = sorted(k for k in finished[0] if k.startswith("val/") and k not in (metric, "val/loss"))
+    out = {}
+    for name in (n for n in names if all(n in r for r in finished)):
+        summary = summarize(runs, name)
+        mean = statistics.fmean(o["mean"] for o in summary.values())
+        known = name.rsplit("/", 1)[-1] in PROPORTIONS + CORRELATIONS
+        out[name] = {"optimizers": summary, "one_run_se": one_run_se(name, mean, n_dev) if n_dev and known else None}
+    return out
+
+
+def table(optimizers: dict[str, Any]) -> list[str]:
+    """Markdown rows of one metric's summary: per-seed values, mean, std, paired deltas vs each baseline, wall time."""
+    seeds = sorted({s for o in optimizers.values() for s in o["seeds"]}, key=int)
+    baselines = list(next(iter(optimizers.values())).get("paired_vs", {}))
     head = "".join(f" vs {b}: mean Δ (points), wins-losses |" for b in baselines)
     lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std |{head} wall s/run |",
              "|---|" + "---|" * (len(seeds) + 3 + len(baselines))]
-    for name, o in result["optimizers"].items():
+    for name, o in optimizers.items():
         cells = " | ".join(f"{o['seeds'][s]:.4f}" if s in o["seeds"] else "-" for s in seeds)
         vs = "".join(" - |" if name == b or b not in o["paired_vs"] else
                      f" {100 * o['paired_vs'][b]['mean_diff']:+.2f}, {o['paired_vs'][b]['wins']}-{o['paired_vs'][b]['losses']} |"
                      for b in baselines)
         lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} |{vs} {o['wall_s']:.0f} |")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The main metric's table and its one-run standard error, then a table per other dev metric (``also``)."""
+    lines = table(result["optimizers"])
     se = result.get("one_run_se")
     if se is not None:
         lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['dev_examples']}): "
                      f"{100 * se:.2f} points.")
+    for metric, also in result.get("also", {}).items():
+        lines += [f"\nAlso measured, {metric} (same runs; standard error of one run "
+                  f"{100 * also['one_run_se']:.2f} points):\n" if also.get("one_run_se") is not None else
+                  f"\nAlso measured, {metric} (same runs):\n", *table(also["optimizers"])]
     return "\n".join(lines)
 
 
@@ -263,6 +291,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "task": args.task, "model": args.model, "metric": metric,
         "dev_examples": n_dev, "one_run_se": one_run_se(metric, mean_all, n_dev) if n_dev else None,
         "optimizers": summary,
+        "also": also_measured(runs, metric, n_dev),
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,
         "jobs": args.jobs,  # runs trained at once by this invocation (reused runs keep their own wall time)

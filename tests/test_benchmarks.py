@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -149,12 +150,19 @@ def test_accuracy_jobs_trains_runs_at_once_on_split_threads(tmp_path, monkeypatc
 
     monkeypatch.setattr(accuracy.subprocess, "run", spy)
     out = tmp_path / "acc.json"
-    argv = ["--model", "tiny", "--optimizers", "adamw,sam", "--seeds", "1", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"),
+    argv = ["--task", "mrpc", "--model", "tiny", "--optimizers", "adamw,sam", "--seeds", "1", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"),
             "--record", "", "--out", str(out), "--", "trainer.max_steps=3", "trainer.val_check_interval=3",
             "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
     result = accuracy.main(argv)
     assert list(result["optimizers"]) == ["adamw", "sam"] and result["jobs"] == 2
     assert all(set(o["seeds"]) == {"1"} and o["steps"] == 3 for o in result["optimizers"].values())
+    # MRPC's verdict metric is F1; its accuracy is summarized beside it from the same runs, with its own standard error
+    assert result["metric"] == "val/f1" and list(result["also"]) == ["val/acc"]
+    acc = result["also"]["val/acc"]
+    assert set(acc["optimizers"]) == {"adamw", "sam"} and 0 <= acc["optimizers"]["sam"]["seeds"]["1"] <= 1
+    assert acc["one_run_se"] == pytest.approx(accuracy.one_run_se("val/acc", statistics.fmean(
+        o["mean"] for o in acc["optimizers"].values()), result["dev_examples"]))
+    assert "Also measured, val/acc" in out.with_suffix(".md").read_text()
     assert sorted(c[3] for c in calls) == ["optimizer=adamw", "optimizer=sam"]
     assert {c[2] for c in calls} == {str(max(1, (os.cpu_count() or 1) // 2))}
     (s1, e1, *_), (s2, e2, *_) = sorted(calls)
@@ -188,7 +196,14 @@ def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
                                "one_run_se": accuracy.one_run_se("val/acc", 0.88, 872)})
     assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
     assert "| deltasam | 0.9000 | 0.8500 | 0.8900 | **0.8800** | 0.0265 | +1.00, 2-1 | +0.00, 1-1 | 10 |" in table
-    assert "(n = 872): 1.10 points" in table
+    assert "(n = 872): 1.10 points" in table and "Also measured" not in table
+    f1 = {o: {s: {**r, "val/f1": r["val/acc"] - 0.1} for s, r in by_seed.items()} for o, by_seed in runs.items()}
+    also = accuracy.also_measured(f1, "val/acc", 872)
+    assert list(also) == ["val/f1"] and also["val/f1"]["optimizers"]["sam"]["mean"] == pytest.approx(0.78)
+    assert also["val/f1"]["one_run_se"] == pytest.approx(accuracy.one_run_se("val/f1", (0.77 + 0.78 + 0.78) / 3, 872))
+    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "dev_examples": 872, "one_run_se": None, "also": also})
+    assert "Also measured, val/f1 (same runs; standard error of one run 1.41 points):" in table
+    assert "| sam | 0.7900 | 0.7500 | 0.8000 | **0.7800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
 
 
 def test_one_run_standard_error():
