@@ -6,8 +6,9 @@ Each run is the training app itself (``python train.py ...``), so the figures ar
         --plot benchmarks/results/accuracy-sst2-minilm.png
 
 Writes the JSON (per optimizer: final metric per seed, mean, std, mean wall seconds; the task's other
-dev metrics, e.g. STS-B's Spearman, under ``also``), a Markdown table next to it, and with ``--plot`` the validation metric vs step (mean and min-max band over
-seeds). Extra ``key=value`` arguments after ``--`` are passed to every run (e.g. trainer.max_steps=400).
+dev metrics, e.g. STS-B's Spearman, under ``also``), a Markdown table next to it, and with ``--plot``
+the validation metric vs step (mean and min-max band over seeds). Extra ``key=value`` arguments after
+``--`` are passed to every run (e.g. trainer.max_steps=400).
 ``--jobs J`` trains J runs at once, each on cpu_count // J threads: on a small CPU that finishes a
 plan sooner (one thread per run wastes less on synchronization), and each run's wall time is then
 that of a shared machine.
@@ -213,9 +214,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['dev_examples']}): "
                      f"{100 * se:.2f} points.")
     for metric, also in result.get("also", {}).items():
-        lines += [f"\nAlso measured, {metric} (same runs; standard error of one run "
-                  f"{100 * also['one_run_se']:.2f} points):\n" if also.get("one_run_se") is not None else
-                  f"\nAlso measured, {metric} (same runs):\n", *table(also["optimizers"])]
+        se = also.get("one_run_se")
+        note = "same runs" if se is None else f"same runs; standard error of one run {100 * se:.2f} points"
+        lines += [f"\nAlso measured, {metric} ({note}):\n", *table(also["optimizers"])]
     return "\n".join(lines)
 
 
