@@ -66,7 +66,9 @@ class SAMConfig:
     ``estimator`` says where per-instance gradient information comes from: ``"probes"`` (Gaussian
     forward probes), ``"exact"`` (the Gram matrix of per-instance gradients from the first
     backward, :mod:`~lightning_deltasam.gram`) or ``"sketch"`` (its rank-``sketch_rank`` sketch).
-    The exact rule is ``score="gram", weights="linear", estimator="exact"``.
+    The exact rule is ``score="gram", weights="linear", estimator="exact"``. ``m`` (None: the whole
+    batch) is the number of consecutive instances that share one perturbation: ``m=1`` is exact
+    per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`).
     """
 
     rho: float = 0.05
@@ -87,6 +89,7 @@ class SAMConfig:
     sketch_rank: int = 32
     sync: Sync = "global"
     seed: int = 0
+    m: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_number("rho", self.rho, minimum=0.0, hint=" Use rho=0 for the plain base optimizer.")
@@ -114,6 +117,19 @@ class SAMConfig:
         check_int("sketch_rank", self.sketch_rank, minimum=1, hint=" It is the rank r of estimator='sketch'.")
         check_choice("sync", self.sync, SYNCS)
         check_int("seed", self.seed)
+        if self.m is not None:
+            check_int("m", self.m, minimum=1, hint=" It is the number of instances per perturbation; None is the whole batch.")
+            if self.reweight is not None:
+                raise ValueError(
+                    f"m={self.m!r} with reweight={self.reweight!r}: m gives each group of m instances its own exact "
+                    "perturbation, while reweight='delta' approximates that with one reweighted batch perturbation. "
+                    "Use one: reweight=None with m, or m=None with reweight='delta'."
+                )
+            if self.adaptive:
+                raise ValueError(
+                    f"m={self.m!r} with adaptive=True: ASAM's per-instance eps_i = rho T^2 g_i/||T g_i|| is not low-rank, "
+                    "so the per-instance route cannot apply it. Use adaptive=False with m, or m=None for ASAM."
+                )
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +139,11 @@ class SAMConfig:
     @property
     def reweighting(self) -> bool:
         return self.enabled and self.reweight == "delta"
+
+    @property
+    def per_instance(self) -> bool:
+        """Whether each group of ``m`` instances gets its own perturbation (the per-instance route)."""
+        return self.enabled and self.m is not None
 
     @property
     def uses_probes(self) -> bool:

@@ -31,6 +31,7 @@ from .config import SAMConfig, check_bool, check_number
 from .distributed import Reducer, default_reducer
 from .probes import HeadProbe, LossFn, ProbeNoise, RNGReplay, full_probes, head_probes
 from .gram import GramCapture
+from .instance import InstancePerturbation
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
 
@@ -127,7 +128,8 @@ class _Snapshot:
     @torch.no_grad()
     def restore(self, buffers: bool = True) -> None:
         with _phase("restore"):
-            torch._foreach_copy_(self.params, self.saved)
+            if self.params:
+                torch._foreach_copy_(self.params, self.saved)
             if buffers and self.buffers:
                 torch._foreach_copy_(self.buffers, self.saved_buffers)
 
@@ -215,6 +217,7 @@ class SAMEngine:
         self._warned_skip = False
         self._pending: Optional[_Pending] = None
         self._gram: Optional[tuple[tuple[int, ...], GramCapture]] = None
+        self._instance: Optional[tuple[tuple[int, ...], InstancePerturbation]] = None
 
     # ------------------------------------------------------------------ step
     def step(
@@ -249,6 +252,8 @@ class SAMEngine:
             with _phase("first_pass"):
                 loss, losses = passes.descent()
             return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step, loss)
+        if cfg.m is not None:
+            return self._instance_step(params, passes, backend, base_step)
         if cfg.step_probe_scope == "head" and head is None:
             raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see probes).")
 
@@ -281,6 +286,10 @@ class SAMEngine:
         if self._pending is not None:
             raise RuntimeError("first_step() was called twice in a row: call second_step() (it restores w and steps) "
                                "before the next first_step().")
+        if self.config.m is not None:
+            raise ValueError(f"m={self.config.m} needs per-instance losses and the model, which first_step()/second_step() and "
+                             "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
+                             "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None.")
         if self.config.reweighting:
             raise ValueError("reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
                              "calls backward() itself do not give: use step(closure) with closure() returning the "
@@ -405,6 +414,72 @@ class SAMEngine:
             gen = self.noise.generator(params[0].device) if self.config.estimator == "sketch" else None
             self._gram = (key, GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen))  # type: ignore[arg-type]
         return self._gram[1]
+
+    def _instance_step(self, params: list[Tensor], passes: _Passes, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
+        """``m`` set: each group of m instances descends from its own w + eps_g, all in one batched second pass.
+
+        First pass: a forward with hooks and one backward to the layers' outputs (no parameter gradient);
+        ||G_g|| from what they kept. Second pass: the per-group corrections installed, a backward of the mean
+        loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced."""
+        cfg = self.config
+        route = self.instance_route(passes.module)
+        rho_of = self._instance_radii()
+        buffers = backend.buffers()
+        snapshot = _Snapshot([], [], buffers, self._saved("buffers", buffers))
+        try:
+            with passes.backend.no_sync(), _phase("first_pass"):
+                with route.record(passes.batch_size):
+                    losses = passes.losses(f"m={cfg.m}")
+                route.backward(losses, scale=backend.loss_scale())
+            stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
+            with torch.no_grad(), _phase("ascent_norm"):
+                squares = route.group_norms_sq()
+                total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
+                finite = bool(torch.isfinite(total.sum() + stats.loss.float()))
+            if not self._agree_finite(finite, backend):
+                return self._skip(params, stats, backend, base_step, "the first pass")
+            with torch.no_grad(), _phase("perturb"):
+                norm = total.sqrt()
+                inverse = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+                route.scale({p: rho_of[p] * inverse for p in squares})
+                eps_sq = sum(rho_of[p] ** 2 * sq for p, sq in squares.items()) * inverse.square()
+                stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
+            snapshot.keep_buffers()  # the first pass's statistics are the ones kept
+            self.zero_grad(params)
+            with snapshot.restoring(), route.corrections(), _phase("second_pass"):
+                loss1, _ = passes.descent()
+        finally:
+            route.clear()
+        with _phase("statistics"):
+            stats.loss_rise = float(loss1.float() - stats.loss.float())
+        return self._finish(params, stats, backend, base_step, loss1)
+
+    def _instance_radii(self) -> dict[Tensor, float]:
+        """Each trainable parameter's rho (its group's); an ASAM group is refused (its eps_i is not low-rank)."""
+        rho_of: dict[Tensor, float] = {}
+        for index, group in enumerate(self.param_groups):
+            rho, adaptive, _ = self.group_options(index)
+            if adaptive:
+                raise ValueError(
+                    f"param_groups[{index}]['adaptive']=True with m={self.config.m}: ASAM's per-instance perturbation is "
+                    "not low-rank, so the per-instance route cannot apply it. Set the group's adaptive to False, or m=None."
+                )
+            rho_of.update((p, rho) for p in group["params"] if p.requires_grad)
+        return rho_of
+
+    def instance_route(self, module: Optional[nn.Module]) -> InstancePerturbation:
+        """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
+        if module is None:
+            raise ValueError(
+                f"m={self.config.m} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
+                "DeltaSAMMixin and DeltaSAMCallback pass it themselves."
+            )
+        params = self.params()
+        key = (id(module), *(id(p) for p in params))
+        if self._instance is None or self._instance[0] != key:
+            assert self.config.m is not None
+            self._instance = (key, InstancePerturbation(module, params, self.config.m))
+        return self._instance[1]
 
     def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend]) -> _Ascent:
         """The first-pass gradient (all-reduced by ``backend``'s reducer; as it is without one) as eps, per group."""

@@ -75,9 +75,14 @@ class GramCapture:
     """
 
     def __init__(self, module: nn.Module, params: Sequence[Tensor], mode: GramMode = "exact", rank: int = 32,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, purpose: Optional[str] = None) -> None:
         if mode not in ("exact", "sketch"):
             raise ValueError(f"gram mode={mode!r} is not supported; use 'exact' or 'sketch'.")
+        if purpose is None:  # who hooks the layers, and the way out, for the errors below
+            self._who, self._way_out = "the exact Gram rule (estimator='exact'/'sketch')", "use a probe rule (estimator='probes')"
+        else:
+            self._who, self._way_out = f"the per-instance route ({purpose})", "use plain SAM (m=None)"
+        check_not_compiled(module, self._who, self._way_out)
         self.mode = mode
         self.rank = rank
         self.generator = generator
@@ -92,17 +97,15 @@ class GramCapture:
             if not isinstance(sub, SUPPORTED):
                 names = ", ".join(f"{where}.{n}" for n, _ in own)
                 raise UnsupportedModuleError(
-                    f"the exact Gram rule (estimator='exact'/'sketch') cannot form per-instance gradients of "
+                    f"{self._who} cannot form per-instance gradients of "
                     f"{type(sub).__name__} (trainable {names}); supported: Linear, Embedding, LayerNorm. "
-                    "Freeze those parameters (requires_grad=False), or use a probe rule (estimator='probes' "
-                    "or score='gradnorm')."
+                    f"Freeze those parameters (requires_grad=False), or {self._way_out}."
                 )
             for n, p in own:
                 if id(p) in owner:
                     raise UnsupportedModuleError(
                         f"parameter {where}.{n} is shared with {owner[id(p)]} (tied weights across modules): "
-                        "the exact Gram rule does not support tied weights; untie them or use a probe rule "
-                        "(estimator='probes')."
+                        f"{self._who} does not support tied weights; untie them or {self._way_out}."
                     )
                 owner[id(p)] = f"{where}.{n}"
             weight, bias = getattr(sub, "weight", None), getattr(sub, "bias", None)
@@ -115,7 +118,7 @@ class GramCapture:
         if missing:
             raise UnsupportedModuleError(
                 f"{len(missing)} trainable parameter(s) are not owned by a submodule of {type(module).__name__}: "
-                "the exact Gram rule needs every optimized parameter inside the module it hooks."
+                f"{self._who} needs every optimized parameter inside the module it hooks."
             )
         self.batch_size: Optional[int] = None
         self._tokens_of: dict[int, Optional[tuple[Tensor, Tensor]]] = {}  # per layer, shared by gram() and weighted_grads()
@@ -140,6 +143,7 @@ class GramCapture:
 
     def _hook(self, layer: _Layer):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Optional[Tensor]:
+            _check_eager(self._who, self._way_out)
             if not torch.is_grad_enabled():
                 return None
             a = inputs[0]
@@ -152,7 +156,7 @@ class GramCapture:
             if a.dim() == 0 or (a.shape[0] != b_size and a.shape[0] != 1):
                 raise ValueError(
                     f"{layer.name} ({type(module).__name__}) was called on an input of shape {tuple(a.shape)} in a "
-                    f"batch of {b_size}: the exact Gram rule needs batch-first inputs (or a leading size of 1)."
+                    f"batch of {b_size}: {self._who} needs batch-first inputs (or a leading size of 1)."
                 )
             if a.shape[0] == 1 and b_size != 1:
                 base = replaced if replaced is not None else out
@@ -172,13 +176,13 @@ class GramCapture:
         """
         uses = [u for layer in self.layers for u in layer.uses]
         if not uses:
-            raise RuntimeError("the exact Gram rule recorded no layer call: was the loss computed inside record()?")
+            raise RuntimeError(f"{self._who} recorded no layer call: was the loss computed inside record()?")
         for layer in self.layers:
             for u in layer.uses:
                 if u.out._version != u.out_version or u.a._version != u.a_version:
                     raise RuntimeError(
                         f"the input or output of {layer.name} was modified in place after its forward: "
-                        "the exact Gram rule cannot read its gradient; avoid the in-place op or use a probe rule."
+                        f"{self._who} cannot read its gradient; avoid the in-place op or {self._way_out}."
                     )
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
         grads = torch.autograd.grad(total, [u.out for u in uses], allow_unused=True)
@@ -290,6 +294,35 @@ class GramCapture:
                 flat_b, flat_a = wb.reshape(-1, wb.shape[-1]), a.reshape(-1, a.shape[-1])
                 out[w] = (flat_b.t() @ flat_a).to(w.dtype)
         return out
+
+
+def compiled_part(module: nn.Module) -> Optional[str]:
+    """The name of ``module`` or of a submodule compiled with ``torch.compile`` (or ``Module.compile()``), else None."""
+    if getattr(module, "_compiler_ctx", None) is not None:  # Lightning's trainer.fit(torch.compile(module))
+        return type(module).__name__
+    for name, sub in module.named_modules():
+        if type(sub).__name__ == "OptimizedModule" or getattr(sub, "_compiled_call_impl", None) is not None:
+            return name or type(module).__name__
+    return None
+
+
+def check_not_compiled(module: nn.Module, who: str, way_out: str) -> None:
+    """A clear error when ``module`` (or a part of it) is compiled: a compiled graph bypasses the forward hooks
+    that read each layer's inputs and outputs, so the result would be silently wrong."""
+    part = compiled_part(module)
+    if part is not None:
+        raise ValueError(
+            f"{who} cannot run on a module compiled with torch.compile ({part} is compiled): the compiled graph "
+            "bypasses the per-layer hooks it reads. Run the step on the uncompiled module (for "
+            f"compiled = torch.compile(model), pass model, i.e. compiled._orig_mod), or {way_out}."
+        )
+
+
+def _check_eager(who: str, way_out: str) -> None:
+    """The same error from inside a hook that runs while torch.compile traces (a compiled function calling the layer)."""
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{who} cannot run inside a torch.compile region: the compiled graph bypasses the per-layer "
+                         f"hooks it reads. Call the model eagerly in the loss, or {way_out}.")
 
 
 def _linear_gram(a: Tensor, b: Tensor, route: str = "auto", cache: Optional[dict] = None) -> Tensor:

@@ -56,6 +56,11 @@ class DeltaSAM(Optimizer):
                 f"estimator={config.estimator!r} forms per-instance gradients from the model's layers: "
                 "pass the model, DeltaSAM(params, base_optimizer, module=model, ...)."
             )
+        if config.per_instance and module is None:
+            raise ValueError(
+                f"m={config.m} gives each group of instances its own perturbation through the model's layers: "
+                "pass the model, DeltaSAM(params, base_optimizer, module=model, m=...)."
+            )
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer: Optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups

@@ -1,0 +1,250 @@
+"""Exact per-instance SAM (``m=1``) and m-sharpness (``m=k``) in one batched second pass.
+
+Per-instance SAM descends along (1/n) sum_i grad l_i(w + eps_i), eps_i = rho g_i/||g_i||: each
+instance at its own perturbed weights. With m > 1, consecutive groups of m instances share
+eps_g = rho G_g/||G_g||, G_g = sum_{i in g} g_i (m-sharpness; m = n would be SAM).
+
+Nothing is perturbed in place. After the first pass (the hooks of :class:`~.gram.GramCapture`: each
+layer's inputs ``a`` and output gradients ``b``), every layer's share of G_g is known in factored form:
+a Linear weight's is sum_t b_t a_t^T over the group's tokens. Instance i's forward at w + eps_g is its
+forward at w plus, in each layer, a correction that is constant with respect to w:
+
+- Linear: y_i += c_g (x_i A_g^T) B_g (low rank), or y_i += x_i (c_g B_g^T A_g)^T (the group's dense
+  delta W), whichever costs fewer FLOPs for the layer; its bias: + c_g sum_t b_t;
+- LayerNorm: gamma_i = gamma + c_g sum_t b_t * xhat_t, beta_i = beta + c_g sum_t b_t;
+- Embedding: the lookup of token v reads E[v] + c_g sum_{t: x_t = v} b_t (rows present in the group
+  only; ``padding_idx`` unperturbed),
+
+with c_g = rho / ||G_g|| (each parameter group's own rho). One forward with these corrections and a
+backward of the mean loss leave exactly (1/n) sum_i grad l_i(w + eps_i) in ``.grad``. ||G_g||^2 comes
+from the same a and b (the diagonal, or the group blocks, of the Gram matrix); no B x P tensor is formed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gram import GramCapture, _check_eager, _Layer
+
+
+def _wide(t: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64): the corrections are book-kept at the model's precision or better."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _grouped(t: Tensor, bsz: int, m: int) -> Tensor:
+    """[B, T, *rest] -> [G, m T, *rest], G = ceil(B / m): consecutive instances, zero-padded to G m."""
+    groups = -(-bsz // m)
+    if groups * m != bsz:
+        t = torch.cat([t, t.new_zeros((groups * m - bsz, *t.shape[1:]))])
+    return t.reshape(groups, m * t.shape[1], *t.shape[2:])
+
+
+def _per_instance(v: Tensor, bsz: int, m: int) -> Tensor:
+    """A per-group tensor [G, *] as a per-instance one [B, *]."""
+    return v.repeat_interleave(m, dim=0)[:bsz] if m > 1 else v
+
+
+@dataclass
+class _Plan:
+    """One layer's share of every group's G_g, in the form its second-pass correction uses."""
+
+    layer: _Layer
+    a: Optional[Tensor] = None  # Linear: [G, mT, d_in]; Embedding: indices [G, mT]
+    b: Optional[Tensor] = None  # [G, mT, d_out]
+    dense: Optional[Tensor] = None  # Linear, dense route: G_g as [G, d_out, d_in]
+    gamma: Optional[Tensor] = None  # LayerNorm weight's share [G, feat]
+    bias: Optional[Tensor] = None  # sum_t b_t [G, d_out]
+    c_weight: Optional[Tensor] = None  # c_g for the weight [G], set by scale()
+    c_bias: Optional[Tensor] = None
+
+
+class InstancePerturbation:
+    """Per-instance (``m=1``) or per-group (``m=k``) SAM perturbations of ``module``'s layers, never in place.
+
+    Usage (what the engine does in a step)::
+
+        route = InstancePerturbation(module, params, m=1)
+        with route.record():
+            losses = per_sample_loss(batch)            # [B], at w
+        route.backward(losses)                         # output gradients, no parameter gradient
+        sq = route.group_norms_sq()                    # {param: [G]} of ||G_g restricted to param||^2
+        route.scale({p: rho_p / ||G_g||})              # c_g per parameter
+        with route.corrections():
+            per_sample_loss(batch).mean().backward()   # (1/n) sum_i grad l_i(w + eps_i)
+        route.clear()
+
+    Args:
+        module: the module whose forward computes the losses (its layers are hooked).
+        params: the trainable parameters that are perturbed (the optimizer's).
+        m: instances per shared perturbation (1: per-instance SAM).
+
+    Supported layers and the refusal of any other trainable module are those of :class:`~.gram.GramCapture`.
+    """
+
+    def __init__(self, module: nn.Module, params: Sequence[Tensor], m: int = 1) -> None:
+        self.capture = GramCapture(module, params, "exact", purpose=f"m={m}")
+        self.m = m
+        self.plans: list[_Plan] = []
+
+    # ------------------------------------------------------------ first pass
+    def record(self, batch_size: Optional[int] = None):  # type: ignore[no-untyped-def]
+        """Hooks that keep each layer call's input and output while the losses at w are computed."""
+        self.plans = []
+        return self.capture.record(batch_size)
+
+    def backward(self, losses: Tensor, scale: float = 1.0) -> None:
+        """Output gradients of every recorded call (one backward to the layers' outputs), then the layers' plans."""
+        self.capture.backward(losses, scale)
+        self.plans = [plan for layer in self.capture.layers if (plan := self._plan(layer)) is not None]
+
+    @property
+    def batch_size(self) -> int:
+        assert self.capture.batch_size is not None
+        return self.capture.batch_size
+
+    def _plan(self, layer: _Layer) -> Optional[_Plan]:
+        used = [u for u in layer.uses if u.b is not None]
+        if not used:
+            return None  # no gradient reaches the layer: g_i = 0 there, nothing to correct
+        bsz, m, mod = self.batch_size, self.m, layer.module
+        plan = _Plan(layer)
+        if isinstance(mod, nn.Embedding):
+            idx = torch.cat([u.a.reshape(bsz, -1) for u in used], dim=1)
+            b = torch.cat([_wide(u.b).reshape(bsz, -1, mod.embedding_dim) for u in used], dim=1)  # type: ignore[arg-type]
+            if mod.padding_idx is not None:
+                b = b.masked_fill((idx == mod.padding_idx).unsqueeze(-1), 0.0)
+            plan.a = _grouped(idx, bsz, m)  # a padded instance's tokens have b = 0: they add nothing
+            plan.b = _grouped(b, bsz, m)
+        elif isinstance(mod, nn.LayerNorm):
+            shape = tuple(mod.normalized_shape)
+            feat = int(torch.Size(shape).numel())
+            xhat = torch.cat([F.layer_norm(_wide(u.a), shape, eps=mod.eps).reshape(bsz, -1, feat) for u in used], dim=1)
+            b = torch.cat([_wide(u.b).reshape(bsz, -1, feat) for u in used], dim=1)  # type: ignore[arg-type]
+            xhat, b = _grouped(xhat, bsz, m), _grouped(b, bsz, m)
+            plan.gamma = (xhat * b).sum(1) if layer.weight is not None else None
+            plan.bias = b.sum(1) if layer.bias is not None else None
+            return plan
+        else:
+            a = torch.cat([_wide(u.a).reshape(bsz, -1, u.a.shape[-1]) for u in used], dim=1)
+            b = torch.cat([_wide(u.b).reshape(bsz, -1, u.b.shape[-1]) for u in used], dim=1)  # type: ignore[union-attr]
+            plan.a, plan.b = _grouped(a, bsz, m), _grouped(b, bsz, m)
+            tokens, d_in, d_out = plan.a.shape[1], plan.a.shape[2], plan.b.shape[2]
+            if layer.weight is not None and tokens * (d_in + d_out) > d_in * d_out:  # dense G_g is cheaper
+                plan.dense = torch.bmm(plan.b.transpose(1, 2), plan.a)
+        if layer.bias is not None:
+            plan.bias = plan.b.sum(1)  # type: ignore[union-attr]
+        return plan
+
+    def group_norms_sq(self) -> dict[Tensor, Tensor]:
+        """{parameter: [G] ||G_g||^2 restricted to it}: each group's squared gradient norm, parameter by parameter."""
+        out: dict[Tensor, Tensor] = {}
+        gram_a: dict[tuple, Tensor] = {}  # A A^T shared by layers reading one input (query, key, value)
+        for plan in self.plans:
+            layer, mod = plan.layer, plan.layer.module
+            if plan.bias is not None and layer.bias is not None:
+                out[layer.bias] = plan.bias.square().sum(1)
+            if layer.weight is None:
+                continue
+            if isinstance(mod, nn.LayerNorm):
+                out[layer.weight] = plan.gamma.square().sum(1)  # type: ignore[union-attr]
+            elif plan.dense is not None:
+                out[layer.weight] = plan.dense.square().sum((1, 2))
+            else:
+                a, b = plan.a, plan.b
+                assert a is not None and b is not None
+                if isinstance(mod, nn.Embedding):
+                    same = (a.unsqueeze(2) == a.unsqueeze(1)).to(b.dtype)
+                else:
+                    key = (a.data_ptr(), tuple(a.shape))
+                    if key not in gram_a:
+                        gram_a[key] = torch.bmm(a, a.transpose(1, 2))
+                    same = gram_a[key]
+                out[layer.weight] = (same * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+        return out
+
+    def scale(self, c: dict[Tensor, Tensor]) -> None:
+        """Set c_g (``{parameter: [G]}``; a parameter absent gets no perturbation) for the second pass."""
+        for plan in self.plans:
+            layer = plan.layer
+            plan.c_weight = c.get(layer.weight) if layer.weight is not None else None
+            plan.c_bias = c.get(layer.bias) if layer.bias is not None else None
+
+    # ----------------------------------------------------------- second pass
+    @contextmanager
+    def corrections(self) -> Iterator["InstancePerturbation"]:
+        """Forward hooks that make each layer compute instance i's output at w + eps_g (the weights stay at w)."""
+        handles = [plan.layer.module.register_forward_hook(self._hook(plan)) for plan in self.plans
+                   if plan.c_weight is not None or plan.c_bias is not None]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, plan: _Plan):  # type: ignore[no-untyped-def]
+        bsz, m, name = self.batch_size, self.m, plan.layer.name
+
+        who, way_out = self.capture._who, self.capture._way_out
+
+        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
+            _check_eager(who, way_out)
+            x = inputs[0]
+            if isinstance(module, nn.Embedding) and x.dim() == 1 and x.shape[0] != bsz:
+                x, out = x.unsqueeze(0), out.unsqueeze(0)  # unbatched indices, e.g. positions arange(T)
+            if x.dim() == 0 or x.shape[0] not in (bsz, 1):
+                raise ValueError(
+                    f"{name} ({type(module).__name__}) was called on an input of shape {tuple(x.shape)} in the second "
+                    f"pass of a batch of {bsz}: the per-instance route (m={m}) needs the same batch-first calls in both passes."
+                )
+            if x.shape[0] == 1 and bsz != 1:  # broadcast over the batch: each instance gets its own correction
+                x, out = x.expand(bsz, *x.shape[1:]), out.expand(bsz, *out.shape[1:])
+            return out + self._correction(plan, module, x, out).to(out.dtype)
+
+        return hook
+
+    def _correction(self, plan: _Plan, module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        """The change of ``module``'s output for each instance when its weights move by that instance's eps_g."""
+        bsz, m = self.batch_size, self.m
+        feat = out.shape[-1]
+        corr: Optional[Tensor] = None
+        if isinstance(module, nn.LayerNorm):
+            shape = tuple(module.normalized_shape)
+            if plan.c_weight is not None:
+                gamma = _per_instance(plan.c_weight.unsqueeze(1) * plan.gamma, bsz, m)  # type: ignore[operator]
+                xhat = F.layer_norm(_wide(x), shape, eps=module.eps).reshape(bsz, -1, gamma.shape[-1])
+                corr = xhat * gamma.unsqueeze(1)
+        elif plan.c_weight is not None:
+            c = plan.c_weight.view(-1, 1, 1)
+            if isinstance(module, nn.Embedding):
+                idx = x.reshape(bsz, -1)
+                tokens = idx.shape[1]
+                idx = _grouped(idx, bsz, m)  # rows of padded instances are dropped below
+                same = (idx.unsqueeze(2) == plan.a.unsqueeze(1)).to(plan.b.dtype)  # type: ignore[union-attr]
+                grouped = torch.bmm(same, plan.b * c)  # type: ignore[operator]
+            else:
+                xs = _wide(x).reshape(bsz, -1, x.shape[-1])
+                tokens = xs.shape[1]
+                xs = _grouped(xs, bsz, m) if m > 1 else xs
+                if plan.dense is not None:
+                    grouped = torch.bmm(xs, (plan.dense * c).transpose(1, 2))
+                else:
+                    grouped = torch.bmm(torch.bmm(xs, plan.a.transpose(1, 2)), plan.b * c)  # type: ignore[union-attr]
+            corr = grouped.reshape(-1, tokens, feat)[:bsz] if m > 1 else grouped
+        if plan.c_bias is not None:
+            shift = _per_instance(plan.c_bias.unsqueeze(1) * plan.bias, bsz, m).unsqueeze(1)  # type: ignore[operator]
+            corr = shift if corr is None else corr + shift
+        assert corr is not None
+        if corr.shape[1] == 1 and out.dim() > 2:
+            corr = corr.expand(bsz, out[0].numel() // feat, feat)
+        return corr.reshape(out.shape)
+
+    def clear(self) -> None:
+        self.capture.clear()
+        self.plans = []
