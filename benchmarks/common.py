@@ -64,10 +64,20 @@ def gram_configs(rho: float) -> list[SAMConfig]:
     return out
 
 
+INSTANCE_MS = (1, 4, 8)
+
+
+def instance_configs(rho: float) -> list[SAMConfig]:
+    """Exact per-instance SAM (m = 1) and m-sharpness (m = 4, 8), each in one batched second pass."""
+    return [SAMConfig(rho=rho, m=m) for m in INSTANCE_MS]
+
+
 def rule_name(cfg: SAMConfig) -> str:
     """A short stable name for a method configuration, e.g. ``gradnorm-softmax-t1-K3-all``."""
     if not cfg.enabled:
         return "adamw"
+    if cfg.per_instance:
+        return f"instance-m{cfg.m}"
     if not cfg.reweighting:
         return "asam" if cfg.adaptive else "sam"
     name = f"{cfg.score}-{cfg.weights}-t{cfg.temperature:g}"

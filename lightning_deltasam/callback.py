@@ -26,8 +26,8 @@ class DeltaSAMCallback(Callback):
 
     SAM works with any module: Lightning's closure runs at w (what ``training_step`` logs then
     stands) and again at w + eps (logging muted, hooks and gradient clipping applied to the
-    descent gradient only). delta-SAM needs ``per_sample_loss(batch)`` on the module: the
-    weighted first pass is computed from it and ``training_step`` runs once, at w + eps, so its
+    descent gradient only). delta-SAM and ``m`` need ``per_sample_loss(batch)`` on the module: the
+    first pass is computed from it and ``training_step`` runs once, at w + eps, so its
     logged loss is the perturbed one; the loss at w is logged as ``deltasam/loss``.
     Refused at fit start: manual optimization (use :class:`DeltaSAMMixin`), ``16-mixed``
     (its plugin steps without the closure), ``accumulate_grad_batches > 1``, more than one optimizer.
@@ -52,6 +52,8 @@ class DeltaSAMCallback(Callback):
         sketch_rank: rank r of ``estimator="sketch"``.
         sync: DDP: ``"global"`` (the step over the global batch) or ``"local"`` (each rank's own eps).
         seed: seed of the probe generator (identical on every rank).
+        m: instances per perturbation: ``None`` the whole batch (SAM), ``1`` exact per-instance SAM, ``k``
+            m-sharpness over consecutive groups of k; needs ``per_sample_loss`` (the module's layers are hooked).
     """
 
     def __init__(
@@ -74,16 +76,23 @@ class DeltaSAMCallback(Callback):
         sketch_rank: int = 32,
         sync: Sync = "global",
         seed: int = 0,
+        m: Optional[int] = None,
     ) -> None:
         self.config = SAMConfig(
             rho=rho, adaptive=adaptive, eta=eta, reweight=reweight, score=score, weights=weights,
             temperature=temperature, mix=mix, num_probes=num_probes, probe_std=probe_std, probe_scale=probe_scale,
             antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, estimator=estimator, sketch_rank=sketch_rank, sync=sync, seed=seed,
+            m=m,
         )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []
         self._batch: Any = None
         self.last_stats: Optional[StepStats] = None
+
+    @property
+    def _per_sample(self) -> bool:
+        """Whether the first pass needs the module's ``per_sample_loss`` (delta-SAM, or the per-instance route)."""
+        return self.config.reweighting or self.config.per_instance
 
     # ---------------------------------------------------------------- checks
     @override
@@ -98,10 +107,11 @@ class DeltaSAMCallback(Callback):
             )
         if self.config.step_probe_scope == "head" and not has_split(pl_module):
             probe_plan(pl_module, None, "head")  # raises, naming the methods to define
-        if self.config.reweighting and not callable(getattr(pl_module, "per_sample_loss", None)):
+        if self._per_sample and not callable(getattr(pl_module, "per_sample_loss", None)):
+            option = f"m={self.config.m}" if self.config.per_instance else "reweight='delta'"
             raise ValueError(
-                f"DeltaSAMCallback(reweight='delta') needs {name}.per_sample_loss(batch) returning per-instance "
-                "losses of shape [B]; define it, or use reweight=None (plain SAM works with any module)."
+                f"DeltaSAMCallback({option}) needs {name}.per_sample_loss(batch) returning per-instance "
+                "losses of shape [B]; define it, or use plain SAM (reweight=None, m=None), which works with any module."
             )
         if grad_scaler(trainer) is not None:
             raise ValueError(
@@ -197,7 +207,7 @@ class DeltaSAMCallback(Callback):
         )
         try:
             stats = module_step(self._slot.for_optimizer(optimizer), pl_module, self._batch, backend, base_step,
-                                per_sample=self.config.reweighting, first_pass=first_pass, second_pass=second_pass)
+                                per_sample=self._per_sample, first_pass=first_pass, second_pass=second_pass)
         except _SkipBatch:
             return None
         self.last_stats = stats

@@ -56,13 +56,15 @@ class _Plan:
     """One layer's share of every group's G_g, in the form its second-pass correction uses."""
 
     layer: _Layer
-    a: Optional[Tensor] = None  # Linear: [G, mT, d_in]; Embedding: indices [G, mT]
-    b: Optional[Tensor] = None  # [G, mT, d_out]
+    a: Optional[Tensor] = None  # Linear: inputs [G, mT, d_in]; Embedding: indices [G, mT]
+    b: Optional[Tensor] = None  # output gradients [G, mT, d_out]
     dense: Optional[Tensor] = None  # Linear, dense route: G_g as [G, d_out, d_in]
-    gamma: Optional[Tensor] = None  # LayerNorm weight's share [G, feat]
+    gamma: Optional[Tensor] = None  # LayerNorm weight's share sum_t b_t * xhat_t [G, feat]
     bias: Optional[Tensor] = None  # sum_t b_t [G, d_out]
-    c_weight: Optional[Tensor] = None  # c_g for the weight [G], set by scale()
-    c_bias: Optional[Tensor] = None
+    # set by InstancePerturbation.scale() for the second pass: the shares times c_g
+    weight_step: Optional[Tensor] = None  # c_g b (low rank, Embedding), c_g G_g (dense), c_g gamma-share (LayerNorm)
+    bias_step: Optional[Tensor] = None  # c_g sum_t b_t, per instance [B, 1, d_out]
+    bias_ratio: Optional[Tensor] = None  # low-rank Linear: c_bias / c_weight [G, 1, 1], the bias folded into X A^T + r
 
 
 class InstancePerturbation:
@@ -114,32 +116,32 @@ class InstancePerturbation:
         if not used:
             return None  # no gradient reaches the layer: g_i = 0 there, nothing to correct
         bsz, m, mod = self.batch_size, self.m, layer.module
+
+        def tokens(parts: list[Tensor]) -> Tensor:  # the calls' tokens side by side, grouped: [G, mT, *]
+            return _grouped(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), bsz, m)
+
         plan = _Plan(layer)
-        if isinstance(mod, nn.Embedding):
-            idx = torch.cat([u.a.reshape(bsz, -1) for u in used], dim=1)
-            b = torch.cat([_wide(u.b).reshape(bsz, -1, mod.embedding_dim) for u in used], dim=1)  # type: ignore[arg-type]
-            if mod.padding_idx is not None:
-                b = b.masked_fill((idx == mod.padding_idx).unsqueeze(-1), 0.0)
-            plan.a = _grouped(idx, bsz, m)  # a padded instance's tokens have b = 0: they add nothing
-            plan.b = _grouped(b, bsz, m)
-        elif isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, nn.LayerNorm):
             shape = tuple(mod.normalized_shape)
             feat = int(torch.Size(shape).numel())
-            xhat = torch.cat([F.layer_norm(_wide(u.a), shape, eps=mod.eps).reshape(bsz, -1, feat) for u in used], dim=1)
-            b = torch.cat([_wide(u.b).reshape(bsz, -1, feat) for u in used], dim=1)  # type: ignore[arg-type]
-            xhat, b = _grouped(xhat, bsz, m), _grouped(b, bsz, m)
-            plan.gamma = (xhat * b).sum(1) if layer.weight is not None else None
+            b = tokens([_wide(u.b).reshape(bsz, -1, feat) for u in used])  # type: ignore[arg-type]
+            if layer.weight is not None:
+                xhat = tokens([F.layer_norm(_wide(u.a), shape, eps=mod.eps).reshape(bsz, -1, feat) for u in used])
+                plan.gamma = (xhat * b).sum(1)
             plan.bias = b.sum(1) if layer.bias is not None else None
             return plan
+        if isinstance(mod, nn.Embedding):
+            plan.a = tokens([u.a.reshape(bsz, -1) for u in used])  # a padded instance's tokens have b = 0
+            b = tokens([_wide(u.b).reshape(bsz, -1, mod.embedding_dim) for u in used])  # type: ignore[arg-type]
+            plan.b = b.masked_fill((plan.a == mod.padding_idx).unsqueeze(-1), 0.0) if mod.padding_idx is not None else b
         else:
-            a = torch.cat([_wide(u.a).reshape(bsz, -1, u.a.shape[-1]) for u in used], dim=1)
-            b = torch.cat([_wide(u.b).reshape(bsz, -1, u.b.shape[-1]) for u in used], dim=1)  # type: ignore[union-attr]
-            plan.a, plan.b = _grouped(a, bsz, m), _grouped(b, bsz, m)
-            tokens, d_in, d_out = plan.a.shape[1], plan.a.shape[2], plan.b.shape[2]
-            if layer.weight is not None and tokens * (d_in + d_out) > d_in * d_out:  # dense G_g is cheaper
+            plan.a = tokens([_wide(u.a).reshape(bsz, -1, u.a.shape[-1]) for u in used])
+            plan.b = tokens([_wide(u.b).reshape(bsz, -1, u.b.shape[-1]) for u in used]).contiguous()  # type: ignore[union-attr]
+            n, d_in, d_out = plan.a.shape[1], plan.a.shape[2], plan.b.shape[2]
+            if layer.weight is not None and n * (d_in + d_out) > d_in * d_out:  # the dense G_g costs fewer FLOPs
                 plan.dense = torch.bmm(plan.b.transpose(1, 2), plan.a)
         if layer.bias is not None:
-            plan.bias = plan.b.sum(1)  # type: ignore[union-attr]
+            plan.bias = plan.b.sum(1)
         return plan
 
     def group_norms_sq(self) -> dict[Tensor, Tensor]:
@@ -170,18 +172,36 @@ class InstancePerturbation:
         return out
 
     def scale(self, c: dict[Tensor, Tensor]) -> None:
-        """Set c_g (``{parameter: [G]}``; a parameter absent gets no perturbation) for the second pass."""
+        """Set c_g (``{parameter: [G]}``; a parameter absent is not perturbed) and scale each layer's shares by it."""
+        bsz, m = self.batch_size, self.m
         for plan in self.plans:
             layer = plan.layer
-            plan.c_weight = c.get(layer.weight) if layer.weight is not None else None
-            plan.c_bias = c.get(layer.bias) if layer.bias is not None else None
+            c_w = c.get(layer.weight) if layer.weight is not None else None
+            c_b = c.get(layer.bias) if layer.bias is not None else None
+            plan.weight_step = plan.bias_step = plan.bias_ratio = None
+            if c_w is not None:
+                if plan.gamma is not None:
+                    plan.weight_step = _per_instance(c_w.unsqueeze(1) * plan.gamma, bsz, m).unsqueeze(1)
+                elif plan.dense is not None:
+                    plan.weight_step = (c_w.view(-1, 1, 1) * plan.dense).transpose(1, 2)
+                else:
+                    assert plan.b is not None
+                    plan.weight_step = c_w.view(-1, 1, 1) * plan.b
+            if c_b is None:
+                continue
+            if c_w is not None and plan.dense is None and plan.gamma is None and not isinstance(layer.module, nn.Embedding):
+                # (X A^T + r) (c_w B) = c_w X A^T B + c_b 1 (sum_t b_t)^T with r = c_b / c_w: the bias rides along
+                plan.bias_ratio = torch.where(c_w > 0, c_b / c_w.clamp_min(torch.finfo(c_w.dtype).tiny), 0.0).view(-1, 1, 1)
+            else:
+                assert plan.bias is not None
+                plan.bias_step = _per_instance(c_b.unsqueeze(1) * plan.bias, bsz, m).unsqueeze(1)
 
     # ----------------------------------------------------------- second pass
     @contextmanager
     def corrections(self) -> Iterator["InstancePerturbation"]:
         """Forward hooks that make each layer compute instance i's output at w + eps_g (the weights stay at w)."""
         handles = [plan.layer.module.register_forward_hook(self._hook(plan)) for plan in self.plans
-                   if plan.c_weight is not None or plan.c_bias is not None]
+                   if plan.weight_step is not None or plan.bias_step is not None]
         try:
             yield self
         finally:
@@ -190,7 +210,6 @@ class InstancePerturbation:
 
     def _hook(self, plan: _Plan):  # type: ignore[no-untyped-def]
         bsz, m, name = self.batch_size, self.m, plan.layer.name
-
         who, way_out = self.capture._who, self.capture._way_out
 
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
@@ -205,45 +224,40 @@ class InstancePerturbation:
                 )
             if x.shape[0] == 1 and bsz != 1:  # broadcast over the batch: each instance gets its own correction
                 x, out = x.expand(bsz, *x.shape[1:]), out.expand(bsz, *out.shape[1:])
-            return out + self._correction(plan, module, x, out).to(out.dtype)
+            return self._corrected(plan, module, x, out)
 
         return hook
 
-    def _correction(self, plan: _Plan, module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-        """The change of ``module``'s output for each instance when its weights move by that instance's eps_g."""
+    def _corrected(self, plan: _Plan, module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        """``module``'s output with each instance's weights moved by its eps_g (the weights themselves untouched)."""
         bsz, m = self.batch_size, self.m
         feat = out.shape[-1]
-        corr: Optional[Tensor] = None
+        y = out.reshape(bsz, -1, feat)
+        step = plan.weight_step
         if isinstance(module, nn.LayerNorm):
-            shape = tuple(module.normalized_shape)
-            if plan.c_weight is not None:
-                gamma = _per_instance(plan.c_weight.unsqueeze(1) * plan.gamma, bsz, m)  # type: ignore[operator]
-                xhat = F.layer_norm(_wide(x), shape, eps=module.eps).reshape(bsz, -1, gamma.shape[-1])
-                corr = xhat * gamma.unsqueeze(1)
-        elif plan.c_weight is not None:
-            c = plan.c_weight.view(-1, 1, 1)
+            if step is not None:
+                xhat = F.layer_norm(x, tuple(module.normalized_shape), eps=module.eps).reshape(bsz, -1, feat)
+                y = torch.addcmul(y, xhat, step.to(y.dtype))
+        elif step is not None:
             if isinstance(module, nn.Embedding):
-                idx = x.reshape(bsz, -1)
-                tokens = idx.shape[1]
-                idx = _grouped(idx, bsz, m)  # rows of padded instances are dropped below
-                same = (idx.unsqueeze(2) == plan.a.unsqueeze(1)).to(plan.b.dtype)  # type: ignore[union-attr]
-                grouped = torch.bmm(same, plan.b * c)  # type: ignore[operator]
+                idx = _grouped(x.reshape(bsz, -1), bsz, m)
+                left = (idx.unsqueeze(2) == plan.a.unsqueeze(1)).to(step.dtype)  # type: ignore[union-attr]
             else:
-                xs = _wide(x).reshape(bsz, -1, x.shape[-1])
-                tokens = xs.shape[1]
-                xs = _grouped(xs, bsz, m) if m > 1 else xs
+                xs = _grouped(x.reshape(bsz, -1, x.shape[-1]), bsz, m).to(step.dtype)
                 if plan.dense is not None:
-                    grouped = torch.bmm(xs, (plan.dense * c).transpose(1, 2))
+                    left, step = xs, step
+                elif plan.bias_ratio is not None:
+                    left = torch.baddbmm(plan.bias_ratio, xs, plan.a.transpose(1, 2))  # type: ignore[union-attr]
                 else:
-                    grouped = torch.bmm(torch.bmm(xs, plan.a.transpose(1, 2)), plan.b * c)  # type: ignore[union-attr]
-            corr = grouped.reshape(-1, tokens, feat)[:bsz] if m > 1 else grouped
-        if plan.c_bias is not None:
-            shift = _per_instance(plan.c_bias.unsqueeze(1) * plan.bias, bsz, m).unsqueeze(1)  # type: ignore[operator]
-            corr = shift if corr is None else corr + shift
-        assert corr is not None
-        if corr.shape[1] == 1 and out.dim() > 2:
-            corr = corr.expand(bsz, out[0].numel() // feat, feat)
-        return corr.reshape(out.shape)
+                    left = torch.bmm(xs, plan.a.transpose(1, 2))  # type: ignore[union-attr]
+            if m == 1 and y.dtype == step.dtype:
+                y = torch.baddbmm(y, left, step)  # one fused op: y + left @ step
+            else:
+                tokens = y.shape[1]
+                y = y + torch.bmm(left, step).reshape(-1, tokens, feat)[:bsz].to(y.dtype)
+        if plan.bias_step is not None:
+            y = y + plan.bias_step.to(y.dtype)
+        return y.reshape(out.shape)
 
     def clear(self) -> None:
         self.capture.clear()

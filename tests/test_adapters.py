@@ -18,6 +18,8 @@ CASES = [
     dict(rho=0.5, adaptive=True, reweight="delta", score="loss"),
     dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="exact"),
     dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="sketch", sketch_rank=4),
+    dict(rho=0.05, m=1),
+    dict(rho=0.05, m=3),
 ]
 
 

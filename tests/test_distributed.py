@@ -40,6 +40,11 @@ CASES = {
     "callback_delta_exact_local": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "gram",
                                                                       "weights": "linear", "estimator": "exact", "sync": "local"}},
     "mixin_sam_local": {"adapter": "mixin", "options": {"rho": 0.05, "sync": "local"}},
+    # per-instance SAM: no perturbation all-reduce (each rank's instances are complete on it); m-sharpness groups
+    # consecutive instances of each rank's batch
+    "mixin_instance_m1": {"adapter": "mixin", "options": {"rho": 0.05, "m": 1}},
+    "callback_instance_m1": {"adapter": "callback", "options": {"rho": 0.05, "m": 1}},
+    "mixin_instance_m2": {"adapter": "mixin", "options": {"rho": 0.05, "m": 2}},
     "mixin_delta_local": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"}},
 }
 
@@ -67,10 +72,13 @@ def _single_process(options: dict, double: bool = False) -> list[torch.Tensor]:
     net = make_net(seed=0).to(torch.float64 if double else torch.float32)
     opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **{k: v for k, v in options.items() if k != "sync"})
     steps = 0
+    rank_major = torch.cat([torch.arange(0, 2 * B, 2), torch.arange(1, 2 * B, 2)])  # rank 0's samples, then rank 1's
     while steps < STEPS:
         for x, y in make_loader(batch_size=2 * B, double=double):
             if steps == STEPS:
                 break
+            if options.get("m") is not None:  # groups of m are consecutive within each rank's batch
+                x, y = x[rank_major], y[rank_major]
             opt.step(lambda: per_sample_ce(net, x, y))
             steps += 1
     return [p.detach() for p in net.parameters()]
