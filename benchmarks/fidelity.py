@@ -24,7 +24,7 @@ from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
 from lightning_deltasam.probes import probe_plan
-from lightning_deltasam.oracle import fidelity, method_update, oracle_update, weighted_sam_update
+from lightning_deltasam.oracle import batched_route_supported, fidelity, method_update, oracle_update, weighted_sam_update
 
 
 def rule_configs(rho: float, probes: list[int], head: bool, families: str = "probes,gram") -> list[SAMConfig]:
@@ -101,9 +101,9 @@ def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch
 
 
 def measure(module: Any, batch: dict[str, torch.Tensor], configs: list[SAMConfig], engines: dict[str, SAMEngine],
-            rho: float, hindsight: bool = False) -> dict[str, tuple[float, float]]:
+            rho: float, hindsight: bool = False, route: str = "auto") -> dict[str, tuple[float, float]]:
     loss_fn: Callable[[Any], torch.Tensor] = module.per_sample_loss
-    oracle = oracle_update(module, loss_fn, batch, rho=rho, keep_rows=True)
+    oracle = oracle_update(module, loss_fn, batch, rho=rho, keep_rows=True, route=route)
     out: dict[str, tuple[float, float]] = {}
     for cfg in configs:
         name = rule_name(cfg)
@@ -152,6 +152,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--no-head", action="store_true", help="skip head-only probe rules")
     ap.add_argument("--families", default="probes,gram", help="rule families: probes and/or gram (SAM and the default always)")
     ap.add_argument("--hindsight", action="store_true", help="also the hindsight ceiling (B extra backward passes per batch)")
+    ap.add_argument("--oracle-route", choices=["auto", "batched", "loop"], default="auto",
+                    help="how the oracle's u* is formed: the batched per-instance route (exact; Linear / Embedding / "
+                         "LayerNorm models) or the loop of backward passes; auto: batched where the model allows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -179,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             opt.step()
             step += 1
         module.eval()
-        per_ckpt[label] = [measure(module, next(measure_stream), configs, engines, args.rho, args.hindsight)
+        per_ckpt[label] = [measure(module, next(measure_stream), configs, engines, args.rho, args.hindsight, args.oracle_route)
                            for _ in range(args.batches)]
         print(f"[{label}: step {step}, {time.perf_counter() - t0:.0f}s]", flush=True)
     rules = summarize(per_ckpt)
@@ -190,6 +193,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "setup": {"model": args.model, "task": "sst2", "batch_size": args.batch_size, "rho": args.rho,
                   "batches_per_checkpoint": args.batches, "checkpoints": checkpoints, "seed": args.seed,
                   "families": args.families, "hindsight": args.hindsight,
+                  "oracle_route": "batched" if args.oracle_route == "batched" or (args.oracle_route == "auto" and
+                                                                                 batched_route_supported(module)) else "loop",
                   "wall_s": round(time.perf_counter() - t0, 1)},
     }
     return emit(result, args.out, print_table)

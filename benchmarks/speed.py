@@ -11,11 +11,14 @@ size against delta-SAM's.
     python benchmarks/speed.py --model tiny --steps 5 --out speed-tiny.json
     python benchmarks/speed.py --model minilm --steps 8 --isolate 4 --methods peers --probes '' --scaling '' --oracle-repeats 0
     python benchmarks/speed.py --model minilm --steps 8 --methods gram --probes '' --scaling '' --gram-sweep --memory
+    python benchmarks/speed.py --model minilm --steps 8 --methods instance --probes '' --scaling '' --instance-sweep --memory
 
 ``--isolate R`` times each method in its own fresh process instead (R rounds, rotated order), as a user runs
 one optimizer: methods sharing one module and allocator interact (see RESULTS.md, section 2).
 ``--methods gram`` times the exact and sketched Gram rules against SAM; ``--gram-sweep`` how SAM, the
 exact rule, the r = 32 sketch and the oracle grow with the batch size B and the sequence length T;
+``--methods instance`` times exact per-instance SAM (m = 1) and m-sharpness (m = 4, 8) in one batched second pass
+against SAM, the default delta-SAM and the loop oracle; ``--instance-sweep`` SAM, m = 1 and the loop oracle over B and T.
 ``--memory`` each method's peak resident memory over a step, each in a fresh process.
 """
 
@@ -30,7 +33,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from common import batches, build, default_delta_config, emit, gram_configs, rule_name  # type: ignore[import-not-found]
+from common import (  # type: ignore[import-not-found]
+    batches, build, default_delta_config, emit, gram_configs, instance_configs, rule_name,
+)
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
@@ -239,10 +244,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
                     "for the engine's time per phase, after the timed run; 0 skips it")
-    ap.add_argument("--methods", choices=["all", "peers", "gram"], default="all",
+    ap.add_argument("--methods", choices=["all", "peers", "gram", "instance"], default="all",
                     help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
-                         "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules")
+                         "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules; instance: AdamW, SAM, "
+                         "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8)")
     ap.add_argument("--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)")
+    ap.add_argument("--instance-sweep", action="store_true", help="SAM, m = 1 and the loop oracle over B (8,16,32) and T (16,32,64)")
     ap.add_argument("--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process")
     ap.add_argument("--isolate", type=int, default=0, metavar="ROUNDS",
                     help="time each method in its own fresh process (ROUNDS rounds in rotated order, --steps steps each) "
@@ -264,13 +271,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     fixed = [next(stream) for _ in range(4)]
     default = rule_name(default_delta_config(rho=args.rho))
     configs = method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])
-    if args.methods in ("peers", "gram"):
+    if args.methods in ("peers", "gram", "instance"):
         configs = [c for c in configs if rule_name(c) in ("adamw", "sam", default)]
     if args.methods in ("all", "gram"):
         configs += gram_configs(args.rho)
+    if args.methods in ("all", "instance"):
+        configs += instance_configs(args.rho)
     methods: dict[str, Any] = {rule_name(c): Method(module, c) for c in configs}
     peers_skipped = {name: why for name, why in available_peers().items() if why}
-    if args.methods != "gram":
+    if args.methods not in ("gram", "instance"):
         methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
     names = list(methods)
@@ -321,7 +330,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         module.train()
         scaling.append({"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s})
 
-    sweep = gram_sweep(args, module) if args.gram_sweep else []
+    sweep = gram_sweep(args, module, GRAM_SWEEP) if args.gram_sweep else []
+    if args.instance_sweep:
+        sweep += gram_sweep(args, module, INSTANCE_SWEEP)
     memory = {name: memory_of(args, name) for name in methods} if args.memory else {}
     if memory:
         memory = {name: {**m, "/sam": m["peak_mb"] / memory["sam"]["peak_mb"]} for name, m in memory.items()}
@@ -350,7 +361,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return emit(result, args.out, print_table)
 
 
-SWEEP_METHODS = ("sam", "gram-linear-t4-exact", "gram-linear-t4-sketch-r32")
+GRAM_SWEEP = ("sam", "gram-linear-t4-exact", "gram-linear-t4-sketch-r32")
+INSTANCE_SWEEP = ("sam", "instance-m1")
 
 
 def _fixed_length(batch: dict[str, Tensor], length: int) -> dict[str, Tensor]:
@@ -365,9 +377,10 @@ def _fixed_length(batch: dict[str, Tensor], length: int) -> dict[str, Tensor]:
     return out
 
 
-def gram_sweep(args: argparse.Namespace, module: Any) -> list[dict[str, Any]]:
-    """Seconds per step of SAM, the exact rule, the r = 32 sketch and the oracle as B and T grow."""
-    rules = {rule_name(c): c for c in [SAMConfig(rho=args.rho), *gram_configs(args.rho)] if rule_name(c) in SWEEP_METHODS}
+def gram_sweep(args: argparse.Namespace, module: Any, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Seconds per step of SAM, the methods ``names`` and the loop oracle as B and T grow."""
+    known = [SAMConfig(rho=args.rho), *gram_configs(args.rho), *instance_configs(args.rho)]
+    rules = {rule_name(c): c for c in known if rule_name(c) in names}
     points = [(b, None) for b in (8, 16, 32)] + [(32, t) for t in (16, 32, 64)]
     rows = []
     for b, t in points:
@@ -383,7 +396,7 @@ def gram_sweep(args: argparse.Namespace, module: Any) -> list[dict[str, Any]]:
         module.eval()
         row["oracle"] = oracle_seconds(module, batch, args.rho)
         module.train()
-        row.update({f"{n}/sam": row[n] / row["sam"] for n in (*SWEEP_METHODS[1:], "oracle")})
+        row.update({f"{n}/sam": row[n] / row["sam"] for n in (*names[1:], "oracle")})
         rows.append(row)
         print(f"[sweep B={b} T={row['tokens']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k) + "]", flush=True)
     return rows
@@ -428,7 +441,8 @@ def _child(args: argparse.Namespace, *flags: str) -> Any:
 
 def make_method(name: str, module: Any, rho: float) -> Any:
     """The method called ``name`` (a rule name, or a peer) stepping ``module``."""
-    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=rho), default_delta_config(rho=rho), *gram_configs(rho)]}
+    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=rho), default_delta_config(rho=rho), *gram_configs(rho),
+                                         *instance_configs(rho)]}
     return Method(module, configs[name]) if name in configs else Peer(module, name, rho)
 
 

@@ -1,10 +1,12 @@
 """Exact per-instance SAM (the oracle) and the fidelity measure, for measurement only (DELTASAM.md section 4).
 
 The oracle perturbs each instance by its own eps_i = rho g_i/||g_i|| and averages the
-gradients at w + eps_i: n + 1 backward passes' worth, too costly to train with. Per-sample
-gradients come from ``torch.func`` (vmap of grad); models it cannot take use a loop of
-backward passes. Run it with the model in eval mode: the measure compares methods on the
-same deterministic function.
+gradients at w + eps_i. Two routes give it: the batched one of :mod:`.instance` (``m=1``: one
+forward/backward pair per pass, for models whose trainable layers are Linear, Embedding and
+LayerNorm) and the loop (n + 1 backward passes' worth: any model, and ASAM). The loop is the
+reference the batched route is tested against. Per-sample gradients come from ``torch.func``
+(vmap of grad); models it cannot take use a loop of backward passes. Run it with the model in
+eval mode: the measure compares methods on the same deterministic function.
 """
 
 from __future__ import annotations
@@ -103,12 +105,41 @@ def _flat_rows(grads: dict[str, Tensor]) -> Tensor:
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
 
 
+def instance_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, m: int = 1) -> Tensor:
+    """u* (flat) by the batched route: the descent gradient of the ``m=1`` step (``m=k``: m-sharpness), weights untouched."""
+    return method_update(module, lambda: loss_fn(batch), SAMConfig(rho=rho, m=m))
+
+
+def batched_route_supported(module: nn.Module) -> bool:
+    """Whether :func:`instance_update` can take ``module`` (every trainable layer Linear, Embedding or LayerNorm)."""
+    from .gram import GramCapture, UnsupportedModuleError
+
+    try:
+        GramCapture(module, [p for p in module.parameters() if p.requires_grad], purpose="m=1")
+    except (UnsupportedModuleError, ValueError):
+        return False
+    return True
+
+
 def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, adaptive: bool = False,
-                  eta: float = 0.01, method: str = "auto", keep_rows: bool = False) -> OracleResult:
-    """Exact per-instance SAM: u* = mean_i grad l_i(w + eps_i), eps_i = rho g_i/||g_i|| (ASAM: rho T^2 g_i/||T g_i||)."""
+                  eta: float = 0.01, method: str = "auto", keep_rows: bool = False, route: str = "loop") -> OracleResult:
+    """Exact per-instance SAM: u* = mean_i grad l_i(w + eps_i), eps_i = rho g_i/||g_i|| (ASAM: rho T^2 g_i/||T g_i||).
+
+    ``route``: ``"loop"`` (a backward per instance), ``"batched"`` (:func:`instance_update`; not for ASAM) or
+    ``"auto"`` (batched where the model allows it). The per-instance gradients at w (``rows``, their norms and
+    mean) come from ``method`` ("auto", "func" or "loop") either way.
+    """
+    if route not in ("loop", "batched", "auto"):
+        raise ValueError(f"route={route!r} is not supported; use 'loop', 'batched' or 'auto'.")
+    batched = route == "batched" or (route == "auto" and not adaptive and batched_route_supported(module))
+    if batched and adaptive:
+        raise ValueError("route='batched' cannot apply ASAM's per-instance perturbation (adaptive=True); use route='loop'.")
     params = _named_trainable(module)
     g = per_sample_grads(module, loss_fn, batch, method, params)
     rows = _flat_rows(g)
+    if batched:
+        update = instance_update(module, loss_fn, batch, rho)
+        return OracleResult(rows.mean(dim=0), update, rows.norm(dim=1), rows if keep_rows else None)
     flat_w = torch.cat([p.reshape(-1) for p in params.values()])
     if adaptive:
         t = flat_w.abs() + eta

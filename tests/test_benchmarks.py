@@ -240,3 +240,15 @@ def test_speed_gram_methods_and_fixed_length(tmp_path):
     longer, shorter = speed._fixed_length(batch, 8), speed._fixed_length(batch, 3)
     assert longer["input_ids"].shape == (2, 8) and int(longer["attention_mask"].sum()) == 10
     assert shorter["attention_mask"].shape == (2, 3) and longer["labels"].shape == (2,)
+
+
+def test_speed_instance_interface(tmp_path):
+    """--methods instance: per-instance SAM (m = 1) and m-sharpness (m = 4, 8) timed against SAM and the loop oracle."""
+    import speed
+
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "tiny", "--steps", "1", "--batch-size", "8", "--methods", "instance", "--probes", "",
+                "--scaling", "", "--profile-steps", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"adamw", "sam", "instance-m1", "instance-m4", "instance-m8", "oracle"} <= set(result["step_seconds"])
+    assert {"instance-m1/sam", "instance-m4/sam", "oracle/sam"} <= set(result["ratios"])

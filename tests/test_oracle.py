@@ -81,3 +81,21 @@ def test_fidelity_measure():
     assert fidelity(star, star, g) == (pytest.approx(1.0), pytest.approx(0.0))
     cos, rel = fidelity(torch.tensor([1.0, 0.0, 1.0]), star, g)
     assert cos == pytest.approx(0.0, abs=1e-12) and rel == pytest.approx(2**0.5)
+
+
+def test_batched_route_is_the_loop_oracle():
+    """The oracle's two routes agree: the batched second pass against n + 1 backward passes (the reference)."""
+    from lightning_deltasam.oracle import batched_route_supported
+    from tests.test_gram import TinyBert, make_batch
+
+    model = TinyBert().eval()
+    batch = make_batch()
+    fn = lambda b: model(b)  # noqa: E731
+    loop = oracle_update(model, fn, batch, rho=0.05, route="loop")
+    batched = oracle_update(model, fn, batch, rho=0.05, route="batched")
+    assert batched_route_supported(model)
+    assert float((batched.update - loop.update).norm() / loop.update.norm()) < 1e-5
+    assert torch.equal(batched.mean_grad, loop.mean_grad)
+    with pytest.raises(ValueError, match="route='loop'"):
+        oracle_update(model, fn, batch, rho=0.05, adaptive=True, route="batched")
+    assert not batched_route_supported(torch.nn.MultiheadAttention(4, 2))
