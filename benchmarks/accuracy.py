@@ -9,6 +9,8 @@ Writes the JSON (per optimizer: final metric per seed, mean, std, mean wall seco
 dev metrics, e.g. STS-B's Spearman, under ``also``), a Markdown table next to it, and with ``--plot``
 the validation metric vs step (mean and min-max band over seeds). Extra ``key=value`` arguments after
 ``--`` are passed to every run (e.g. trainer.max_steps=400).
+An optimizer may carry its own overrides after ``@`` (``--optimizers adamw,sam,sam@optimizer.rho=0.1,
+instance_sam@optimizer.rho=0.02``): each is a column of its own, paired against the same AdamW and SAM runs.
 ``--jobs J`` trains J runs at once, each on cpu_count // J threads: on a small CPU that finishes a
 plan sooner (one thread per run wastes less on synchronization), and each run's wall time is then
 that of a shared machine.
@@ -68,6 +70,16 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     if record is not None:
         save_record(run_dir, record / run_dir.name)
     return results
+
+
+def parse_optimizer(entry: str) -> tuple[str, str, list[str]]:
+    """``"sam@optimizer.rho=0.1"`` -> (label ``"sam@rho=0.1"``, config name ``"sam"``, overrides ``["optimizer.rho=0.1"]``)."""
+    name, *overrides = entry.split("@")
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"--optimizers entry {entry!r}: {override!r} is not key=value (e.g. sam@optimizer.rho=0.1).")
+    label = "@".join([name, *(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}" for o in overrides)])
+    return label, name, overrides
 
 
 def dev_size(task: str, metric: str) -> Optional[int]:
@@ -211,7 +223,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = table(result["optimizers"])
     se = result.get("one_run_se")
     if se is not None:
-        lines.append(f"\nStandard error of one run's {result['metric']} from the dev set's size (n = {result['dev_examples']}): "
+        where = "held-out training rows'" if result.get("holdout") else "dev set's"
+        lines.append(f"\nStandard error of one run's {result['metric']} from the {where} size (n = {result['dev_examples']}): "
                      f"{100 * se:.2f} points.")
     for metric, also in result.get("also", {}).items():
         se = also.get("one_run_se")
@@ -268,13 +281,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    optimizers = args.optimizers.split(",")
+    entries = {label: (name, own) for label, name, own in map(parse_optimizer, args.optimizers.split(","))}
+    optimizers = list(entries)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     record = Path(args.record) if args.record else None
 
     def train(seed: int, opt: str) -> dict[str, Any]:
-        run_dir = Path(args.runs_dir) / run_name(args.task, args.model, opt, seed, extra)
-        r = run_one(args.task, args.model, opt, seed, run_dir, extra, reuse=args.reuse, record=record, threads=threads)
+        name, own = entries[opt]
+        run_dir = Path(args.runs_dir) / run_name(args.task, args.model, name, seed, [*extra, *own])
+        r = run_one(args.task, args.model, name, seed, run_dir, [*extra, *own], reuse=args.reuse, record=record,
+                    threads=threads)
         print(f"{opt:10s} seed {seed}: {r['main_metric']}={r[r['main_metric']]:.4f} ({r['wall_seconds']:.0f}s)", flush=True)
         return r
 
@@ -295,6 +311,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "also": also_measured(runs, metric, n_dev),
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
         "overrides": extra,
+        "optimizer_overrides": {label: own for label, (_, own) in entries.items() if own},
+        "holdout": runs[optimizers[0]][seeds[0]].get("holdout", 0.0),  # > 0: measured on held-out training rows
         "jobs": args.jobs,  # runs trained at once by this invocation (reused runs keep their own wall time)
         "flipped_labels": {str(s): runs[optimizers[0]][s].get("flipped_labels") for s in seeds},
         "train_loss_by_epoch": {o: {str(s): r["train_loss_by_epoch"] for s, r in by_seed.items()} for o, by_seed in runs.items()},

@@ -252,3 +252,25 @@ def test_speed_instance_interface(tmp_path):
     result = json.loads(out.read_text())
     assert {"adamw", "sam", "instance-m1", "instance-m4", "instance-m8", "oracle"} <= set(result["step_seconds"])
     assert {"instance-m1/sam", "instance-m4/sam", "oracle/sam"} <= set(result["ratios"])
+
+
+def test_accuracy_per_optimizer_overrides_and_holdout(tmp_path):
+    """``sam@optimizer.rho=0.1`` is a column of its own, paired against the same SAM run; ``data.holdout`` validates
+    on held-out training rows (the run records it, and the table says so)."""
+    import accuracy
+
+    assert accuracy.parse_optimizer("instance_sam@optimizer.rho=0.02@optimizer.m=4") == (
+        "instance_sam@rho=0.02@m=4", "instance_sam", ["optimizer.rho=0.02", "optimizer.m=4"])
+    with pytest.raises(ValueError, match="not key=value"):
+        accuracy.parse_optimizer("sam@rho")
+    out = tmp_path / "acc.json"
+    argv = ["--model", "tiny", "--optimizers", "sam,sam@optimizer.rho=0.2", "--seeds", "1", "--runs-dir", str(tmp_path / "runs"),
+            "--record", "", "--out", str(out), "--", "trainer.max_steps=3", "trainer.val_check_interval=3",
+            "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "data.limit_train=200", "data.holdout=0.1"]
+    result = accuracy.main(argv)
+    assert list(result["optimizers"]) == ["sam", "sam@rho=0.2"]
+    assert result["options"]["sam"]["rho"] == 0.05 and result["options"]["sam@rho=0.2"]["rho"] == 0.2
+    assert result["optimizers"]["sam@rho=0.2"]["paired_vs"]["sam"]["n"] == 1
+    assert result["holdout"] == 0.1 and result["dev_examples"] == 20  # 10% of the 200 training rows, not the dev set
+    assert "held-out training rows' size (n = 20)" in out.with_suffix(".md").read_text()
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # one run directory each: --reuse never mixes them up

@@ -195,6 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": ckpt_path,
         "label_noise": datamodule.label_noise,
         "flipped_labels": datamodule.flipped_labels,
+        "holdout": datamodule.holdout,  # > 0: the val/ metrics are on held-out training rows, not the dev set
         "dev_examples": len(datamodule.val_sets[task.val_names[0]]) if task.val_names[0] in datamodule.val_sets else None,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "main_metric": task.main_metric,

@@ -57,6 +57,9 @@ class GlueDataModule(L.LightningDataModule):
     shuffled by a generator seeded with ``seed`` so identical seeds give identical batches.
     ``label_noise=p`` flips a seeded random share p of the training labels (after ``limit_train``) to another
     class, drawn uniformly among the others; validation splits and the data order are untouched.
+    ``holdout=q`` validates on a seeded share q of the training rows (after ``limit_train``, with their labels as
+    trained on, so noisy under ``label_noise``) instead of the dev set, and trains on the rest: for choosing
+    options such as rho without looking at the dev set that results are reported on.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class GlueDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         label_noise: float = 0.0,
+        holdout: float = 0.0,
     ) -> None:
         super().__init__()
         check_int("data.batch_size", batch_size, minimum=1)
@@ -80,6 +84,8 @@ class GlueDataModule(L.LightningDataModule):
             check_int("data.limit_train", limit_train, minimum=1, hint=" Use null for the whole train split.")
         check_int("data.num_workers", num_workers, minimum=0)
         check_number("data.label_noise", label_noise, minimum=0.0, below=1.0)
+        check_number("data.holdout", holdout, minimum=0.0, below=1.0, hint=" It is the share of the training rows "
+                     "validated on instead of the dev set; 0 validates on the dev set.")
         if label_noise > 0 and task.regression:
             raise ValueError(
                 f"data.label_noise={label_noise} flips class labels, but task {task.name!r} is a regression task "
@@ -94,6 +100,7 @@ class GlueDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.label_noise = float(label_noise)
+        self.holdout = float(holdout)
         self.flipped_labels = 0
         self.train_set: Optional[TextDataset] = None
         self.val_sets: dict[str, TextDataset] = {}
@@ -117,10 +124,31 @@ class GlueDataModule(L.LightningDataModule):
                     f"data.label_noise={self.label_noise}: flipped {self.flipped_labels} of "
                     f"{len(indices) if indices is not None else len(train)} training labels (seed {self.seed})."
                 )
-            self.train_set = TextDataset(train, indices)
+            if self.holdout > 0:
+                self.train_set, held = self._split_holdout(train, indices)
+                self.val_sets = {self.task.val_names[0]: held}
+                rank_zero_info(f"data.holdout={self.holdout}: validating on {len(held)} held-out training rows, "
+                               f"training on {len(self.train_set)} (seed {self.seed}); the dev set is not used.")
+            else:
+                self.train_set = TextDataset(train, indices)
+        if self.holdout > 0:
+            return
         for name in self.task.val_names:
             if name not in self.val_sets:
                 self.val_sets[name] = TextDataset(self.task.load(name))
+
+    def _split_holdout(self, train: Split, indices: Optional[Sequence[int]]) -> tuple[TextDataset, TextDataset]:
+        """(train rows, held-out rows): a seeded random share ``holdout`` of the used rows, drawn from its own stream."""
+        rows = list(range(len(train))) if indices is None else list(indices)
+        count = round(self.holdout * len(rows))
+        if count == 0 or count == len(rows):
+            raise ValueError(f"data.holdout={self.holdout} of {len(rows)} training rows leaves an empty split; "
+                             "use a share that keeps rows on both sides.")
+        g = torch.Generator().manual_seed(self.seed + 2)  # limit_train draws from seed, label_noise from seed + 1
+        order = torch.randperm(len(rows), generator=g).tolist()
+        held = sorted(rows[i] for i in order[:count])
+        kept = sorted(rows[i] for i in order[count:])
+        return TextDataset(train, kept), TextDataset(train, held)
 
     def _noisy(self, train: Split, indices: Optional[Sequence[int]]) -> tuple[Split, int]:
         """A copy of ``train`` with round(p * n) of the n used rows' labels moved to another class, uniformly."""
@@ -156,6 +184,6 @@ class GlueDataModule(L.LightningDataModule):
         return [
             DataLoader(self.val_sets[name], batch_size=self.eval_batch_size, collate_fn=self._collator(),
                        num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-            for name in self.task.val_names
+            for name in self.task.val_names if name in self.val_sets  # data.holdout: the held-out rows only
         ]
 
