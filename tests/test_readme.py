@@ -26,13 +26,14 @@ def section(title: str) -> str:
 LIBRARY_SNIPPETS = re.findall(r"```python\n(.*?)```", section("## Library usage"), flags=re.S)
 
 
-def test_library_section_has_five_snippets() -> None:
-    assert len(LIBRARY_SNIPPETS) == 5
+def test_library_section_has_six_snippets() -> None:
+    assert len(LIBRARY_SNIPPETS) == 6
 
 
 @pytest.mark.parametrize("index, shows", [(0, "per-instance losses (64,)"), (1, "mixin: trained 50 steps"),
                                           (2, "callback: trained 50 steps"), (3, "skipped False"),
-                                          (4, "exact delta-SAM step: mean loss")])
+                                          (4, "exact delta-SAM step: mean loss"),
+                                          (5, "per-instance SAM step: mean loss")])
 def test_readme_snippet_runs_alone(index: int, shows: str, tmp_path: Path) -> None:
     """Exactly as printed, in a fresh interpreter (no imports borrowed from an earlier snippet)."""
     script = tmp_path / "snippet.py"
