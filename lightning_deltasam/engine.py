@@ -89,6 +89,7 @@ class StepStats:
     weight_max: float = float("nan")
     weight_fallback: bool = False
     skipped: bool = False
+    grad_norm_ratio: float = float("nan")  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance.py)
 
     def as_log_dict(self, skipped_total: int) -> dict[str, float]:
         out = {"deltasam/skipped_steps": float(skipped_total)}
@@ -99,6 +100,8 @@ class StepStats:
             out["deltasam/weight_entropy"] = self.weight_entropy
             out["deltasam/weight_max"] = self.weight_max
             out["deltasam/weight_fallback"] = float(self.weight_fallback)
+        if not math.isnan(self.grad_norm_ratio):
+            out["deltasam/grad_norm_ratio"] = self.grad_norm_ratio
         return out
 
 
@@ -444,6 +447,8 @@ class SAMEngine:
                 route.scale({p: rho_of[p] * inverse for p in squares})
                 eps_sq = sum(rho_of[p] ** 2 * sq for p, sq in squares.items()) * inverse.square()
                 stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
+            with torch.no_grad(), _phase("statistics"):
+                stats.grad_norm_ratio = _norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
             snapshot.keep_buffers()  # the first pass's statistics are the ones kept
             self.zero_grad(params)
             with snapshot.restoring(), route.corrections(), _phase("second_pass"):
@@ -622,6 +627,14 @@ class SAMEngine:
 def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:
     """The plain-PyTorch backend, all-reducing over torch.distributed when sync='global' and W > 1."""
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
+
+
+def _norm_ratio(group_norms: Tensor, sizes: Tensor, batch_sq: Tensor) -> float:
+    """mean_i ||G_g(i)||/|g(i)| / ||g_bar||: the factor by which the per-group first-order loss rise (rho ||G_g||
+    per group) exceeds SAM's (rho ||g_bar|| on average), so rho_SAM / ratio is the radius that matches SAM's."""
+    bar = float(batch_sq.sqrt()) / float(sizes.sum())
+    per_instance = float((group_norms.double().cpu()).sum()) / float(sizes.sum())  # sum_g |g| (||G_g||/|g|) / n
+    return per_instance / bar if bar > 0 else float("nan")
 
 
 def _norm_of(norms: list[Tensor]) -> float:

@@ -171,6 +171,42 @@ class InstancePerturbation:
                 out[layer.weight] = (same * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
         return out
 
+    def batch_grad_norm_sq(self) -> Tensor:
+        """||sum_i g_i||^2 over every covered parameter (the batch gradient's, unreduced), from the same a and b: a
+        diagnostic (the radius at which SAM's first-order loss rise matches this route's), one GEMM per layer over
+        the tokens whose output gradient is not zero."""
+        total = torch.zeros((), dtype=torch.float64)
+        for plan in self.plans:
+            layer, mod = plan.layer, plan.layer.module
+            parts: list[Tensor] = []
+            if plan.bias is not None and layer.bias is not None:
+                parts.append(plan.bias.sum(0))
+            if layer.weight is not None:
+                if plan.gamma is not None:
+                    parts.append(plan.gamma.sum(0))
+                elif plan.dense is not None:
+                    parts.append(plan.dense.sum(0))
+                elif plan.a is not None and plan.b is not None:
+                    b = plan.b.reshape(-1, plan.b.shape[-1])
+                    kept = b.abs().amax(dim=1) != 0
+                    b = b[kept]
+                    if isinstance(mod, nn.Embedding):
+                        _, rows = torch.unique(plan.a.reshape(-1)[kept], return_inverse=True)
+                        parts.append(torch.zeros(int(rows.max()) + 1 if rows.numel() else 0, b.shape[-1], dtype=b.dtype,
+                                                 device=b.device).index_add_(0, rows, b))
+                    else:
+                        parts.append(b.t() @ plan.a.reshape(-1, plan.a.shape[-1])[kept])
+            for part in parts:
+                total = total + part.double().square().sum().cpu()
+        return total
+
+    def group_sizes(self) -> Tensor:
+        """Instances per group: m, the last group possibly fewer."""
+        bsz, m = self.batch_size, self.m
+        sizes = torch.full((-(-bsz // m),), float(m))
+        sizes[-1] = bsz - m * (sizes.numel() - 1)
+        return sizes
+
     def scale(self, c: dict[Tensor, Tensor]) -> None:
         """Set c_g (``{parameter: [G]}``; a parameter absent is not perturbed) and scale each layer's shares by it."""
         bsz, m = self.batch_size, self.m

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from lightning_deltasam import DeltaSAM, DeltaSAMCallback, SAMConfig
 from lightning_deltasam.gram import UnsupportedModuleError
-from lightning_deltasam.oracle import _LossModule
+from lightning_deltasam.oracle import _LossModule, per_sample_grads
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_data, make_loader, make_net, per_sample_ce
 from tests.test_gram import Positional, TinyBert, make_batch
 from tests.test_reliability import Faulty
@@ -147,6 +147,21 @@ def test_eps_norm_and_loss_rise_are_logged():
     stats = opt.last_stats
     assert stats is not None and abs(stats.eps_norm - RHO) < 1e-6
     assert stats.loss_rise > 0  # every instance moved up its own gradient
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("name", ["bert", "twice"])
+def test_grad_norm_ratio_is_logged_from_per_sample_gradients(name, m):
+    """deltasam/grad_norm_ratio = mean_i ||G_g(i)||/|g(i)| / ||g_bar||, against torch.func's per-sample gradients."""
+    model, loss_fn, batch = MODELS[name]()
+    g = per_sample_grads(model, loss_fn, batch)
+    rows = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1).double()
+    n = rows.shape[0]
+    want = sum(float(rows[s:s + m].sum(0).norm()) for s in range(0, n, m)) / n / float(rows.mean(0).norm())
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.0, module=model, rho=RHO, m=m)
+    opt.step(lambda: loss_fn(batch))
+    assert opt.last_stats.grad_norm_ratio == pytest.approx(want, rel=1e-5)
+    assert opt.last_stats.as_log_dict(0)["deltasam/grad_norm_ratio"] > 1  # a per-instance adversary is the stronger one
 
 
 def test_bf16_autocast_is_close_to_float32():
