@@ -236,6 +236,8 @@ class InstancePerturbation:
     @contextmanager
     def corrections(self) -> Iterator["InstancePerturbation"]:
         """Forward hooks that make each layer compute instance i's output at w + eps_g (the weights stay at w)."""
+        # x A^T of layers called on one input tensor with one A (query, key, value), the input held so its id stays its own
+        self._shared: dict[tuple, tuple[Tensor, Tensor]] = {}
         handles = [plan.layer.module.register_forward_hook(self._hook(plan)) for plan in self.plans
                    if plan.weight_step is not None or plan.bias_step is not None]
         try:
@@ -243,6 +245,7 @@ class InstancePerturbation:
         finally:
             for h in handles:
                 h.remove()
+            self._shared = {}
 
     def _hook(self, plan: _Plan):  # type: ignore[no-untyped-def]
         bsz, m, name = self.batch_size, self.m, plan.layer.name
@@ -281,11 +284,17 @@ class InstancePerturbation:
             else:
                 xs = _grouped(x.reshape(bsz, -1, x.shape[-1]), bsz, m).to(step.dtype)
                 if plan.dense is not None:
-                    left, step = xs, step
-                elif plan.bias_ratio is not None:
-                    left = torch.baddbmm(plan.bias_ratio, xs, plan.a.transpose(1, 2))  # type: ignore[union-attr]
+                    left = xs
                 else:
-                    left = torch.bmm(xs, plan.a.transpose(1, 2))  # type: ignore[union-attr]
+                    a = plan.a
+                    assert a is not None
+                    key = (id(x), x._version, a.data_ptr(), tuple(a.shape))
+                    hit = self._shared.get(key)
+                    if hit is None:
+                        hit = self._shared[key] = (x, torch.bmm(xs, a.transpose(1, 2)))
+                    left = hit[1]
+                    if plan.bias_ratio is not None:
+                        left = left + plan.bias_ratio
             if m == 1 and y.dtype == step.dtype:
                 y = torch.baddbmm(y, left, step)  # one fused op: y + left @ step
             else:
