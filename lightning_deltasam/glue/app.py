@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import SAMConfig
+from .checkpoints import ExactResume
 from .classifier import GlueClassifier
 from .data import GlueDataModule
 from .models import TextEncoder
@@ -172,7 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task, datamodule, model, encoder = build_components(cfg, options)
 
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, task.main_metric), logger=build_loggers(cfg) or False
+        cfg.trainer, callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume()], logger=build_loggers(cfg) or False
     )
     if ckpt_path is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)
