@@ -54,12 +54,12 @@ def test_valid_options_pass(args: list[str]) -> None:
 
 # --------------------------------------------------------------------------- run directory names
 def test_run_dir_names_the_data_set_and_the_swept_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = OmegaConf.create({"hydra": {"runtime": {"choices": {"task": "tsv", "optimizer": "sam"}},
+    root = OmegaConf.create({"hydra": {"runtime": {"choices": {"task": "tsv", "model": "tiny", "optimizer": "sam"}},
                                        "job": {"num": 3}, "overrides": {"task": ["task=tsv", "optimizer=sam", "seed=2"]}},
                              "task": {"data_dir": "/data/my_reviews"}})
-    assert _run_name(_root_=root) == "tsv-my_reviews-sam"
+    assert _run_name(_root_=root) == "tsv-my_reviews-tiny-sam"  # the model too: tiny and MiniLM runs apart
     root.hydra.runtime.choices.task = "sst2"
-    assert _run_name(_root_=root) == "sst2-sam"
+    assert _run_name(_root_=root) == "sst2-tiny-sam"
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "task=tsv", "optimizer=adamw,sam", "seed=1,2"])
     assert _swept(_root_=root) == "3_optimizer=sam,seed=2"
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "task=tsv"])

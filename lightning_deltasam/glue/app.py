@@ -92,8 +92,9 @@ def _settings(overrides: Any) -> tuple[str, ...]:
 
 def resolve_checkpoint(cfg: DictConfig) -> Optional[str]:
     """``ckpt_path`` as a file: ``last`` is this run dir's ``checkpoints/last.ckpt`` if it exists, else the newest
-    ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one (``outputs/<task>-<optimizer>/*``,
-    or ``multirun/*/*`` for a sweep job) whose overrides equal these but for :data:`RESUME_MAY_DIFFER`."""
+    ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one
+    (``outputs/<task>-<model>-<optimizer>/*``, or ``multirun/*/*`` for a sweep job) whose overrides equal these
+    but for :data:`RESUME_MAY_DIFFER`."""
     path = cfg.get("ckpt_path")
     if path is None:
         return None
