@@ -71,10 +71,9 @@ class ExactResume(Callback):
       ``configure_optimizers`` already did (for ``trainer.estimated_stepping_batches``) before the checkpoint was
       read, and not at all after a complete epoch of epoch-based training (the next epoch then repeated the first
       one's order instead of drawing its own).
-    * A fit stopped inside an epoch (``max_steps``, ``should_stop``) has its epoch counted as complete by Lightning;
-      resuming from that checkpoint then started the next epoch with the rest of the stopped one (progress showed
-      ``epoch 2/1``, and ``max_epochs`` ended runs early). The checkpoint's epoch counter is set back to the stopped
-      epoch, as Lightning saves it at a validation inside an epoch (also when loading older checkpoints).
+    * The loop counters of a fit that stopped (``max_steps``, ``should_stop``) are set as :func:`reopen_stopped_epoch`
+      says, on saving and on loading (older checkpoints): resuming a stop inside an epoch started the next epoch
+      with the rest of the stopped one (progress showed ``epoch 2/1``, and ``max_epochs`` ended runs early).
       Lightning's ``on_train_epoch_end`` hooks still ran at the stop (epoch-interval schedulers, epoch metrics).
     """
 
@@ -137,11 +136,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> None:
-    """If ``checkpoint`` was saved after a fit stopped inside an epoch, count that epoch as started, not complete.
+    """Fix the loop counters of a ``checkpoint`` saved after the fit stopped, so resuming continues in step.
 
-    Lightning (2.6) counts the stopped epoch as processed and completed; its batch progress still says the epoch
-    has batches left. Set back, the state is the one Lightning saves at a validation inside an epoch, from which it
-    resumes the same epoch at the next batch.
+    Lightning (2.6) counts the epoch a fit stopped in as processed and completed. Stopped inside the epoch (its batch
+    progress has batches left), the epoch is set back to started, not complete: the state Lightning saves at a
+    validation inside an epoch, from which it resumes that epoch at the next batch. Stopped at the epoch's last
+    batch, the epoch stays complete and the batch count is cleared for the next one (Lightning kept it, and a
+    ``max_steps`` run resumed there ran its next epoch for one batch).
     """
     fit = _fit_loop_state(checkpoint)
     epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
