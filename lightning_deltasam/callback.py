@@ -6,7 +6,7 @@ import functools
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -30,7 +30,8 @@ class DeltaSAMCallback(Callback):
     first pass is computed from it and ``training_step`` runs once, at w + eps, so its
     logged loss is the perturbed one; the loss at w is logged as ``deltasam/loss``.
     Refused at fit start: manual optimization (use :class:`DeltaSAMMixin`), ``16-mixed``
-    (its plugin steps without the closure), ``accumulate_grad_batches > 1``, more than one optimizer.
+    (its plugin steps without the closure), ``accumulate_grad_batches > 1`` (or a ``GradientAccumulationScheduler``
+    that sets it; set during the fit, it is refused at its first batch), more than one optimizer.
 
     Args:
         rho: radius of the perturbation; ``0`` is the base optimizer (one pass).
@@ -119,11 +120,7 @@ class DeltaSAMCallback(Callback):
                 "without the closure, so the second pass cannot run. Use precision='bf16-mixed' or '32-true', "
                 "or DeltaSAMMixin, which supports '16-mixed'."
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"DeltaSAMCallback cannot run with accumulate_grad_batches={trainer.accumulate_grad_batches}: "
-                "the earlier micro-batches' gradients would enter the perturbation. Use 1."
-            )
+        _refuse_accumulation(trainer)
 
     # ----------------------------------------------------------- wrap / unwrap
     @override
@@ -153,12 +150,17 @@ class DeltaSAMCallback(Callback):
         had_own = "step" in optimizer.__dict__
         original_step = optimizer.step
 
+        # functools.wraps keeps the mark torch's LR schedulers put on the step they wrapped
+        # (``_wrapped_by_lr_sched``); without it each scheduler warns that ``optimizer.step()`` was overridden.
+        # ``original_step`` is their wrapper, so it still records the call (``optimizer._opt_called``).
+        @functools.wraps(original_step)
         def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
             if closure is None:
                 raise RuntimeError(
                     "DeltaSAMCallback: the optimizer was stepped without a closure, so the second pass cannot run "
                     f"(precision={trainer.precision!r}). Use DeltaSAMMixin for this setup."
                 )
+            _refuse_accumulation(trainer)  # changed within the batch: refused before the update
             return self._step(optimizer, closure, lambda: original_step(**kwargs), trainer, pl_module)
 
         optimizer.step = step  # type: ignore[method-assign]
@@ -174,6 +176,9 @@ class DeltaSAMCallback(Callback):
     # ------------------------------------------------------------------ step
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        # accumulate_grad_batches may change during the fit (GradientAccumulationScheduler or any hook sets it
+        # at epoch start): refused at the first batch it applies to, before its forward pass
+        _refuse_accumulation(trainer)
         self._batch = batch
         self.last_stats = None
 
@@ -246,6 +251,28 @@ def lightning_closure_parts(closure: Callable[[], Any]) -> tuple[Callable[[], An
         inner._result = result  # type: ignore[attr-defined]
 
     return inner, get_result, set_result
+
+
+def _refuse_accumulation(trainer: "pl.Trainer") -> None:
+    """Raise if the Trainer accumulates gradients now, or a ``GradientAccumulationScheduler`` will make it.
+
+    Lightning runs the earlier micro-batches' backward outside ``optimizer.step``: their gradients would enter
+    the perturbation and then be cleared by the first pass, a silently wrong step.
+    """
+    fix = ("The callback steps on one batch; for accumulation use DeltaSAMMixin(accumulate_grad_batches=k) "
+           "(manual optimization: each micro-batch gets its own perturbation), or accumulate_grad_batches=1.")
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and callback.going_to_accumulate_grad_batches():
+            epoch, k = min((e, k) for e, k in callback.scheduling.items() if k > 1)
+            raise ValueError(
+                f"DeltaSAMCallback cannot run with GradientAccumulationScheduler(scheduling={callback.scheduling}): "
+                f"it sets accumulate_grad_batches={k} from epoch {epoch}. Remove the scheduler. {fix}"
+            )
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"DeltaSAMCallback cannot run with accumulate_grad_batches={trainer.accumulate_grad_batches} "
+            f"(epoch {trainer.current_epoch}, step {trainer.global_step}). {fix}"
+        )
 
 
 def _require_loss(loss: Any) -> Tensor:

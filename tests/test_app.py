@@ -54,12 +54,12 @@ def test_valid_options_pass(args: list[str]) -> None:
 
 # --------------------------------------------------------------------------- run directory names
 def test_run_dir_names_the_data_set_and_the_swept_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = OmegaConf.create({"hydra": {"runtime": {"choices": {"task": "tsv", "optimizer": "sam"}},
+    root = OmegaConf.create({"hydra": {"runtime": {"choices": {"task": "tsv", "model": "tiny", "optimizer": "sam"}},
                                        "job": {"num": 3}, "overrides": {"task": ["task=tsv", "optimizer=sam", "seed=2"]}},
                              "task": {"data_dir": "/data/my_reviews"}})
-    assert _run_name(_root_=root) == "tsv-my_reviews-sam"
+    assert _run_name(_root_=root) == "tsv-my_reviews-tiny-sam"  # the model too: tiny and MiniLM runs apart
     root.hydra.runtime.choices.task = "sst2"
-    assert _run_name(_root_=root) == "sst2-sam"
+    assert _run_name(_root_=root) == "sst2-tiny-sam"
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "task=tsv", "optimizer=adamw,sam", "seed=1,2"])
     assert _swept(_root_=root) == "3_optimizer=sam,seed=2"
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "task=tsv"])
@@ -109,7 +109,7 @@ def test_plain_progress_counts_toward_max_steps(tmp_path: Path, capsys: pytest.C
     t.fit(Tiny(), loader(4))
     assert (step_budget(t), epoch_budget(t)) == (7, 2)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 3/7", "step 6/7", "step 7/7"]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]  # a first line early
     assert lines[0].split(" | ")[1] == "epoch 1/2" and lines[-1].split(" | ")[1] == "epoch 2/2"
     assert all("loss " in ln and "s/step" in ln and "ETA " in ln for ln in lines)
     assert lines[-1].endswith("ETA 0:00:00")

@@ -60,7 +60,7 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
     assert os.listdir(run_dir / "checkpoints") == ["last.ckpt"] and results["best_checkpoint"] is None
     # output is not a terminal: plain progress lines toward the real budget
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
-    assert lines[0].startswith("step 2/30 | epoch 1/1 | loss ") and lines[-1].startswith("step 30/30 | epoch 1/1")
+    assert lines[0].startswith("step 1/30 | epoch 1/1 | loss ") and lines[-1].startswith("step 30/30 | epoch 1/1")
     assert all(" s/step | elapsed " in ln and " | ETA " in ln for ln in lines)
     # third-party noise is filtered
     for noise in ("Tip:", "litlogger", "LeafSpec", "DistributedSampler"):

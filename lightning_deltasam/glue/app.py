@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import SAMConfig
+from .checkpoints import ExactResume
 from .classifier import GlueClassifier
 from .data import GlueDataModule
 from .models import TextEncoder
@@ -91,8 +92,9 @@ def _settings(overrides: Any) -> tuple[str, ...]:
 
 def resolve_checkpoint(cfg: DictConfig) -> Optional[str]:
     """``ckpt_path`` as a file: ``last`` is this run dir's ``checkpoints/last.ckpt`` if it exists, else the newest
-    ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one (``outputs/<task>-<optimizer>/*``,
-    or ``multirun/*/*`` for a sweep job) whose overrides equal these but for :data:`RESUME_MAY_DIFFER`."""
+    ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one
+    (``outputs/<task>-<model>-<optimizer>/*``, or ``multirun/*/*`` for a sweep job) whose overrides equal these
+    but for :data:`RESUME_MAY_DIFFER`."""
     path = cfg.get("ckpt_path")
     if path is None:
         return None
@@ -172,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task, datamodule, model, encoder = build_components(cfg, options)
 
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, task.main_metric), logger=build_loggers(cfg) or False
+        cfg.trainer, callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume()], logger=build_loggers(cfg) or False
     )
     if ckpt_path is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)

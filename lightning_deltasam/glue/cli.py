@@ -164,14 +164,14 @@ def check_command_line(argv: Optional[Sequence[str]] = None, conf_dir: Path = CO
 
 # --------------------------------------------------------------------------- run directory names
 def _run_name(*, _root_: DictConfig) -> str:
-    """``<task>-<optimizer>``; for ``task=tsv`` the data set's folder name instead of ``tsv``."""
+    """``<task>-<model>-<optimizer>`` (``sst2-tiny-deltasam``); for ``task=tsv`` ``tsv-<data set's folder name>``."""
     choices = _root_.hydra.runtime.choices
     task = str(choices.get("task"))
     if task == "tsv":
         data_dir = OmegaConf.select(_root_, "task.data_dir", default=None, throw_on_missing=False)
         if data_dir:
             task = f"tsv-{Path(str(data_dir)).expanduser().resolve().name or 'data'}"
-    return f"{task}-{choices.get('optimizer')}"
+    return "-".join(str(part) for part in (task, choices.get("model"), choices.get("optimizer")) if part is not None)
 
 
 def _swept(*, _root_: DictConfig) -> str:

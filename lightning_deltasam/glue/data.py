@@ -50,6 +50,75 @@ class Collator:
         return batch
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` Lightning can checkpoint and resume in the middle of an epoch (``state_dict`` /
+    ``load_state_dict``, saved with the fit loop): a resumed run gets the batches the interrupted one would have.
+
+    The state is the ``generator``'s state from just before the sampler drew this epoch's order, and the number of
+    batches handed out since; resuming redraws that order and skips those batches (their indices only: nothing is
+    loaded). Runs that never resume are unchanged: the order is the plain ``DataLoader``'s for the same generator.
+    Shuffle with a seeded ``generator`` (a ``DistributedSampler`` orders by its seed and epoch instead).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._order: Optional[Tensor] = None  # generator state before this epoch's order was drawn
+        self._handed_out = 0  # batches of this epoch handed out
+        self._resume: Optional[tuple[Optional[Tensor], int]] = None  # (order, batches to skip) for the next epoch
+
+    @property
+    def _index_sampler(self) -> Any:  # what every iterator draws its batches of indices from
+        return _ResumingSampler(super()._index_sampler, self)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this epoch's order came from and how many batches were handed out; at an epoch's end, the
+        generator's state for the next epoch's order instead."""
+        if self._handed_out >= len(self):
+            return {"generator": self.generator.get_state() if self.generator is not None else None}
+        return {"order": self._order, "batches": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration continues where the saved one stopped."""
+        if "generator" in state:  # the saved epoch was complete: the next one starts afresh
+            if state["generator"] is None or self.generator is None:
+                return
+            if self.num_workers > 0 and self.persistent_workers:  # reused workers: no new base seed is drawn
+                self._resume = (state["generator"], 0)
+            else:
+                self.generator.set_state(state["generator"])
+            return
+        self._resume = (state["order"], int(state["batches"]))
+
+
+class _ResumingSampler:
+    """The loader's batch sampler for one epoch: records the generator's state as the epoch's order is drawn,
+    or restores a saved one and skips the batches already handed out."""
+
+    def __init__(self, sampler: Any, loader: ResumableDataLoader) -> None:
+        self.sampler = sampler
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader
+        (order, skip), loader._resume = loader._resume or (None, 0), None
+        if order is not None and loader.generator is not None:
+            loader.generator.set_state(order)
+        loader._order = loader.generator.get_state() if loader.generator is not None else None
+        loader._handed_out = skip
+        batches = iter(self.sampler)  # the sampler draws the epoch's order at its first batch
+        for _ in range(skip):
+            next(batches, None)
+        yield from batches
+
+
 class GlueDataModule(L.LightningDataModule):
     """Train/validation dataloaders for a :class:`TextTask` with per-batch dynamic padding and seeded order.
 
@@ -171,9 +240,9 @@ class GlueDataModule(L.LightningDataModule):
             raise ValueError("GlueDataModule.tokenizer is None; pass the encoder's tokenizer before training.")
         return Collator(self.tokenizer, self.max_length, self.task.regression)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches in an order fixed by ``seed``."""
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled train batches in an order fixed by ``seed``, resumable mid-epoch."""
+        return ResumableDataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collator(),
             generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import deque
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from typing_extensions import override
 
 
 def step_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) -> int:
@@ -80,50 +82,85 @@ class StepProgressBar(RichProgressBar):
 
 
 class PlainProgress(ProgressBar):
-    """One plain line every ``every_n_steps`` optimizer steps (and at the last): step, loss, rate, elapsed, ETA.
+    """One plain line at the first step, every ``every_n_steps`` optimizer steps and at the last: step, loss, rate,
+    elapsed, ETA. For output that is not a terminal (a log file, CI).
 
-    ``every_n_steps=None``: about 20 lines per run. For output that is not a terminal (a log file, CI).
+    ``every_n_steps=None``: about 20 lines per run. s/step is the training time per step over the last ``window``
+    steps (default: two lines' worth, at least 10), so it follows a change of speed (a slow first step, another job
+    on the machine) within a line or two; the ETA adds the validations' time per step so far. ``clock``: the
+    time source in seconds (tests pass a fake one).
     """
 
-    def __init__(self, every_n_steps: Optional[int] = None) -> None:
+    def __init__(self, every_n_steps: Optional[int] = None, window: Optional[int] = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
         self.every_n_steps = every_n_steps
+        self.window = window
+        self.clock = clock
         self._enabled = True
         self._start: Optional[float] = None
         self._first_step = 0
         self._last_printed = -1
+        self._validating_since: Optional[float] = None
+        self._validation_seconds = 0.0
+        self._recent: deque[tuple[float, int]] = deque()  # (training seconds so far, step), the window's steps
 
+    @override
     def disable(self) -> None:
         self._enabled = False
 
+    @override
     def enable(self) -> None:
         self._enabled = True
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._first_step = time.perf_counter(), trainer.global_step
+        self._start, self._first_step = self.clock(), trainer.global_step
+        self._validation_seconds = 0.0
+        self._recent = deque([(0.0, trainer.global_step)])
 
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._validating_since = self.clock()
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._enabled or not trainer.is_global_zero or self._start is None:
             return
-        step, total = trainer.global_step, step_budget(trainer, pl_module)
+        now, step, total = self.clock(), trainer.global_step, step_budget(trainer, pl_module)
         every = self.every_n_steps or max(1, round(total / 20))
-        if step == self._last_printed or (step % every and step < total):
+        seconds_per_step = self._record(now - self._start - self._validation_seconds, step, self.window or max(10, 2 * every))
+        if step == self._last_printed or (step % every and step < total and step != self._first_step + 1):
             return
         self._last_printed = step
-        elapsed = time.perf_counter() - self._start
         done = step - self._first_step
-        rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
-        eta = (total - step) / rate if rate == rate and rate > 0 else float("nan")
+        per_step = seconds_per_step + self._validation_seconds / done if done > 0 else float("nan")
+        eta = (total - step) * per_step
         loss = trainer.callback_metrics.get("train/loss")
         parts = [f"step {step}/{total}", f"epoch {trainer.current_epoch + 1}/{epoch_budget(trainer, pl_module)}"]
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
-        parts.append(f"{1 / rate:.2f} s/step" if rate == rate and rate > 0 else "- s/step")
-        parts += [f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta)}"]
+        parts.append(f"{seconds_per_step:.2f} s/step" if math.isfinite(seconds_per_step) else "- s/step")
+        parts += [f"elapsed {_clock(now - self._start)}", f"ETA {_clock(eta)}"]
         print(" | ".join(parts), flush=True)
 
+    def _record(self, training_seconds: float, step: int, window: int) -> float:
+        """Add (training seconds, step); the training seconds per step over the last ``window`` steps (nan: none)."""
+        if self._recent and self._recent[-1][1] == step:  # a batch without an optimizer step (accumulation)
+            self._recent.pop()
+        self._recent.append((training_seconds, step))
+        while len(self._recent) > 2 and self._recent[1][1] <= step - window:
+            self._recent.popleft()
+        (t0, s0), (t1, s1) = self._recent[0], self._recent[-1]
+        return (t1 - t0) / (s1 - s0) if s1 > s0 else float("nan")
+
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._validating_since is not None:
+            self._validation_seconds += self.clock() - self._validating_since
+            self._validating_since = None
         if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}

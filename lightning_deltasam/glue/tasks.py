@@ -248,7 +248,7 @@ class TextTask:
         names = [h.strip().lstrip("\ufeff") for h in header]
         if column not in names:
             close = difflib.get_close_matches(str(column), names, n=2, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
             raise ValueError(
                 f"task {self.name!r}: {option} names column {column!r}, which is not in the header of {path}: "
                 f"{names}{hint} Set {option} to one of them (or task.header=false and 0-based indices)."
