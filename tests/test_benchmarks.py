@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from .glue_data import needs_glue
+
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (Path(os.environ["GLUE_DIR"]) / "SST-2" / "train.tsv").exists(), reason="needs GLUE_DIR")
+pytestmark = needs_glue
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lightning_deltasam.glue.cli import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TEXT = README.read_text()
@@ -77,7 +79,7 @@ def test_documented_defaults_match_the_config(tmp_path: Path) -> None:
     keys = {k for k, _ in pairs}
     assert {"trainer.max_steps", "trainer.val_check_interval", "trainer.max_epochs", "data.batch_size",
             "data.label_noise", "callbacks.model_checkpoint.save_top_k"} <= keys
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
     for key, text in pairs:
         actual = OmegaConf.select(cfg, key, default="<absent>")
@@ -88,7 +90,7 @@ def test_tsv_options_table_matches_the_config() -> None:
     table = section("### Your own data: `task=tsv`")
     rows = re.findall(r"^\| `task\.(\w+)` \| (.+?) \|", table, flags=re.M)
     assert len(rows) >= 10
-    tsv = OmegaConf.load(ROOT / "conf" / "task" / "tsv.yaml")
+    tsv = OmegaConf.load(CONF_DIR / "task" / "tsv.yaml")
     for key, default in rows:
         default = default.strip()
         if default == "required":
