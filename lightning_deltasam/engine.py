@@ -431,7 +431,7 @@ class SAMEngine:
             direction = torch._foreach_mul(grads, scale)  # T g
             norms = torch._foreach_norm(direction)
             torch._foreach_mul_(direction, scale)  # T (T g)
-            return direction, list(norms)
+            return list(direction), list(norms)
         return grads, list(torch._foreach_norm(grads))
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:

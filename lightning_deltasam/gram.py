@@ -138,7 +138,7 @@ class GramCapture:
             for h in handles:
                 h.remove()
 
-    def _hook(self, layer: _Layer):  # type: ignore[no-untyped-def]
+    def _hook(self, layer: _Layer):
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Optional[Tensor]:
             if not torch.is_grad_enabled():
                 return None

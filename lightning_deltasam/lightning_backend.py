@@ -30,7 +30,7 @@ class LightningBackend(Backend):
         self,
         trainer: "pl.Trainer",
         config: SAMConfig,
-        backward_fn: Callable[[Tensor], None],
+        backward_fn: Callable[[Tensor], Any],
         buffers: Callable[[], list[Tensor]],
         forward_context: Optional[Callable[[], ContextManager]] = None,
     ) -> None:
@@ -122,5 +122,6 @@ def log_stats(module: "pl.LightningModule", stats: StepStats, engine: SAMEngine,
               prog_bar: bool = False) -> None:
     """Log the loss at w as ``loss_key`` and the step's ``deltasam/*`` diagnostics."""
     batch_size = batch_size_of(batch)
-    module.log(loss_key, stats.loss, prog_bar=prog_bar, batch_size=batch_size)
+    if stats.loss is not None:  # None only in the two-step API, which no Lightning adapter uses
+        module.log(loss_key, stats.loss, prog_bar=prog_bar, batch_size=batch_size)
     module.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=batch_size)

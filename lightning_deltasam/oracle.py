@@ -137,7 +137,7 @@ def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMC
 
     ``forward()`` returns the batch's per-instance losses; ``head`` is a head probe (probe_scope='head').
     """
-    params = [p for p in module.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in module.parameters() if p.requires_grad]
     engine = engine or SAMEngine([{"params": params}], config)
     captured: list[Tensor] = []
 

@@ -17,12 +17,12 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from lightning_deltasam.glue.cli import USER_ERROR_EXIT, check_command_line, quiet_third_party, register_resolvers
+from lightning_deltasam.glue.cli import CONF_DIR, USER_ERROR_EXIT, check_command_line, quiet_third_party, register_resolvers
 
 log = logging.getLogger("train")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # a folder: checkout or wheel
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one training job; bad options and missing data exit with status 2 and one ``error:`` line
     (on stderr and in the run's train.log)."""

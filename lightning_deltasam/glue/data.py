@@ -145,6 +145,8 @@ class GlueDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled train batches in an order fixed by ``seed``."""
+        if self.train_set is None:
+            raise RuntimeError("GlueDataModule.train_dataloader() needs setup('fit') first (the Trainer calls it).")
         return DataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collator(),
             generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
