@@ -1,6 +1,6 @@
 """The one SAM / delta-SAM step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`.
 
-Order of a step (DELTASAM.md sections 1, 3, 5):
+Order of a step (docs/algorithm.md, "What a step does"):
 probes (forward only, at w + dw_k, dropout masks replayed) -> first pass at w (per-instance
 losses, weighted backward) -> all-reduce of the weighted gradient -> eps = rho g/||g||
 (ASAM: rho T^2 g/||T g||) -> second pass at w + eps -> exact restore of w -> base step.

@@ -1,4 +1,5 @@
-"""Exact per-instance SAM (the oracle) and the fidelity measure, for measurement only (DELTASAM.md section 4).
+"""Exact per-instance SAM (the oracle) and the fidelity measure, for measurement only (docs/algorithm.md,
+"How a rule is judged").
 
 The oracle perturbs each instance by its own eps_i = rho g_i/||g_i|| and averages the
 gradients at w + eps_i: n + 1 backward passes' worth, too costly to train with. Per-sample

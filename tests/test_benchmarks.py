@@ -92,7 +92,7 @@ def test_speed_isolated_processes(tmp_path):
 
 
 def test_accuracy_interface(tmp_path):
-    """Runs train.py per optimizer and seed, writes the issue's JSON, table and plot; --reuse reads, never retrains."""
+    """Runs train.py per optimizer and seed, writes the documented JSON, table and plot; --reuse reads, never retrains."""
     import accuracy
 
     out, png, runs = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "runs"

@@ -324,7 +324,7 @@ def test_seeded_order_and_limit_train(glue_dir: Path, tmp_path: Path) -> None:
         GlueDataModule(glue_task("sst2", str(tmp_path)), limit_train=0)
 
 
-# --------------------------------------------------------------------------- data.label_noise (issue 15)
+# --------------------------------------------------------------------------- data.label_noise
 def _noisy(task, p: float, seed: int = 0, limit=None) -> GlueDataModule:
     dm = GlueDataModule(task, batch_size=16, limit_train=limit, seed=seed, label_noise=p)
     dm.setup("fit")
