@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Optional, get_args
 
-Reweight = Optional[Literal["delta"]]
+Reweight = Literal["delta"] | None
 Score = Literal["sharpness", "gradnorm", "loss", "gram"]
 Weighting = Literal["softmax", "linear"]
 ProbeScale = Literal["relative", "absolute"]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from .gram import GramCapture
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
 
-def _phase(name: str) -> ContextManager:
+def _phase(name: str) -> AbstractContextManager:
     """A ``deltasam.<name>`` profiler range while a profiler records; otherwise nothing (no cost)."""
     return torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
 
@@ -51,11 +51,11 @@ class Backend:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Context in which a backward does not all-reduce gradients (DDP's no_sync)."""
         return nullcontext()
 
-    def forward_context(self) -> ContextManager:
+    def forward_context(self) -> AbstractContextManager:
         """Context for the engine's own forwards (autocast, where the caller's context lacks it)."""
         return nullcontext()
 

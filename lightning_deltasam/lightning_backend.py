@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ParallelStrategy
@@ -32,7 +32,7 @@ class LightningBackend(Backend):
         config: SAMConfig,
         backward_fn: Callable[[Tensor], Any],
         buffers: Callable[[], list[Tensor]],
-        forward_context: Optional[Callable[[], ContextManager]] = None,
+        forward_context: Optional[Callable[[], AbstractContextManager]] = None,
     ) -> None:
         super().__init__(default_reducer(config.sync), buffers, world=default_reducer("global"))
         self.trainer = trainer
@@ -42,11 +42,11 @@ class LightningBackend(Backend):
     def backward(self, loss: Tensor) -> None:
         self._backward(loss)
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         strategy = self.trainer.strategy
         return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
-    def forward_context(self) -> ContextManager:
+    def forward_context(self) -> AbstractContextManager:
         return self._forward_context() if self._forward_context is not None else nullcontext()
 
     def loss_scale(self) -> float:

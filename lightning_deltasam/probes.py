@@ -19,8 +19,8 @@ The noise dw comes from :class:`ProbeNoise`, seeded identically on every rank an
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional, cast
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +94,7 @@ class RNGReplay:
 
 
 def full_probes(config: SAMConfig, params: list[Tensor], noise: ProbeNoise, forward: LossFn, rng: RNGReplay,
-                restore: Callable[[], None], forward_context: Callable[[], ContextManager] = nullcontext) -> ProbeLosses:
+                restore: Callable[[], None], forward_context: Callable[[], AbstractContextManager] = nullcontext) -> ProbeLosses:
     """K forward-only evaluations of the per-instance losses at w + dw_k (and w - dw_k if antithetic).
 
     ``restore()`` puts w back after each probe; the caller restores again if a probe raises.

@@ -57,7 +57,7 @@ def build_callbacks(cfg: DictConfig, main_metric: str) -> list[Callback]:
     """Instantiate ``cfg.callbacks`` (entries set to null are skipped); checkpoints monitor the task metric by default."""
     callbacks = []
     progress = cfg.trainer.get("enable_progress_bar", True) is not False
-    for name, node in (cfg.get("callbacks") or {}).items():
+    for node in (cfg.get("callbacks") or {}).values():
         if node is None:
             continue
         callback = instantiate(node)

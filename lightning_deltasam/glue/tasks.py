@@ -15,7 +15,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-Column = Union[int, str]
+Column = int | str
 
 #: Metric name -> factory(num_classes); names become the logged keys, e.g. ``val/acc``.
 METRICS: dict[str, Callable[[int], Metric]] = {
