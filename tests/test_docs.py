@@ -12,13 +12,16 @@ A block preceded by ``<!-- not-run: reason -->`` is skipped with that reason.
 
 from __future__ import annotations
 
+import ast
 import functools
+import io
 import itertools
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,9 +85,19 @@ def test_skipped_blocks_give_a_reason() -> None:
 
 # --------------------------------------------------------------------------- python
 def expected_output(code: str) -> list[list[str]]:
-    """The ``# text`` comments of ``print(...)`` lines, each split at ``...`` into parts that must appear in order."""
-    comments = re.findall(r"^\s*print\(.*\)\s+#\s*(.+?)\s*$", code, flags=re.M)
-    return [[part.strip() for part in comment.split("...") if part.strip()] for comment in comments]
+    """The comment closing each ``print(...)`` call (on the line where the call ends, so a call the formatter
+    wrapped still counts), split at ``...`` into parts that must appear in order."""
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(code).readline) if tok.type == tokenize.COMMENT}
+    calls = [node for node in ast.walk(ast.parse(code))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    texts = [comments[call.end_lineno] for call in calls if call.end_lineno in comments]
+    return [[part.strip() for part in text.split("...") if part.strip()] for text in texts]
+
+
+def test_expected_output_survives_wrapping() -> None:
+    code = 'x = 1\nprint(\n    f"value {x}, done"\n)  # value 1, ... done\nprint("quiet")\n'
+    assert expected_output(code) == [["value 1,", "done"]]
 
 
 def appears_in_order(parts: list[str], text: str) -> bool:

@@ -225,3 +225,16 @@ def test_train_tiny_exact_rule(tmp_path: Path) -> None:
     assert (options["score"], options["weights"], options["estimator"], results["steps"]) == ("gram", "linear", "exact", 4)
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "deltasam/weight_max" in metrics and "deltasam/weight_fallback" in metrics
+
+
+def test_the_package_entry_point_finds_its_config_from_any_folder(tmp_path: Path) -> None:
+    """``python -m lightning_deltasam.glue`` (what an installed app runs) reads the config shipped in the package,
+    from a folder that is not the checkout, and checks options as train.py does."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lightning_deltasam.glue", "task=sst2", "model=tiny"]
+    proc = subprocess.run([*cmd, "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: sst2" in proc.stdout and "reweight: delta" in proc.stdout
+    bad = subprocess.run([*cmd, "optimizer.rh=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "did you mean optimizer.rho" in bad.stderr
