@@ -1,46 +1,14 @@
-"""Train a GLUE classifier with AdamW / SAM / ASAM / delta-SAM.
+"""Train a GLUE classifier with AdamW / SAM / ASAM / delta-SAM (from a source checkout).
 
     python train.py task=sst2 optimizer=deltasam
     python train.py -m optimizer=adamw,sam,deltasam seed=1,2,3
 
-Configuration lives in conf/ (Hydra); results.json and logs go to the Hydra run dir.
+The same as ``python -m lightning_deltasam.glue`` (or ``deltasam-train``) once the package is installed with
+its ``[app]`` extra. The configuration is lightning_deltasam/glue/conf/ (Hydra); results.json and logs go to the
+Hydra run dir.
 """
 
-from __future__ import annotations
-
-import logging
-import sys
-from typing import Optional
-
-import hydra
-from omegaconf import DictConfig
-
-from lightning_deltasam.glue.cli import USER_ERROR_EXIT, check_command_line, quiet_third_party, register_resolvers
-
-log = logging.getLogger("train")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Run one training job; bad options and missing data exit with status 2 and one ``error:`` line
-    (on stderr and in the run's train.log)."""
-    quiet_third_party()
-    from lightning_deltasam.glue.app import USER_ERRORS, describe_error, run  # here: config errors report fast
-
-    try:
-        results = run(cfg)
-    except USER_ERRORS as err:
-        line = f"error: {describe_error(err)}"
-        log.error(line)
-        print(line, file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
-    except BaseException:
-        log.exception("training stopped")
-        raise
-    return results.get(results["main_metric"])  # the value a Hydra sweeper would optimize
-
+from lightning_deltasam.glue.__main__ import cli_main
 
 if __name__ == "__main__":
-    register_resolvers()
-    check_command_line()  # unknown options: one error line naming the closest valid ones, exit status 2
-    main()
+    cli_main()

@@ -57,7 +57,7 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
     cmd = [sys.executable, str(ROOT / "train.py"), f"task={task}", f"model={model}", f"optimizer={optimizer}",
            f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
     t0 = time.perf_counter()
-    env = {**os.environ, "GLUE_DIR": os.environ.get("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve()))}
+    env = dict(os.environ)  # the runs read GLUE_DIR, as the app does
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -89,7 +89,7 @@ def dev_size(task: str, metric: str) -> Optional[int]:
     from lightning_deltasam.glue.tasks import glue_task
 
     try:
-        t = glue_task(task, os.environ.get("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve())))
+        t = glue_task(task, os.environ.get("GLUE_DIR", "data/glue"))  # the app's default
         return len(t.load(metric.split("/", 1)[0]))
     except (ValueError, OSError, KeyError):
         return None

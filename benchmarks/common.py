@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from dataclasses import replace
@@ -17,12 +16,13 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_deltasam.glue.app import build_components  # noqa: E402
 from lightning_deltasam.config import SAMConfig  # noqa: E402
+from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 
 
 def load_config(overrides: list[str]) -> DictConfig:
-    """The training app's config (conf/), composed with ``overrides`` outside a Hydra run."""
-    os.environ.setdefault("GLUE_DIR", str((ROOT / "../shared/data/glue").resolve()))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    """The training app's config (lightning_deltasam/glue/conf/), composed with ``overrides`` outside a Hydra run.
+    The data is read from ``GLUE_DIR`` (the app's default: data/glue)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*overrides, "paths.output_dir=/tmp/deltasam-bench"])
 
 

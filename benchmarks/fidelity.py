@@ -1,4 +1,4 @@
-"""How well does each reweighting rule approximate exact per-instance SAM? (DELTASAM.md section 4)
+"""How well does each reweighting rule approximate exact per-instance SAM? (docs/algorithm.md, "How a rule is judged")
 
 Trains the model on SST-2 with AdamW to checkpoints early / mid / late; at each, for N batches
 (model in eval mode, so every method sees the same deterministic function) computes the

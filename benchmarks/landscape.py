@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 from lightning_deltasam.oracle import batch_size_of  # noqa: E402
 
 TOOL_KEYS = {"ckpt": "", "out": "landscape", "rho": "0.05", "span": "1.0", "points": "21", "directions": "2",
@@ -168,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tool, overrides = parse(sys.argv[1:] if argv is None else argv)
     paths = tool["ckpt"].split(",")
     labels = tool["labels"].split(",") if tool["labels"] else [os.path.basename(os.path.dirname(os.path.dirname(p))) or p for p in paths]
-    conf_dir = os.path.join(ROOT, "conf")
+    conf_dir = str(CONF_DIR)
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "paths.output_dir=."])
     task, datamodule, module, _ = build_components(cfg)

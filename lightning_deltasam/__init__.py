@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _LAZY = {"DeltaSAMCallback": ".callback", "DeltaSAMMixin": ".mixin"}
 
 __all__ = ["DeltaSAM", "DeltaSAMCallback", "DeltaSAMMixin", "SAMConfig", "SAMEngine", "StepStats"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -248,7 +248,7 @@ def lightning_closure_parts(closure: Callable[[], Any]) -> tuple[Callable[[], An
         return getattr(inner, "_result", None)
 
     def set_result(result: Any) -> None:
-        inner._result = result  # type: ignore[attr-defined]
+        inner._result = result  # type: ignore[union-attr]
 
     return inner, get_result, set_result
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Optional, get_args
 
-Reweight = Optional[Literal["delta"]]
+Reweight = Literal["delta"] | None
 Score = Literal["sharpness", "gradnorm", "loss", "gram"]
 Weighting = Literal["softmax", "linear"]
 ProbeScale = Literal["relative", "absolute"]
@@ -59,7 +59,7 @@ def check_bool(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """Every option of the SAM / delta-SAM step (DELTASAM.md sections 1, 3 and 5).
+    """Every option of the SAM / delta-SAM step (what each computes: docs/algorithm.md).
 
     ``rho=0`` makes the step the base optimizer's (one pass: with a zero perturbation the
     second pass would recompute the first). ``reweight=None`` is SAM; ``"delta"`` is delta-SAM.

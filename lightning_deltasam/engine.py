@@ -1,6 +1,6 @@
 """The one SAM / delta-SAM step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`.
 
-Order of a step (DELTASAM.md sections 1, 3, 5):
+Order of a step (docs/algorithm.md, "What a step does"):
 probes (forward only, at w + dw_k, dropout masks replayed) -> first pass at w (per-instance
 losses, weighted backward) -> all-reduce of the weighted gradient -> eps = rho g/||g||
 (ASAM: rho T^2 g/||T g||) -> second pass at w + eps -> exact restore of w -> base step.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from .instance import InstancePerturbation
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
 
-def _phase(name: str) -> ContextManager:
+def _phase(name: str) -> AbstractContextManager:
     """A ``deltasam.<name>`` profiler range while a profiler records; otherwise nothing (no cost)."""
     return torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
 
@@ -52,11 +52,11 @@ class Backend:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Context in which a backward does not all-reduce gradients (DDP's no_sync)."""
         return nullcontext()
 
-    def forward_context(self) -> ContextManager:
+    def forward_context(self) -> AbstractContextManager:
         """Context for the engine's own forwards (autocast, where the caller's context lacks it)."""
         return nullcontext()
 
@@ -511,7 +511,7 @@ class SAMEngine:
             direction = torch._foreach_mul(grads, scale)  # T g
             norms = torch._foreach_norm(direction)
             torch._foreach_mul_(direction, scale)  # T (T g)
-            return direction, list(norms)
+            return list(direction), list(norms)
         return grads, list(torch._foreach_norm(grads))
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:

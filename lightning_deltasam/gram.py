@@ -1,6 +1,6 @@
 """The Gram matrix of per-instance gradients, K_ij = g_i . g_j, from one forward and one activation backward.
 
-DELTASAM.md section 7. Forward hooks keep each trainable layer's input ``a``; one backward of
+docs/algorithm.md, "The exact Gram matrix". Forward hooks keep each trainable layer's input ``a``; one backward of
 sum_i l_i with respect to the layers' *outputs* (no parameter gradient is formed) gives each
 layer's output gradient ``b``. Per layer, K gets that layer's per-instance Gram, and the
 perturbation direction g_delta = sum_i delta_i g_i is book-kept from the same ``a`` and ``b``
@@ -141,7 +141,7 @@ class GramCapture:
             for h in handles:
                 h.remove()
 
-    def _hook(self, layer: _Layer):  # type: ignore[no-untyped-def]
+    def _hook(self, layer: _Layer):
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Optional[Tensor]:
             _check_eager(self._who, self._way_out)
             if not torch.is_grad_enabled():

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ParallelStrategy
@@ -30,9 +30,9 @@ class LightningBackend(Backend):
         self,
         trainer: "pl.Trainer",
         config: SAMConfig,
-        backward_fn: Callable[[Tensor], None],
+        backward_fn: Callable[[Tensor], Any],
         buffers: Callable[[], list[Tensor]],
-        forward_context: Optional[Callable[[], ContextManager]] = None,
+        forward_context: Optional[Callable[[], AbstractContextManager]] = None,
     ) -> None:
         super().__init__(default_reducer(config.sync), buffers, world=default_reducer("global"))
         self.trainer = trainer
@@ -42,11 +42,11 @@ class LightningBackend(Backend):
     def backward(self, loss: Tensor) -> None:
         self._backward(loss)
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         strategy = self.trainer.strategy
         return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
-    def forward_context(self) -> ContextManager:
+    def forward_context(self) -> AbstractContextManager:
         return self._forward_context() if self._forward_context is not None else nullcontext()
 
     def loss_scale(self) -> float:
@@ -122,5 +122,6 @@ def log_stats(module: "pl.LightningModule", stats: StepStats, engine: SAMEngine,
               prog_bar: bool = False) -> None:
     """Log the loss at w as ``loss_key`` and the step's ``deltasam/*`` diagnostics."""
     batch_size = batch_size_of(batch)
-    module.log(loss_key, stats.loss, prog_bar=prog_bar, batch_size=batch_size)
+    if stats.loss is not None:  # None only in the two-step API, which no Lightning adapter uses
+        module.log(loss_key, stats.loss, prog_bar=prog_bar, batch_size=batch_size)
     module.log_dict(stats.as_log_dict(engine.skipped_steps), batch_size=batch_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -13,8 +13,13 @@ from .lightning_backend import EngineSlot, LightningBackend, log_stats, module_s
 
 _CHECKPOINT_KEY = "deltasam"
 
+if TYPE_CHECKING:  # the type checker sees the LightningModule the mixin is combined with; at run time: object
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
 
-class DeltaSAMMixin:
+
+class DeltaSAMMixin(_MixinBase):
     """Put before ``LightningModule`` in the bases and define ``per_sample_loss(batch) -> Tensor[B]``.
 
     Keyword options of ``__init__`` are :class:`~lightning_deltasam.config.SAMConfig`'s plus
@@ -91,6 +96,7 @@ class DeltaSAMMixin:
             self._deltasam_optimizer_steps += 1
             self._step_schedulers("step")
         log_stats(self, stats, engine, batch, "train/loss", prog_bar=True)
+        assert stats.loss is not None  # a per-instance step always measures the loss at w
         return stats.loss
 
     # ------------------------------------------------------------ internals
@@ -101,6 +107,7 @@ class DeltaSAMMixin:
             count = self._deltasam_optimizer_steps if interval == "step" else self.current_epoch + 1
             if count % config.frequency:
                 continue
+            scheduler: Any = config.scheduler  # an LRScheduler or ReduceLROnPlateau: their step() differs
             if config.reduce_on_plateau:
                 metric = self.trainer.callback_metrics.get(config.monitor) if config.monitor else None
                 if metric is None:
@@ -108,17 +115,17 @@ class DeltaSAMMixin:
                         f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; "
                         f"log it or set 'monitor' in configure_optimizers."
                     )
-                config.scheduler.step(metric)
+                scheduler.step(metric)
             else:
-                config.scheduler.step()
+                scheduler.step()
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
-        super().on_train_epoch_end()  # type: ignore[misc]
+        super().on_train_epoch_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_CHECKPOINT_KEY] = {"engine": self._deltasam_slot.state_dict(), "optimizer_steps": self._deltasam_optimizer_steps}
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(_CHECKPOINT_KEY)
@@ -126,7 +133,7 @@ class DeltaSAMMixin:
             self._deltasam_optimizer_steps = int(saved.get("optimizer_steps", 0))
             if saved.get("engine") is not None:
                 self._deltasam_slot.load_state_dict(saved["engine"])
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
 
 
 def _clip(params: list[Tensor], value: Optional[float], algorithm: str, loss_scale: float = 1.0) -> None:

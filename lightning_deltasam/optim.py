@@ -73,7 +73,7 @@ class DeltaSAM(Optimizer):
         self._grads_left: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref to the .grad a step left, its version)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One SAM / delta-SAM step. Per-instance closure: returns the per-instance losses at w; backward
         closure (a gradient from the caller's backward at w is in ``.grad``): returns the closure's loss."""
         if closure is None:
@@ -119,7 +119,8 @@ class DeltaSAM(Optimizer):
         return self.last_stats
 
     def _backend(self) -> Backend:
-        buffers = (lambda: list(self._module.buffers())) if self._module is not None else None
+        module = self._module
+        buffers = (lambda: list(module.buffers())) if module is not None else None
         return make_backend(self.config, buffers)
 
     def _checked(self, closure: Callable[[], Any]) -> Callable[[], Tensor]:

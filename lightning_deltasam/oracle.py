@@ -1,4 +1,5 @@
-"""Exact per-instance SAM (the oracle) and the fidelity measure, for measurement only (DELTASAM.md section 4).
+"""Exact per-instance SAM (the oracle) and the fidelity measure, for measurement only (docs/algorithm.md,
+"How a rule is judged").
 
 The oracle perturbs each instance by its own eps_i = rho g_i/||g_i|| and averages the
 gradients at w + eps_i. Two routes give it: the batched one of :mod:`.instance` (``m=1``: one
@@ -168,7 +169,7 @@ def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMC
 
     ``forward()`` returns the batch's per-instance losses; ``head`` is a head probe (probe_scope='head').
     """
-    params = [p for p in module.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in module.parameters() if p.requires_grad]
     engine = engine or SAMEngine([{"params": params}], config)
     captured: list[Tensor] = []
 

@@ -19,8 +19,8 @@ The noise dw comes from :class:`ProbeNoise`, seeded identically on every rank an
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +94,7 @@ class RNGReplay:
 
 
 def full_probes(config: SAMConfig, params: list[Tensor], noise: ProbeNoise, forward: LossFn, rng: RNGReplay,
-                restore: Callable[[], None], forward_context: Callable[[], ContextManager] = nullcontext) -> ProbeLosses:
+                restore: Callable[[], None], forward_context: Callable[[], AbstractContextManager] = nullcontext) -> ProbeLosses:
     """K forward-only evaluations of the per-instance losses at w + dw_k (and w - dw_k if antithetic).
 
     ``restore()`` puts w back after each probe; the caller restores again if a probe raises.
@@ -138,7 +138,7 @@ def has_split(module: Any) -> bool:
 class _FromFeatures(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.module = module
+        self.module: Any = module  # defines the split methods (checked by has_split)
 
     def forward(self, features: Tensor, batch: Any) -> Tensor:
         return self.module.per_sample_loss_from_features(features, batch)
@@ -148,7 +148,7 @@ class HeadProbe:
     """Evaluates per-instance losses with the head's parameters replaced, on cached features."""
 
     def __init__(self, module: nn.Module) -> None:
-        head = module.probe_head()
+        head = cast(Any, module).probe_head()
         names = {id(p): n for n, p in module.named_parameters()}
         self.params = [p for p in head.parameters() if p.requires_grad]
         missing = [p for p in self.params if id(p) not in names]
@@ -175,9 +175,10 @@ class HeadProbe:
         """The first-pass forward that also caches the features the probes reuse."""
 
         def forward() -> Tensor:
-            features = module.per_sample_features(batch)
+            split: Any = module  # defines the split methods (checked by has_split)
+            features = split.per_sample_features(batch)
             self._features, self._batch = features.detach(), batch
-            return module.per_sample_loss_from_features(features, batch)
+            return split.per_sample_loss_from_features(features, batch)
 
         return forward
 
@@ -191,7 +192,7 @@ def probe_plan(module: nn.Module, batch: Any, scope: str) -> tuple[Callable[[], 
     if scope == "auto":
         scope = "head" if has_split(module) else "all"
     if scope != "head":
-        return (lambda: module.per_sample_loss(batch)), None
+        return (lambda: cast(Any, module).per_sample_loss(batch)), None
     if not has_split(module):
         raise ValueError(
             f"probe_scope='head' needs {type(module).__name__} to define " + ", ".join(f"{m}()" for m in SPLIT_METHODS)

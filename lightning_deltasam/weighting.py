@@ -1,4 +1,5 @@
-"""Per-instance scores from probe losses, and the delta weights on the simplex (DELTASAM.md section 3).
+"""Per-instance scores from probe losses, and the delta weights on the simplex (docs/algorithm.md,
+"The weighting family").
 
 Every normalizer is taken through a :class:`~lightning_deltasam.distributed.Reducer`, so with
 ``sync="global"`` the weights of each rank's instances are those of the global batch.

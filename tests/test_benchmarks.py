@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from .glue_data import needs_glue
+
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (Path(os.environ["GLUE_DIR"]) / "SST-2" / "train.tsv").exists(), reason="needs GLUE_DIR")
+pytestmark = needs_glue
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +92,7 @@ def test_speed_isolated_processes(tmp_path):
 
 
 def test_accuracy_interface(tmp_path):
-    """Runs train.py per optimizer and seed, writes the issue's JSON, table and plot; --reuse reads, never retrains."""
+    """Runs train.py per optimizer and seed, writes the documented JSON, table and plot; --reuse reads, never retrains."""
     import accuracy
 
     out, png, runs = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "runs"
@@ -103,7 +105,7 @@ def test_accuracy_interface(tmp_path):
     assert json.loads(out.read_text()) == result
     assert (result["task"], result["model"], result["metric"]) == ("sst2", "tiny", "val/acc")
     assert set(result["optimizers"]) == {"adamw", "deltasam"}
-    for name, o in result["optimizers"].items():
+    for o in result["optimizers"].values():
         assert set(o["seeds"]) == {"1", "2"} and o["steps"] == 4 and o["wall_s"] > 0
         values = list(o["seeds"].values())
         assert o["mean"] == pytest.approx(sum(values) / 2) and o["std"] >= 0

@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_deltasam import SAMConfig
 from lightning_deltasam.glue.app import build_callbacks, build_loggers, optimizer_options
+from lightning_deltasam.glue.cli import CONF_DIR
 from lightning_deltasam.glue.tasks import GLUE_TASKS, TextTask
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def options(group: str) -> list[str]:

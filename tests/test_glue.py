@@ -14,8 +14,9 @@ from lightning_deltasam.glue.data import GlueDataModule
 from lightning_deltasam.glue.models import word_tokenizer
 from lightning_deltasam.glue.tasks import GLUE_TASKS, glue_task, tsv_task
 
+from .glue_data import GLUE_DIR, needs_glue
+
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO / "../shared/data/glue")).resolve()
 
 # Two rows per task, copied in the official GLUE layout (quotes and all).
 MNLI_HEAD = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
@@ -195,9 +196,9 @@ def test_unknown_label_names_the_option(glue_dir: Path, tmp_path: Path) -> None:
         glue_task("rte", str(tmp_path)).load("train")
 
 
+@needs_glue
 def test_real_sst2_counts() -> None:
-    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
-        pytest.skip(f"no SST-2 under GLUE_DIR={GLUE_DIR}")
+    assert GLUE_DIR is not None
     task = glue_task("sst2", str(GLUE_DIR))
     train, dev = task.load("train"), task.load("val")
     assert (len(train), len(dev)) == (67349, 872)
@@ -323,7 +324,7 @@ def test_seeded_order_and_limit_train(glue_dir: Path, tmp_path: Path) -> None:
         GlueDataModule(glue_task("sst2", str(tmp_path)), limit_train=0)
 
 
-# --------------------------------------------------------------------------- data.label_noise (issue 15)
+# --------------------------------------------------------------------------- data.label_noise
 def _noisy(task, p: float, seed: int = 0, limit=None) -> GlueDataModule:
     dm = GlueDataModule(task, batch_size=16, limit_train=limit, seed=seed, label_noise=p)
     dm.setup("fit")
@@ -334,7 +335,7 @@ def _used_labels(dm: GlueDataModule) -> list:
     return [dm.train_set.split.labels[i] for i in dm.train_set.indices]
 
 
-@pytest.mark.skipif(not (GLUE_DIR / "SST-2" / "train.tsv").is_file(), reason="no real SST-2")
+@needs_glue
 def test_label_noise_flips_a_seeded_share_of_real_sst2() -> None:
     task = glue_task("sst2", str(GLUE_DIR))
     clean = _noisy(task, 0.0, seed=1, limit=1000)

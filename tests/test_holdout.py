@@ -6,6 +6,9 @@ import pytest
 
 from lightning_deltasam.glue.data import GlueDataModule
 from lightning_deltasam.glue.tasks import glue_task
+from tests.glue_data import needs_glue
+
+pytestmark = needs_glue
 
 
 

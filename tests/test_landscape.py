@@ -14,11 +14,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from benchmarks.landscape import analyze, filter_normalized_direction, main
 from lightning_deltasam.glue.app import build_components
+from lightning_deltasam.glue.cli import CONF_DIR
+
+from .glue_data import needs_glue
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["task=sst2", "model=tiny", "optimizer=sam", "data.batch_size=16", "data.limit_train=256"]
 
-pytestmark = pytest.mark.skipif(not (Path(os.environ["GLUE_DIR"]) / "SST-2" / "dev.tsv").exists(), reason="needs GLUE_DIR")
+pytestmark = needs_glue
 
 
 def test_filter_normalized_direction_matches_filter_norms():
@@ -29,7 +32,7 @@ def test_filter_normalized_direction_matches_filter_norms():
 
 
 def test_landscape_tool_on_two_checkpoints(tmp_path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*OVERRIDES, f"paths.output_dir={tmp_path}"])
     _, datamodule, module, _ = build_components(cfg)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="s{step}")

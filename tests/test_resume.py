@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deltasam.glue.checkpoints import ExactResume
 from lightning_deltasam.glue.data import ResumableDataLoader
+from tests.glue_data import needs_glue
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO / "../shared/data/glue")).resolve()
-needs_sst2 = pytest.mark.skipif(not (GLUE_DIR / "SST-2" / "dev.tsv").is_file(), reason=f"no SST-2 under {GLUE_DIR}")
+needs_sst2 = needs_glue  # the app's runs read SST-2 from GLUE_DIR (skipped, saying so, when it is unset)
 
 BATCHES = 5  # an epoch: 40 rows in batches of 8
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from .glue_data import GLUE_DIR, needs_glue
+
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO / "../shared/data/glue")).resolve()
 TINY = ["task=sst2", "model=tiny", "trainer.enable_model_summary=false"]
 
-needs_sst2 = pytest.mark.skipif(not (GLUE_DIR / "SST-2" / "dev.tsv").is_file(), reason=f"no SST-2 under {GLUE_DIR}")
+needs_sst2 = needs_glue
 
 
 def train(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(GLUE_DIR=str(GLUE_DIR), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "GLUE_DIR")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **({"GLUE_DIR": str(GLUE_DIR)} if GLUE_DIR else {}))
     return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -190,13 +191,14 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     from hydra import compose, initialize_config_dir
 
     from lightning_deltasam.glue.app import run
+    from lightning_deltasam.glue.cli import CONF_DIR
 
     from .test_glue import FIXTURES, write_rows
 
     subdir = {"mnli": "MNLI", "stsb": "STS-B"}[name]
     for file, rows in FIXTURES[subdir].items():
         write_rows(tmp_path / "glue" / subdir / file, rows)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"task={name}", f"task.data_dir={tmp_path / 'glue'}", "model=tiny", "optimizer=sam", "trainer.max_steps=2",
             "trainer.val_check_interval=1", *(["data.label_noise=0.5"] if name == "mnli" else []),
@@ -223,3 +225,16 @@ def test_train_tiny_exact_rule(tmp_path: Path) -> None:
     assert (options["score"], options["weights"], options["estimator"], results["steps"]) == ("gram", "linear", "exact", 4)
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "deltasam/weight_max" in metrics and "deltasam/weight_fallback" in metrics
+
+
+def test_the_package_entry_point_finds_its_config_from_any_folder(tmp_path: Path) -> None:
+    """``python -m lightning_deltasam.glue`` (what an installed app runs) reads the config shipped in the package,
+    from a folder that is not the checkout, and checks options as train.py does."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lightning_deltasam.glue", "task=sst2", "model=tiny"]
+    proc = subprocess.run([*cmd, "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: sst2" in proc.stdout and "reweight: delta" in proc.stdout
+    bad = subprocess.run([*cmd, "optimizer.rh=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "did you mean optimizer.rho" in bad.stderr

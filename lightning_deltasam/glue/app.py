@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -28,9 +28,14 @@ from .tasks import TextTask
 RESULTS_FILE = "results.json"
 
 
+def _plain(node: DictConfig) -> dict[str, Any]:
+    """A config node as a plain, resolved dict."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+
+
 def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``optimizer`` group as a plain dict, its SAM options validated up front (fail before loading data)."""
-    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    options = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
     try:
         SAMConfig.split(options)
     except ValueError as err:  # SAMConfig names the bare option: say where it lives
@@ -53,7 +58,7 @@ def build_callbacks(cfg: DictConfig, main_metric: str) -> list[Callback]:
     """Instantiate ``cfg.callbacks`` (entries set to null are skipped); checkpoints monitor the task metric by default."""
     callbacks = []
     progress = cfg.trainer.get("enable_progress_bar", True) is not False
-    for name, node in (cfg.get("callbacks") or {}).items():
+    for node in (cfg.get("callbacks") or {}).values():
         if node is None:
             continue
         callback = instantiate(node)
@@ -190,8 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model": _picked("model", type(encoder).__name__),
         "optimizer": _picked("optimizer", "custom"),
         "optimizer_options": options,
-        "classifier_options": {k: v for k, v in OmegaConf.to_container(cfg.classifier, resolve=True).items()
-                               if not k.startswith("_")},
+        "classifier_options": {k: v for k, v in _plain(cfg.classifier).items() if not k.startswith("_")},
         "seed": cfg.seed,
         "steps": trainer.global_step,
         "resumed_from": ckpt_path,

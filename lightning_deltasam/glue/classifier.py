@@ -5,12 +5,14 @@ encoder (``model`` group), the task (``task`` group) and the ``optimizer`` group
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from ..config import check_number
 from ..mixin import DeltaSAMMixin
@@ -83,7 +85,7 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         outputs = self(batch)
         labels = batch["labels"]
         preds = outputs.squeeze(-1) if self.task.regression else outputs.argmax(-1)
-        metrics = self.val_metrics[dataloader_idx]
+        metrics = cast(MetricCollection, self.val_metrics[dataloader_idx])
         metrics.update(preds, labels)
         name = self.task.val_names[dataloader_idx]
         size = labels.shape[0]
@@ -91,15 +93,15 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
                  sync_dist=True)
         self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, prog_bar=dataloader_idx == 0)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW (no decay on biases and LayerNorm weights) with linear warmup then linear decay per step."""
         from transformers import get_linear_schedule_with_warmup
 
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
+            [{"params": decay, "weight_decay": self.hparams["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams["lr"],
         )
         total = self.trainer.estimated_stepping_batches
         if self.trainer.max_steps == -1 and math.isfinite(total):  # the mixin accumulates: fewer optimizer steps
@@ -110,7 +112,7 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
                 "so the learning-rate schedule has an end."
             )
         scheduler = get_linear_schedule_with_warmup(
-            optimizer, num_warmup_steps=int(self.hparams.warmup_ratio * total), num_training_steps=int(total)
+            optimizer, num_warmup_steps=int(self.hparams["warmup_ratio"] * total), num_training_steps=int(total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

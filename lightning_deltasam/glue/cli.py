@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: found from a checkout or an installed wheel
 USER_ERROR_EXIT = 2
 
 

@@ -242,6 +242,8 @@ class GlueDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled train batches in an order fixed by ``seed``, resumable mid-epoch."""
+        if self.train_set is None:
+            raise RuntimeError("GlueDataModule.train_dataloader() needs setup('fit') first (the Trainer calls it).")
         return ResumableDataLoader(
             self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collator(),
             generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,

@@ -68,6 +68,7 @@ class StepProgressBar(RichProgressBar):
         self.refresh()
 
     def _initialize_train_progress_bar_id(self) -> None:  # resumed mid-epoch
+        assert self.progress is not None  # Lightning calls this only while the bar runs
         self.train_progress_bar_id = self.progress.add_task(
             self._get_train_description(self.trainer.current_epoch),
             total=step_budget(self.trainer, self.trainer.lightning_module), completed=self.trainer.global_step)

@@ -9,13 +9,13 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
 
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-Column = Union[int, str]
+Column = int | str
 
 #: Metric name -> factory(num_classes); names become the logged keys, e.g. ``val/acc``.
 METRICS: dict[str, Callable[[int], Metric]] = {
@@ -126,7 +126,10 @@ class TextTask:
     @property
     def num_outputs(self) -> int:
         """Width of the model's output layer: 1 for regression, else the number of classes."""
-        return 1 if self.regression else max(self.label_index.values()) + 1
+        if self.regression:
+            return 1
+        assert self.label_index is not None  # a classification task has one
+        return max(self.label_index.values()) + 1
 
     def build_metrics(self, prefix: str) -> MetricCollection:
         """The task's official metrics, logged as ``<prefix>/<name>``."""
@@ -219,7 +222,7 @@ class TextTask:
         if skipped and not raw_labels:
             warnings.warn(f"task {self.name!r}: skipped {skipped} malformed row(s) of {path} (fewer than {need} "
                           f"columns; task.skip_malformed=true), kept {len(labels)}.", UserWarning, stacklevel=2)
-        return Split(texts, labels)
+        return Split(texts, cast(list[Union[int, float]], labels))  # raw_labels: the strings, for label_index
 
     def _label(self, raw: str, path: str, lineno: int) -> Union[int, float]:
         if self.regression:
@@ -227,10 +230,12 @@ class TextTask:
                 return float(raw)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: label {raw!r} is not a number (task.regression=true).") from None
+        index = self.label_index
+        assert index is not None  # a classification task has one
         try:
-            return self.label_index[raw]
+            return index[raw]
         except KeyError:
-            known = list(self.label_index)
+            known = list(index)
             raise ValueError(
                 f"{path}:{lineno}: label {raw!r} is not one of task.labels={known}; add it to task.labels."
             ) from None
@@ -322,8 +327,10 @@ def tsv_task(
 ) -> TextTask:
     """A user task from any sentence (pair) classification or regression TSV/CSV files."""
     return TextTask(
-        name=name, data_dir=str(data_dir), text_columns=text_columns, label_column=label_column, header=header,
+        name=name, data_dir=str(data_dir), label_column=label_column, header=header,
+        text_columns=cast(Sequence[Column], text_columns),  # TextTask takes one column as it is, too
         labels=labels, regression=regression, metrics=metrics or (REGRESSION_METRICS if regression else ("acc",)),
-        train_file=train_file, val_files=val_files or {"val": "dev.tsv"}, delimiter=delimiter,
+        train_file=train_file, delimiter=delimiter,
+        val_files=cast(Mapping[str, str], val_files or {"val": "dev.tsv"}),  # TextTask takes one file name, too
         skip_malformed=skip_malformed,
     )
