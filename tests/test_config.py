@@ -39,7 +39,7 @@ def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
 def test_groups_have_every_option() -> None:
     assert options("task") == sorted([*GLUE_TASKS, "tsv"])
     assert options("model") == ["hf", "minilm", "tiny"]
-    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "sam"]
+    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "instance_sam", "sam"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert (options("data"), options("classifier")) == (["glue"], ["glue"])
     assert (options("logger"), options("callbacks")) == (["default"], ["default"])
@@ -81,8 +81,10 @@ def test_optimizer_options(name: str) -> None:
     sam, rest = SAMConfig.split(opts)
     assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
     expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
-                "deltasam": (0.05, False, "delta"), "deltasam_exact": (0.05, False, "delta")}[name]
+                "deltasam": (0.05, False, "delta"), "deltasam_exact": (0.05, False, "delta"),
+                "instance_sam": (0.01, False, None)}[name]
     assert (sam.rho, sam.adaptive, sam.reweight) == expected
+    assert sam.m == (1 if name == "instance_sam" else None)
     assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
 
 
