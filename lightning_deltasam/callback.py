@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
@@ -261,7 +261,7 @@ def _refuse_accumulation(trainer: "pl.Trainer") -> None:
     """
     fix = ("The callback steps on one batch; for accumulation use DeltaSAMMixin(accumulate_grad_batches=k) "
            "(manual optimization: each micro-batch gets its own perturbation), or accumulate_grad_batches=1.")
-    for callback in trainer.callbacks:
+    for callback in cast(list[Callback], getattr(trainer, "callbacks", [])):
         if isinstance(callback, GradientAccumulationScheduler) and callback.going_to_accumulate_grad_batches():
             epoch, k = min((e, k) for e, k in callback.scheduling.items() if k > 1)
             raise ValueError(

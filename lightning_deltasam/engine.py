@@ -434,11 +434,12 @@ class SAMEngine:
                 with route.record(passes.batch_size):
                     losses = passes.losses(f"m={cfg.m}")
                 route.backward(losses, scale=backend.loss_scale())
-            stats = StepStats(loss=losses.detach().mean(), losses=losses.detach())
+            loss0 = losses.detach().mean()
+            stats = StepStats(loss=loss0, losses=losses.detach())
             with torch.no_grad(), _phase("ascent_norm"):
                 squares = route.group_norms_sq()
                 total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
-                finite = bool(torch.isfinite(total.sum() + stats.loss.float()))
+                finite = bool(torch.isfinite(total.sum() + loss0.float()))
             if not self._agree_finite(finite, backend):
                 return self._skip(params, stats, backend, base_step, "the first pass")
             with torch.no_grad(), _phase("perturb"):
@@ -456,7 +457,7 @@ class SAMEngine:
         finally:
             route.clear()
         with _phase("statistics"):
-            stats.loss_rise = float(loss1.float() - stats.loss.float())
+            stats.loss_rise = float(loss1.float() - loss0.float())
         return self._finish(params, stats, backend, base_step, loss1)
 
     def _instance_radii(self) -> dict[Tensor, float]:

@@ -22,9 +22,9 @@ from the same a and b (the diagonal, or the group blocks, of the Gram matrix); n
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,12 @@ from .gram import GramCapture, _check_eager, _Layer
 def _wide(t: Tensor) -> Tensor:
     """At least float32 (float64 stays float64): the corrections are book-kept at the model's precision or better."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _present(t: Optional[Tensor]) -> Tensor:
+    """A recorded output gradient (the plans keep only the calls that have one)."""
+    assert t is not None
+    return t
 
 
 def _grouped(t: Tensor, bsz: int, m: int) -> Tensor:
@@ -96,7 +102,7 @@ class InstancePerturbation:
         self.plans: list[_Plan] = []
 
     # ------------------------------------------------------------ first pass
-    def record(self, batch_size: Optional[int] = None):  # type: ignore[no-untyped-def]
+    def record(self, batch_size: Optional[int] = None) -> AbstractContextManager[GramCapture]:
         """Hooks that keep each layer call's input and output while the losses at w are computed."""
         self.plans = []
         return self.capture.record(batch_size)
@@ -124,7 +130,7 @@ class InstancePerturbation:
         if isinstance(mod, nn.LayerNorm):
             shape = tuple(mod.normalized_shape)
             feat = int(torch.Size(shape).numel())
-            b = tokens([_wide(u.b).reshape(bsz, -1, feat) for u in used])  # type: ignore[arg-type]
+            b = tokens([_wide(_present(u.b)).reshape(bsz, -1, feat) for u in used])
             if layer.weight is not None:
                 xhat = tokens([F.layer_norm(_wide(u.a), shape, eps=mod.eps).reshape(bsz, -1, feat) for u in used])
                 plan.gamma = (xhat * b).sum(1)
@@ -132,11 +138,11 @@ class InstancePerturbation:
             return plan
         if isinstance(mod, nn.Embedding):
             plan.a = tokens([u.a.reshape(bsz, -1) for u in used])  # a padded instance's tokens have b = 0
-            b = tokens([_wide(u.b).reshape(bsz, -1, mod.embedding_dim) for u in used])  # type: ignore[arg-type]
+            b = tokens([_wide(_present(u.b)).reshape(bsz, -1, mod.embedding_dim) for u in used])
             plan.b = b.masked_fill((plan.a == mod.padding_idx).unsqueeze(-1), 0.0) if mod.padding_idx is not None else b
         else:
             plan.a = tokens([_wide(u.a).reshape(bsz, -1, u.a.shape[-1]) for u in used])
-            plan.b = tokens([_wide(u.b).reshape(bsz, -1, u.b.shape[-1]) for u in used]).contiguous()  # type: ignore[union-attr]
+            plan.b = tokens([_wide(_present(u.b)).reshape(bsz, -1, _present(u.b).shape[-1]) for u in used]).contiguous()
             n, d_in, d_out = plan.a.shape[1], plan.a.shape[2], plan.b.shape[2]
             if layer.weight is not None and n * (d_in + d_out) > d_in * d_out:  # the dense G_g costs fewer FLOPs
                 plan.dense = torch.bmm(plan.b.transpose(1, 2), plan.a)
@@ -247,7 +253,7 @@ class InstancePerturbation:
                 h.remove()
             self._shared = {}
 
-    def _hook(self, plan: _Plan):  # type: ignore[no-untyped-def]
+    def _hook(self, plan: _Plan) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
         bsz, m, name = self.batch_size, self.m, plan.layer.name
         who, way_out = self.capture._who, self.capture._way_out
 

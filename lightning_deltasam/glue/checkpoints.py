@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 import torch
@@ -116,7 +116,7 @@ def rng_states() -> dict[str, Any]:
         import numpy as np
     except ImportError:
         return states
-    name, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    name, keys, position, has_gauss, gauss = cast(tuple[str, Any, int, int, float], np.random.get_state(legacy=True))
     states["numpy"] = (name, keys.tolist(), position, has_gauss, gauss)  # plain types: weights_only loading takes them
     return states
 
