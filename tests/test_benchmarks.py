@@ -276,3 +276,27 @@ def test_accuracy_per_optimizer_overrides_and_holdout(tmp_path):
     assert result["holdout"] == 0.1 and result["dev_examples"] == 20  # 10% of the 200 training rows, not the dev set
     assert "held-out training rows' size (n = 20)" in out.with_suffix(".md").read_text()
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one run directory each: --reuse never mixes them up
+
+
+def test_loss_rise_pairs_each_optimizer_with_sam_of_its_setting_and_seed(tmp_path):
+    """loss_rise.py averages each run's logged deltasam/loss_rise and divides by SAM's on the same setting and seed."""
+    import loss_rise
+
+    def record(name: str, rises: list[float], ratio: float | None = None) -> None:
+        path = tmp_path / name / "csv" / "version_0" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "deltasam/loss_rise", "deltasam/grad_norm_ratio", "train/loss"])
+            for step, rise in enumerate(rises):
+                writer.writerow([step, rise, "" if ratio is None else ratio, 0.5])
+
+    record("cola-minilm-sam-max-epochs3-seed1", [0.02, 0.04])
+    record("cola-minilm-deltasam_exact-max-epochs3-seed1", [0.015, 0.015])
+    record("cola-minilm-instance_sam-max-epochs3-seed1", [0.09, 0.11], ratio=3.0)
+    record("cola-minilm-adamw-max-epochs3-seed1", [])
+    result = loss_rise.main(["--runs", str(tmp_path)])
+    rows = result["cola-minilm-max-epochs3"]
+    assert set(rows) == {"sam", "deltasam_exact", "instance_sam"}  # AdamW logs no loss rise
+    assert rows["deltasam_exact"]["vs_sam"]["mean"] == pytest.approx(0.5)
+    assert rows["instance_sam"]["vs_sam"]["mean"] == pytest.approx(10 / 3) and rows["instance_sam"]["grad_norm_ratio"] == 3.0
