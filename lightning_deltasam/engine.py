@@ -32,6 +32,8 @@ from .distributed import Reducer, default_reducer
 from .probes import HeadProbe, LossFn, ProbeNoise, RNGReplay, full_probes, head_probes
 from .gram import GramCapture
 from .instance import InstancePerturbation
+from .ascent import make_rule
+from .ascent.base import grads_of
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
 
@@ -173,8 +175,9 @@ class _Pending:
     """What :meth:`SAMEngine.first_step` leaves for :meth:`SAMEngine.second_step`."""
 
     stats: StepStats
-    snapshot: Optional[_Snapshot]  # None: nothing was perturbed (rho = 0 or a skipped step)
+    snapshot: Optional[_Snapshot]  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
     skip: bool = False
+    plain: bool = False  # the step does not perturb: the caller's second gradient is at w
 
 
 @dataclass
@@ -212,7 +215,9 @@ class SAMEngine:
         self.param_groups = param_groups
         self.config = config
         self.noise = ProbeNoise(config)
+        self.rule = make_rule(config)  # the ascent rule of config.variant (lightning_deltasam/ascent/)
         self.skipped_steps = 0
+        self.steps = 0  # optimizer steps taken (skips included): the rule's step index
         self._stores: dict[str, list[Tensor]] = {}
         self._warned_skip = False
         self._pending: Optional[_Pending] = None
@@ -247,10 +252,12 @@ class SAMEngine:
         if not params:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
         self.zero_grad(params)
+        self.rule.discard()
         passes = _Passes(forward, first_pass, second_pass, backend, source, batch_size, module)
-        if not self.enabled():  # rho = 0 (in every group): the base optimizer's step, one pass
+        if not self.perturbs():  # rho = 0 in every group, or a step the rule does not perturb: one pass
             with _phase("first_pass"):
                 loss, losses = passes.descent()
+            self.rule.plain_descent_(params)
             return self._finish(params, StepStats(loss=loss, losses=losses), backend, base_step, loss)
         if cfg.m is not None:
             return self._instance_step(params, passes, backend, base_step)
@@ -271,6 +278,7 @@ class SAMEngine:
             self.zero_grad(params)
             with _phase("second_pass"):
                 loss1, _ = passes.descent()
+        self.rule.descent_(params)
         with _phase("statistics"):
             stats.loss_rise = float(loss1.float() - stats.loss.float())
         return self._finish(params, stats, backend, base_step, loss1)
@@ -298,8 +306,9 @@ class SAMEngine:
         if not params:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
         stats = StepStats(loss=None)
-        if not self.enabled():
-            self._pending = _Pending(stats, None)
+        self.rule.discard()
+        if not self.perturbs():
+            self._pending = _Pending(stats, None, plain=True)
             return
         ascent = self._ascent_direction(params, None)
         if not self._agree_finite(math.isfinite(ascent.norm), backend):
@@ -320,6 +329,10 @@ class SAMEngine:
         params = self.params()
         if pending.skip:
             return self._skip(params, pending.stats, backend, base_step, "the first pass")
+        if pending.plain:
+            self.rule.plain_descent_(params)
+        else:
+            self.rule.descent_(params)
         return self._finish(params, pending.stats, backend, base_step, loss)
 
     def restore_pending(self) -> None:
@@ -486,35 +499,25 @@ class SAMEngine:
         with torch.no_grad(), _phase("ascent_norm"):
             if backend is not None:
                 backend.reducer.sum_coalesced_([p.grad for p in params if p.grad is not None])
+            with_grad_all, grads = grads_of(params)
+            along = dict(zip(with_grad_all, self.rule.gradient_at_w(with_grad_all, grads)))  # the rule sees g at w
             groups, norms = [], []
             for index, group in enumerate(self.param_groups):
                 rho, adaptive, eta = self.group_options(index)
                 with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
                 if not with_grad:
                     continue
-                direction, tensor_norms = self._direction(with_grad, [p.grad for p in with_grad], adaptive, eta)
+                direction, tensor_norms = self.rule.direction(with_grad, [along[p] for p in with_grad], adaptive, eta)
                 groups.append((with_grad, direction, rho, None if adaptive else tensor_norms))
                 norms.extend(tensor_norms)
             return _Ascent(groups, _norm_of(norms))
-
-    @staticmethod
-    def _direction(params: list[Tensor], grads: list[Tensor], adaptive: bool, eta: float) -> tuple[list[Tensor], list[Tensor]]:
-        """(d, the per-tensor norms of the normalizer's vector): SAM d = g, normalizer g; ASAM d = T^2 g, normalizer T g."""
-        if adaptive:
-            scale = torch._foreach_abs(params)
-            torch._foreach_add_(scale, eta)
-            direction = torch._foreach_mul(grads, scale)  # T g
-            norms = torch._foreach_norm(direction)
-            torch._foreach_mul_(direction, scale)  # T (T g)
-            return direction, list(norms)
-        return grads, list(torch._foreach_norm(grads))
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
         """The ascent direction d and its normalizer with the config's options: eps = rho d / norm.
 
         SAM: d = g, norm = ||g||; ASAM: d = T^2 g, norm = ||T g||, T = |w| + eta. One host sync (the norm).
         """
-        direction, norms = self._direction(params, grads, self.config.adaptive, self.config.eta)
+        direction, norms = self.rule.direction(params, grads, self.config.adaptive, self.config.eta)
         return direction, _norm_of(norms)
 
     @torch.no_grad()
@@ -543,6 +546,10 @@ class SAMEngine:
         """Whether the step perturbs at all: some group's rho (the config's unless the group sets its own) > 0."""
         return any(self.group_options(i)[0] > 0 for i in range(len(self.param_groups)))
 
+    def perturbs(self) -> bool:
+        """Whether this step perturbs: the rule's schedule (LookSAM's k, ``interval``) and some rho > 0."""
+        return self.rule.perturbs(self.steps) and self.enabled()
+
     def group_options(self, index: int) -> tuple[float, bool, float]:
         """(rho, adaptive, eta) of ``param_groups[index]``: the group's own values override the config's."""
         group, cfg = self.param_groups[index], self.config
@@ -551,13 +558,13 @@ class SAMEngine:
             check_number(f"param_groups[{index}]['rho']", rho, minimum=0.0)
             check_bool(f"param_groups[{index}]['adaptive']", adaptive)
             check_number(f"param_groups[{index}]['eta']", eta, minimum=0.0)
-        return float(rho), adaptive, float(eta)
+        return self.rule.radius(group, float(rho)), adaptive, float(eta)
 
     def _finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any],
                 loss: Optional[Tensor]) -> StepStats:
         """The base step on the descent gradient, unless it or ``loss`` (the descent loss) is non-finite (then skipped)."""
         with _phase("finite_check"):
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in params if p.grad is not None] + self.rule.pending_tensors()
             total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
             if loss is not None:
                 total = total + loss.detach().float().sum() * 0.0  # NaN / inf in the loss stays NaN: one check, one sync
@@ -566,6 +573,8 @@ class SAMEngine:
             return self._skip(params, stats, backend, base_step, "the descent pass")
         with _phase("base_step"):
             base_step()
+            self.rule.after_step(self.param_groups)  # WSAM's decoupled update; the rule's state is committed
+        self.steps += 1
         return stats
 
     def _agree_finite(self, finite: bool, backend: Backend) -> bool:
@@ -587,6 +596,8 @@ class SAMEngine:
             )
             self._warned_skip = True
         backend.skip(params, base_step)
+        self.rule.discard()
+        self.steps += 1
         self.zero_grad(params)
         return stats
 
@@ -612,10 +623,13 @@ class SAMEngine:
         return store
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generators": self.noise.state_dict(), "skipped_steps": self.skipped_steps}
+        return {"generators": self.noise.state_dict(), "skipped_steps": self.skipped_steps, "steps": self.steps,
+                "rule": self.rule.state_dict(self.params())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.steps = int(state.get("steps", 0))
+        self.rule.load_state_dict(state.get("rule", {}), self.params())
         self.noise.load_state_dict(state.get("generators", {}))
 
 
