@@ -268,7 +268,8 @@ class SAMEngine:
         probes = self._full_probes(params, snapshot, passes) if cfg.uses_probes and head is None else None
         with _phase("first_pass"):
             stats = self._first_pass(passes, probes, head)
-        ascent = self._ascent_direction(params, backend)
+        # an adapter's own first pass (the callback's SAM) is each rank's mean loss: the sum over ranks is W times the mean
+        ascent = self._ascent_direction(params, backend, per_rank_mean=first_pass is not None and not cfg.reweighting)
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
         assert stats.loss is not None
         if not self._agree_finite(math.isfinite(ascent.norm) and bool(torch.isfinite(stats.loss)), backend):
@@ -494,12 +495,15 @@ class SAMEngine:
             self._instance = (key, InstancePerturbation(module, params, self.config.m))
         return self._instance[1]
 
-    def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend]) -> _Ascent:
-        """The first-pass gradient (all-reduced by ``backend``'s reducer; as it is without one) as eps, per group."""
+    def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend], per_rank_mean: bool = False) -> _Ascent:
+        """The first-pass gradient (all-reduced by ``backend``'s reducer, averaged when each rank's is a mean; as it is
+        without one) as eps, per group."""
         with torch.no_grad(), _phase("ascent_norm"):
-            if backend is not None:
-                backend.reducer.sum_coalesced_([p.grad for p in params if p.grad is not None])
             with_grad_all, grads = grads_of(params)
+            if backend is not None:
+                backend.reducer.sum_coalesced_(grads)
+                if per_rank_mean and backend.reducer.world_size > 1:
+                    torch._foreach_div_(grads, float(backend.reducer.world_size))
             along = dict(zip(with_grad_all, self.rule.gradient_at_w(with_grad_all, grads)))  # the rule sees g at w
             groups, norms = [], []
             for index, group in enumerate(self.param_groups):
