@@ -1,19 +1,18 @@
-"""The one SAM / delta-SAM step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`.
+"""The core of the one SAM-family step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`,
+the two-step API (:meth:`~SAMEngine.first_step` / :meth:`~SAMEngine.second_step`) and :meth:`~SAMEngine.closure_step`.
 
-Order of a step (DELTASAM.md sections 1, 3, 5):
-probes (forward only, at w + dw_k, dropout masks replayed) -> first pass at w (per-instance
-losses, weighted backward) -> all-reduce of the weighted gradient -> eps = rho g/||g||
-(ASAM: rho T^2 g/||T g||) -> second pass at w + eps -> exact restore of w -> base step.
-The adapters differ only in how they run backward, all-reduce and step: a :class:`Backend`.
-Probes are in :mod:`.probes`, the scores and weights in :mod:`.weighting`. With ``estimator="exact"``
-(or ``"sketch"``) the first pass is a backward to the layers' outputs instead: per-instance gradient
-Gram matrix, weights, and the weighted gradient book-kept by :mod:`.gram`.
+The core owns what every variant shares: snapshot and exact restore of w on every way out (:mod:`.parts`),
+the finite check with DDP agreement and the skip, the base step, the step count and the checkpoint. It
+calls its parts at fixed points of each path: the first-pass weighting (:mod:`.firstpass`: uniform, probes,
+exact / sketched Gram), the ascent rule (:mod:`.ascent`: SAM / ASAM and the variants, by ``variant``:
+whether the step perturbs, eps from g, the descent gradient from g and g_p, what follows the base step) and
+the per-instance route of ``m`` (:mod:`.ascent.per_instance`).
 
-Parameter groups may carry their own ``rho``, ``adaptive`` and ``eta`` (they override the
-config's, as in davda54/sam and pytorch_optimizer): group k moves by rho_k d_k / ||d||, the norm
-taken over every group. :meth:`SAMEngine.first_step` / :meth:`SAMEngine.second_step` split the
-same step around a caller's own backward at w + eps (the peers' two-step API).
-Every phase runs inside a ``deltasam.<phase>`` profiler range while a ``torch.profiler`` records.
+Order of a full step: probes -> first pass at w -> all-reduce of the weighted gradient -> the rule's eps ->
+second pass at w + eps -> exact restore of w -> the rule's descent gradient -> finite check -> base step ->
+the rule's after-step. A step the rule does not perturb (``interval``, LookSAM's k, rho = 0) is one pass.
+Parameter groups may carry their own ``rho``, ``adaptive`` and ``eta``. Every phase runs inside a
+``deltasam.<phase>`` profiler range while a ``torch.profiler`` records.
 """
 
 from __future__ import annotations
@@ -109,7 +108,7 @@ class SAMEngine:
         if not self.agree_finite(math.isfinite(ascent.norm) and bool(torch.isfinite(stats.loss)), backend):
             return self.skip_step(params, stats, backend, base_step, "the first pass")
         with snapshot.restoring():
-            stats.eps_norm = self._perturb(ascent)
+            stats.eps_norm = self.rule.perturb_(ascent)
             self.zero_grad(params)
             with phase("second_pass"):
                 loss1, _ = passes.descent()
@@ -151,7 +150,7 @@ class SAMEngine:
             return
         snapshot = self._snapshot(params, backend.buffers())
         with snapshot.restoring_on_error():
-            stats.eps_norm = self._perturb(ascent)
+            stats.eps_norm = self.rule.perturb_(ascent)
         self._pending = Pending(stats, snapshot)
 
     def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Optional[Tensor] = None) -> StepStats:
@@ -197,7 +196,7 @@ class SAMEngine:
 
     def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend], per_rank_mean: bool = False) -> Ascent:
         """The first-pass gradient (all-reduced by ``backend``'s reducer, averaged when each rank's is a mean; as it is
-        without one) as eps, per group."""
+        without one) as the rule's eps, per group."""
         with torch.no_grad(), phase("ascent_norm"):
             with_grad_all, grads = grads_of(params)
             if backend is not None:
@@ -205,46 +204,22 @@ class SAMEngine:
                 if per_rank_mean and backend.reducer.world_size > 1:
                     torch._foreach_div_(grads, float(backend.reducer.world_size))
             along = dict(zip(with_grad_all, self.rule.gradient_at_w(with_grad_all, grads)))  # the rule sees g at w
-            groups, norms = [], []
+            groups = []
             for index, group in enumerate(self.param_groups):
-                rho, adaptive, eta = self.group_options(index)
                 with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
-                if not with_grad:
-                    continue
-                direction, tensor_norms = self.rule.direction(with_grad, [along[p] for p in with_grad], adaptive, eta)
-                groups.append((with_grad, direction, rho, None if adaptive else tensor_norms))
-                norms.extend(tensor_norms)
-            return Ascent(groups, norm_of(norms))
+                if with_grad:
+                    groups.append((with_grad, [along[p] for p in with_grad], *self.group_options(index)))
+            return self.rule.ascent(groups)
 
     def ascent(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], float]:
-        """The ascent direction d and its normalizer with the config's options: eps = rho d / norm.
-
-        SAM: d = g, norm = ||g||; ASAM: d = T^2 g, norm = ||T g||, T = |w| + eta. One host sync (the norm).
-        """
+        """The ascent direction d and its normalizer with the config's options: eps = rho d / norm (see the rule)."""
         direction, norms = self.rule.direction(params, grads, self.config.adaptive, self.config.eta)
         return direction, norm_of(norms)
 
-    @torch.no_grad()
     def perturb_(self, params: list[Tensor], direction: list[Tensor], norm: float) -> float:
         """w <- w + rho d / norm with the config's rho and adaptive (see :meth:`ascent`); returns ||eps||."""
         norms = None if self.config.adaptive else list(torch._foreach_norm(direction))
-        return self._perturb(Ascent([(params, direction, self.config.rho, norms)], norm))
-
-    @torch.no_grad()
-    def _perturb(self, ascent: Ascent) -> float:
-        """w <- w + eps, group k by rho_k d_k / norm (a zero gradient gives eps = 0, never NaN), no eps tensor
-        allocated; returns ||eps||."""
-        if not ascent.norm > 0:
-            return 0.0
-        with phase("perturb"):
-            for params, direction, rho, _ in ascent.groups:
-                torch._foreach_add_(params, direction, alpha=rho / ascent.norm)
-        with phase("statistics"):
-            if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
-                return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
-            squares = [(rho / ascent.norm) ** 2 * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
-                       for _, direction, rho, norms in ascent.groups]
-            return math.sqrt(sum(squares))
+        return self.rule.perturb_(Ascent([(params, direction, self.config.rho, norms)], norm))
 
     def enabled(self) -> bool:
         """Whether the step perturbs at all: some group's rho (the config's unless the group sets its own) > 0."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import SAMConfig
 from .gram import GramCapture
-from .parts import Passes, Snapshot, StepStats, phase
+from .parts import LayerHooks, Passes, Snapshot, StepStats, phase
 from .probes import HeadProbe, ProbeNoise, RNGReplay, full_probes, head_probes
 from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
 
@@ -24,7 +24,7 @@ class FirstPass:
         self.config = config
         self.params = params
         self.noise = ProbeNoise(config)
-        self._gram: Optional[tuple[tuple[int, ...], GramCapture]] = None
+        self._gram = LayerHooks(self._build_gram)
 
     def probes(self, params: list[Tensor], snapshot: Snapshot, passes: Passes) -> ProbeLosses:
         """Probes of every parameter, before the first pass, which then replays the probes' dropout masks."""
@@ -82,14 +82,8 @@ class FirstPass:
 
     def gram_capture(self, module: Optional[nn.Module]) -> GramCapture:
         """The hooks that form ``module``'s per-instance gradient Grams (built once per module and parameter set)."""
-        if module is None:
-            raise ValueError(
-                f"estimator={self.config.estimator!r} hooks the model's layers: pass the model "
-                "(DeltaSAM(..., module=model)); DeltaSAMMixin and DeltaSAMCallback pass it themselves."
-            )
-        params = self.params()
-        key = (id(module), *(id(p) for p in params))
-        if self._gram is None or self._gram[0] != key:
-            gen = self.noise.generator(params[0].device) if self.config.estimator == "sketch" else None
-            self._gram = (key, GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen))  # type: ignore[arg-type]
-        return self._gram[1]
+        return self._gram.get(module, self.params(), f"estimator={self.config.estimator!r}")
+
+    def _build_gram(self, module: nn.Module, params: list[Tensor]) -> GramCapture:
+        gen = self.noise.generator(params[0].device) if self.config.estimator == "sketch" else None
+        return GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen)  # type: ignore[arg-type]

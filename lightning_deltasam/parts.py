@@ -199,3 +199,21 @@ def norm_of(norms: list[Tensor]) -> float:
     if not norms:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+class LayerHooks:
+    """Hooks over a model's layers (the Gram capture, the per-instance route), built once per module and parameter
+    set by ``build(module, params)`` and reused while neither changes."""
+
+    def __init__(self, build: Callable[[nn.Module, list[Tensor]], Any]) -> None:
+        self.build = build
+        self._cached: Optional[tuple[tuple[int, ...], Any]] = None
+
+    def get(self, module: Optional[nn.Module], params: list[Tensor], option: str) -> Any:
+        if module is None:
+            raise ValueError(f"{option} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
+                             "DeltaSAMMixin and DeltaSAMCallback pass it themselves.")
+        key = (id(module), *(id(p) for p in params))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.build(module, params))
+        return self._cached[1]

@@ -4,12 +4,14 @@ it in one file, overriding only the hooks its mathematics needs, and registers i
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..config import SAMConfig
+from ..parts import Ascent, norm_of, phase
 
 RULES: dict[str, type["SAM"]] = {}
 
@@ -94,6 +96,31 @@ class SAM:
             torch._foreach_mul_(direction, scale)  # T (T g)
             return direction, list(norms)
         return grads, list(torch._foreach_norm(grads))
+
+    def ascent(self, groups: list[tuple[list[Tensor], list[Tensor], float, bool, float]]) -> Ascent:
+        """eps from (parameters, the gradient eps is along, rho, adaptive, eta) per group: group k moves by
+        rho_k d_k / ||d||, the norm over every group (as davda54/sam and pytorch_optimizer). One host sync."""
+        out, norms = [], []
+        for params, grads, rho, adaptive, eta in groups:
+            direction, tensor_norms = self.direction(params, grads, adaptive, eta)
+            out.append((params, direction, rho, None if adaptive else tensor_norms))
+            norms.extend(tensor_norms)
+        return Ascent(out, norm_of(norms))
+
+    @torch.no_grad()
+    def perturb_(self, ascent: Ascent) -> float:
+        """w <- w + eps (a zero gradient gives eps = 0, never NaN), no eps tensor allocated; returns ||eps||."""
+        if not ascent.norm > 0:
+            return 0.0
+        with phase("perturb"):
+            for params, direction, rho, _ in ascent.groups:
+                torch._foreach_add_(params, direction, alpha=rho / ascent.norm)
+        with phase("statistics"):
+            if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
+                return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
+            squares = [(rho / ascent.norm) ** 2 * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
+                       for _, direction, rho, norms in ascent.groups]
+            return math.sqrt(sum(squares))
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:

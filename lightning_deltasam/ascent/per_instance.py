@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..config import SAMConfig
 from ..instance import InstancePerturbation
-from ..parts import Backend, Passes, Snapshot, StepStats, phase
+from ..parts import Backend, LayerHooks, Passes, Snapshot, StepStats, phase
 
 if TYPE_CHECKING:
     from ..engine import SAMEngine
@@ -22,7 +22,7 @@ class PerInstanceRoute:
 
     def __init__(self, config: SAMConfig) -> None:
         self.config = config
-        self._instance: Optional[tuple[tuple[int, ...], InstancePerturbation]] = None
+        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m))  # type: ignore[arg-type]
 
     def step(self, engine: "SAMEngine", params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
         """``m`` set: each group of m instances descends from its own w + eps_g, all in one batched second pass.
@@ -78,14 +78,4 @@ class PerInstanceRoute:
 
     def route(self, engine: "SAMEngine", module: Optional[nn.Module]) -> InstancePerturbation:
         """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
-        if module is None:
-            raise ValueError(
-                f"m={self.config.m} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
-                "DeltaSAMMixin and DeltaSAMCallback pass it themselves."
-            )
-        params = engine.params()
-        key = (id(module), *(id(p) for p in params))
-        if self._instance is None or self._instance[0] != key:
-            assert self.config.m is not None
-            self._instance = (key, InstancePerturbation(module, params, self.config.m))
-        return self._instance[1]
+        return self._hooks.get(module, engine.params(), f"m={self.config.m}")
