@@ -81,22 +81,18 @@ class SAMEngine:
         Weights are restored exactly even if a pass raises.
         """
         cfg = self.config
-        params = self.params()
-        if not params:
-            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
+        params, plain = self._begin()
         self.zero_grad(params)
-        self.rule.discard()
         passes = Passes(forward, first_pass, second_pass, backend, source, batch_size, module)
-        if not self.perturbs():  # rho = 0 in every group, or a step the rule does not perturb: one pass
+        if plain:  # a step that does not perturb (rho = 0 in every group, interval, LookSAM's k): one pass
             with phase("first_pass"):
                 loss, losses = passes.descent()
-            self.rule.plain_descent_(params)
-            return self.finish(params, StepStats(loss=loss, losses=losses), backend, base_step, loss)
+            self._pending = Pending(StepStats(loss=loss, losses=losses), None, plain=True)
+            return self.second_step(backend, base_step, loss)
         if cfg.m is not None:
             return self.per_instance.step(self, params, passes, backend, base_step)
         if cfg.step_probe_scope == "head" and head is None:
             raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see probes).")
-
         snapshot = self._snapshot(params, backend.buffers())
         probes = self.first.probes(params, snapshot, passes) if cfg.uses_probes and head is None else None
         with phase("first_pass"):
@@ -105,17 +101,12 @@ class SAMEngine:
         ascent = self._ascent_direction(params, backend, per_rank_mean=first_pass is not None and not cfg.reweighting)
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
         assert stats.loss is not None
-        if not self.agree_finite(math.isfinite(ascent.norm) and bool(torch.isfinite(stats.loss)), backend):
-            return self.skip_step(params, stats, backend, base_step, "the first pass")
-        with snapshot.restoring():
-            stats.eps_norm = self.rule.perturb_(ascent)
-            self.zero_grad(params)
-            with phase("second_pass"):
-                loss1, _ = passes.descent()
-        self.rule.descent_(params)
-        with phase("statistics"):
-            stats.loss_rise = float(loss1.float() - stats.loss.float())
-        return self.finish(params, stats, backend, base_step, loss1)
+        self._ascend(ascent, bool(torch.isfinite(stats.loss)), backend, stats, snapshot)
+        loss1 = self._second_pass(passes.descent)[0] if not self._pending.skip else None  # type: ignore[union-attr]
+        if loss1 is not None:
+            with phase("statistics"):
+                stats.loss_rise = float(loss1.float() - stats.loss.float())
+        return self.second_step(backend, base_step, loss1)
 
     # ------------------------------------------------------- two-step API
     def first_step(self, backend: Backend) -> None:
@@ -136,25 +127,14 @@ class SAMEngine:
             raise ValueError("reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
                              "calls backward() itself do not give: use step(closure) with closure() returning the "
                              "per-instance losses, shape [B] (or reweight=None for SAM / ASAM).")
-        params = self.params()
-        if not params:
-            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
-        stats = StepStats(loss=None)
-        self.rule.discard()
-        if not self.perturbs():
-            self._pending = Pending(stats, None, plain=True)
-            return
-        ascent = self._ascent_direction(params, None)
-        if not self.agree_finite(math.isfinite(ascent.norm), backend):
-            self._pending = Pending(stats, None, skip=True)
-            return
-        snapshot = self._snapshot(params, backend.buffers())
-        with snapshot.restoring_on_error():
-            stats.eps_norm = self.rule.perturb_(ascent)
-        self._pending = Pending(stats, snapshot)
+        params, plain = self._begin()
+        if plain:
+            self._pending = Pending(StepStats(loss=None), None, plain=True)
+        else:
+            self._ascend(self._ascent_direction(params, None), True, backend, StepStats(loss=None), None)
 
     def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Optional[Tensor] = None) -> StepStats:
-        """Second half: w restored bit for bit, then the base step on the gradient in ``.grad`` (taken at
+        """Second half: w restored bit for bit, the rule's descent gradient, then the base step on it (taken at
         w + eps by the caller), skipped if it (or ``loss``, the caller's loss at w + eps) is not finite."""
         pending = self._pending
         if pending is None:
@@ -179,15 +159,40 @@ class SAMEngine:
         """:meth:`first_step`, ``closure()`` (the caller's forward + backward at w + eps, the gradient at w already in
         ``.grad``), :meth:`second_step`; w is restored whatever ``closure`` does. Returns the stats and closure's value."""
         self.first_step(backend)
+        loss = self._second_pass(closure)
+        checked = loss.detach() if isinstance(loss, Tensor) else None
+        return self.second_step(backend, base_step, checked), loss
+
+    # ---------------------------------------------------------------- the phases every path runs
+    def _begin(self) -> tuple[list[Tensor], bool]:
+        """Phase 1: (the trainable parameters, whether the step is plain: the rule does not perturb it, so its one
+        pass gives the descent gradient at w); the rule forgets anything a failed step left."""
+        params = self.params()
+        if not params:
+            raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
+        self.rule.discard()
+        return params, not self.perturbs()
+
+    def _ascend(self, ascent: Ascent, finite: bool, backend: Backend, stats: StepStats, snapshot: Optional[Snapshot]) -> None:
+        """Phase 2: every rank agrees eps is finite (else the step is pending as a skip), then w <- w + eps."""
+        if not self.agree_finite(math.isfinite(ascent.norm) and finite, backend):
+            self._pending = Pending(stats, None, skip=True)
+            return
+        if snapshot is None:
+            snapshot = self._snapshot(self.params(), backend.buffers())
+        with snapshot.restoring_on_error():
+            stats.eps_norm = self.rule.perturb_(ascent)
+        self._pending = Pending(stats, snapshot)
+
+    def _second_pass(self, run: Callable[[], Any]) -> Any:
+        """Phase 3: the pass at w + eps (``run``, a backward inside), from no gradient; w restored if it raises."""
         try:
             self.zero_grad(self.params())
             with torch.enable_grad(), phase("second_pass"):
-                loss = closure()
+                return run()
         except BaseException:
             self.restore_pending()
             raise
-        checked = loss.detach() if isinstance(loss, Tensor) else None
-        return self.second_step(backend, base_step, checked), loss
 
     # ---------------------------------------------------------------- phases
     def _snapshot(self, params: list[Tensor], buffers: list[Tensor]) -> Snapshot:
