@@ -72,10 +72,24 @@ def instance_configs(rho: float) -> list[SAMConfig]:
     return [SAMConfig(rho=rho, m=m) for m in INSTANCE_MS]
 
 
+VARIANT_INTERVALS = (2, 4)
+
+
+def variant_configs(rho: float) -> list[SAMConfig]:
+    """The SAM-family variants (their Hydra configs' options) and every-k-steps SAM, at SAM's rho."""
+    out = [SAMConfig(rho=rho, variant="gsam", min_rho=rho / 5), SAMConfig(rho=rho, variant="wsam"),
+           SAMConfig(rho=rho, variant="looksam"), SAMConfig(rho=rho, variant="friendly")]
+    return out + [SAMConfig(rho=rho, interval=k) for k in VARIANT_INTERVALS]
+
+
 def rule_name(cfg: SAMConfig) -> str:
     """A short stable name for a method configuration, e.g. ``gradnorm-softmax-t1-K3-all``."""
     if not cfg.enabled:
         return "adamw"
+    if cfg.variant != "sam":
+        return cfg.variant
+    if cfg.interval > 1:
+        return f"sam-every{cfg.interval}"
     if cfg.per_instance:
         return f"instance-m{cfg.m}"
     if not cfg.reweighting:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from common import (  # type: ignore[import-not-found]
-    batches, build, default_delta_config, emit, gram_configs, instance_configs, rule_name,
+    batches, build, default_delta_config, emit, gram_configs, instance_configs, rule_name, variant_configs,
 )
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
@@ -244,10 +244,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
                     "for the engine's time per phase, after the timed run; 0 skips it")
-    ap.add_argument("--methods", choices=["all", "peers", "gram", "instance"], default="all",
+    ap.add_argument("--methods", choices=["all", "peers", "gram", "instance", "variants"], default="all",
                     help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
                          "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules; instance: AdamW, SAM, "
-                         "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8)")
+                         "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8); variants: AdamW, SAM, default "
+                         "delta-SAM, GSAM, WSAM, LookSAM, FriendlySAM and SAM every 2 / 4 steps")
     ap.add_argument("--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)")
     ap.add_argument("--instance-sweep", action="store_true", help="SAM, m = 1 and the loop oracle over B (8,16,32) and T (16,32,64)")
     ap.add_argument("--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process")
@@ -271,15 +272,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     fixed = [next(stream) for _ in range(4)]
     default = rule_name(default_delta_config(rho=args.rho))
     configs = method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])
-    if args.methods in ("peers", "gram", "instance"):
+    if args.methods in ("peers", "gram", "instance", "variants"):
         configs = [c for c in configs if rule_name(c) in ("adamw", "sam", default)]
     if args.methods in ("all", "gram"):
         configs += gram_configs(args.rho)
     if args.methods in ("all", "instance"):
         configs += instance_configs(args.rho)
+    if args.methods in ("all", "variants"):
+        configs += variant_configs(args.rho)
     methods: dict[str, Any] = {rule_name(c): Method(module, c) for c in configs}
     peers_skipped = {name: why for name, why in available_peers().items() if why}
-    if args.methods not in ("gram", "instance"):
+    if args.methods not in ("gram", "instance", "variants"):
         methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
     names = list(methods)
@@ -303,6 +306,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for name in methods:
         if name not in ("adamw", "sam"):
             ratios[f"{name}/sam"] = med[name] / med["sam"]
+    for name in (rule_name(c) for c in variant_configs(args.rho)):
+        if name in med:  # LookSAM and every-k SAM average under SAM's step: against AdamW too
+            ratios[f"{name}/adamw"] = med[name] / med["adamw"]
     peers = [name for name in PEERS if name in samples]
     vs_peers: dict[str, Any] = {}
     if peers:
@@ -442,7 +448,7 @@ def _child(args: argparse.Namespace, *flags: str) -> Any:
 def make_method(name: str, module: Any, rho: float) -> Any:
     """The method called ``name`` (a rule name, or a peer) stepping ``module``."""
     configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=rho), default_delta_config(rho=rho), *gram_configs(rho),
-                                         *instance_configs(rho)]}
+                                         *instance_configs(rho), *variant_configs(rho)]}
     return Method(module, configs[name]) if name in configs else Peer(module, name, rho)
 
 

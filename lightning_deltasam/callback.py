@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Weighting
+from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Weighting
 from .engine import StepStats
 from .lightning_backend import EngineSlot, LightningBackend, grad_scaler, log_stats, module_step
 from .probes import has_split, probe_plan
@@ -55,6 +55,15 @@ class DeltaSAMCallback(Callback):
         seed: seed of the probe generator (identical on every rank).
         m: instances per perturbation: ``None`` the whole batch (SAM), ``1`` exact per-instance SAM, ``k``
             m-sharpness over consecutive groups of k; needs ``per_sample_loss`` (the module's layers are hooked).
+        variant: the ascent rule: ``"sam"`` (SAM / ASAM), ``"gsam"``, ``"wsam"``, ``"looksam"``, ``"friendly"``.
+        interval: perturb every interval-th step (composer's SAM), a plain base step otherwise.
+        alpha: GSAM's surrogate-gap weight (None: 0.4) or LookSAM's g_v weight (None: 0.7).
+        min_rho: GSAM: rho follows the LR from ``rho`` (at the initial LR) down to ``min_rho`` (at LR 0); None: fixed.
+        gamma: WSAM's sharpness weight, used as gamma / (1 - gamma).
+        decouple: WSAM: apply the sharpness term after the base step (True) or inside it.
+        k: LookSAM's period (SAM every k-th step).
+        sigma: FriendlySAM's momentum subtraction.
+        lmbda: FriendlySAM's momentum decay.
     """
 
     def __init__(
@@ -78,12 +87,22 @@ class DeltaSAMCallback(Callback):
         sync: Sync = "global",
         seed: int = 0,
         m: Optional[int] = None,
+        variant: Variant = "sam",
+        interval: int = 1,
+        alpha: Optional[float] = None,
+        min_rho: Optional[float] = None,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        k: int = 10,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
     ) -> None:
         self.config = SAMConfig(
             rho=rho, adaptive=adaptive, eta=eta, reweight=reweight, score=score, weights=weights,
             temperature=temperature, mix=mix, num_probes=num_probes, probe_std=probe_std, probe_scale=probe_scale,
             antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, estimator=estimator, sketch_rank=sketch_rank, sync=sync, seed=seed,
-            m=m,
+            m=m, variant=variant, interval=interval, alpha=alpha, min_rho=min_rho, gamma=gamma, decouple=decouple, k=k,
+            sigma=sigma, lmbda=lmbda,
         )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []

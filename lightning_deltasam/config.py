@@ -14,6 +14,7 @@ ProbeScope = Literal["auto", "all", "head"]
 Sync = Literal["global", "local"]
 Estimator = Literal["probes", "exact", "sketch"]
 ClipAlgorithm = Literal["norm", "value"]
+Variant = Literal["sam", "gsam", "wsam", "looksam", "friendly"]
 
 REWEIGHTS = (None, "delta")
 SCORES: tuple[str, ...] = get_args(Score)
@@ -23,6 +24,7 @@ PROBE_SCOPES: tuple[str, ...] = get_args(ProbeScope)
 SYNCS: tuple[str, ...] = get_args(Sync)
 CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+VARIANTS: tuple[str, ...] = get_args(Variant)  # each is a file in lightning_deltasam/ascent/
 EXACT_SCORES = ("gram", "gradnorm")  # the scores an exact / sketched per-instance Gram matrix gives
 
 
@@ -69,6 +71,9 @@ class SAMConfig:
     The exact rule is ``score="gram", weights="linear", estimator="exact"``. ``m`` (None: the whole
     batch) is the number of consecutive instances that share one perturbation: ``m=1`` is exact
     per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`).
+    ``variant`` picks the ascent rule (:mod:`~lightning_deltasam.ascent`) with its own options (``alpha``,
+    ``min_rho``, ``gamma``, ``decouple``, ``k``, ``sigma``, ``lmbda``, named and defaulted as in pytorch_optimizer);
+    ``interval=k`` perturbs only every k-th step (composer's SAM), a plain base step otherwise.
     """
 
     rho: float = 0.05
@@ -90,6 +95,15 @@ class SAMConfig:
     sync: Sync = "global"
     seed: int = 0
     m: Optional[int] = None
+    variant: Variant = "sam"
+    interval: int = 1
+    alpha: Optional[float] = None
+    min_rho: Optional[float] = None
+    gamma: float = 0.9
+    decouple: bool = True
+    k: int = 10
+    sigma: float = 1.0
+    lmbda: float = 0.9
 
     def __post_init__(self) -> None:
         check_number("rho", self.rho, minimum=0.0, hint=" Use rho=0 for the plain base optimizer.")
@@ -130,6 +144,41 @@ class SAMConfig:
                     f"m={self.m!r} with adaptive=True: ASAM's per-instance eps_i = rho T^2 g_i/||T g_i|| is not low-rank, "
                     "so the per-instance route cannot apply it. Use adaptive=False with m, or m=None for ASAM."
                 )
+
+        self._check_variant()
+
+    def _check_variant(self) -> None:
+        """The variant options, and the combinations a variant refuses (each error names the option and the fix)."""
+        check_choice("variant", self.variant, VARIANTS)
+        check_int("interval", self.interval, minimum=1, hint=" It perturbs every interval-th step; 1 is every step.")
+        if self.alpha is not None:
+            check_number("alpha", self.alpha, minimum=0.0, hint=" It is GSAM's (default 0.4) or LookSAM's (0.7) alpha.")
+            if self.alpha > 1:
+                raise ValueError(f"alpha={self.alpha!r} must lie in [0, 1] (GSAM's and LookSAM's alpha); None is the variant's default.")
+            if self.variant not in ("gsam", "looksam"):
+                raise ValueError(f"alpha={self.alpha!r} is an option of variant='gsam' or 'looksam', not variant={self.variant!r}; "
+                                 "set alpha=None or pick one of those variants.")
+        if self.min_rho is not None:
+            check_number("min_rho", self.min_rho, minimum=0.0)
+            if self.variant != "gsam":
+                raise ValueError(f"min_rho={self.min_rho!r} is GSAM's rho schedule, not an option of variant={self.variant!r}; "
+                                 "use variant='gsam' or min_rho=None.")
+        check_number("gamma", self.gamma, minimum=0.0, below=1.0, hint=" It is WSAM's sharpness weight, used as gamma/(1-gamma).")
+        check_bool("decouple", self.decouple)
+        check_int("k", self.k, minimum=1, hint=" It is LookSAM's period: SAM every k-th step.")
+        check_number("sigma", self.sigma, minimum=0.0)
+        check_number("lmbda", self.lmbda, minimum=0.0)
+        if self.variant == "sam":
+            return
+        if self.reweight is not None:
+            raise ValueError(f"variant={self.variant!r} with reweight={self.reweight!r}: the variants need the plain gradient at w, "
+                             "which delta-SAM replaces by a reweighted one. Use reweight=None with a variant, or variant='sam'.")
+        if self.m is not None:
+            raise ValueError(f"variant={self.variant!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
+                             "w + eps for the variant to combine. Use m=None with a variant, or variant='sam'.")
+        if self.interval != 1:
+            raise ValueError(f"variant={self.variant!r} with interval={self.interval!r}: interval is composer's every-k-steps SAM "
+                             "(LookSAM has its own k). Use interval=1 with a variant, or variant='sam'.")
 
     @property
     def enabled(self) -> bool:

@@ -47,6 +47,11 @@ class DeltaSAMMixin(_MixinBase):
             check_number("gradient_clip_val", gradient_clip_val, minimum=0.0, hint=" Use None for no clipping.")
         check_choice("gradient_clip_algorithm", gradient_clip_algorithm, CLIP_ALGORITHMS)
         check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        if accumulate_grad_batches > 1 and (config.variant != "sam" or config.interval > 1):
+            option = f"variant={config.variant!r}" if config.variant != "sam" else f"interval={config.interval}"
+            raise ValueError(f"{option} with accumulate_grad_batches={accumulate_grad_batches}: the rule counts and "
+                             "updates once per optimizer step, not per micro-batch. Use accumulate_grad_batches=1 with it, "
+                             "or variant='sam', interval=1.")
         self.accumulate_grad_batches = accumulate_grad_batches
         self.deltasam_config = config
         self.gradient_clip_val = gradient_clip_val

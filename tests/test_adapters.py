@@ -20,6 +20,11 @@ CASES = [
     dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="sketch", sketch_rank=4),
     dict(rho=0.05, m=1),
     dict(rho=0.05, m=3),
+    dict(rho=0.05, variant="gsam", alpha=0.3),
+    dict(rho=0.05, variant="wsam", gamma=0.8),
+    dict(rho=0.1, variant="looksam", k=3),
+    dict(rho=0.05, variant="friendly"),
+    dict(rho=0.05, interval=3),
 ]
 
 

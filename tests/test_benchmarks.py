@@ -256,6 +256,19 @@ def test_speed_instance_interface(tmp_path):
     assert {"instance-m1/sam", "instance-m4/sam", "oracle/sam"} <= set(result["ratios"])
 
 
+def test_speed_variants_interface(tmp_path):
+    """--methods variants: GSAM, WSAM, LookSAM, FriendlySAM and every-k SAM timed against SAM and AdamW in one run."""
+    import speed
+
+    out = tmp_path / "speed.json"
+    speed.main(["--model", "tiny", "--steps", "2", "--batch-size", "8", "--methods", "variants", "--probes", "",
+                "--scaling", "", "--profile-steps", "0", "--oracle-repeats", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    names = {"gsam", "wsam", "looksam", "friendly", "sam-every2", "sam-every4"}
+    assert names | {"adamw", "sam"} <= set(result["step_seconds"])
+    assert {f"{n}/sam" for n in names} | {f"{n}/adamw" for n in names} <= set(result["ratios"])
+
+
 def test_accuracy_per_optimizer_overrides_and_holdout(tmp_path):
     """``sam@optimizer.rho=0.1`` is a column of its own, paired against the same SAM run; ``data.holdout`` validates
     on held-out training rows (the run records it, and the table says so)."""

@@ -16,10 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_deltasam import SAMConfig
 from lightning_deltasam.glue.app import build_callbacks, build_loggers, optimizer_options
-from lightning_deltasam.glue.cli import CONF_DIR
 from lightning_deltasam.glue.tasks import GLUE_TASKS, TextTask
 
-CONF = CONF_DIR
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def options(group: str) -> list[str]:
@@ -39,7 +38,8 @@ def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
 def test_groups_have_every_option() -> None:
     assert options("task") == sorted([*GLUE_TASKS, "tsv"])
     assert options("model") == ["hf", "minilm", "tiny"]
-    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "instance_sam", "sam"]
+    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "friendly", "gsam", "instance_sam", "looksam",
+                                    "sam", "wsam"]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert (options("data"), options("classifier")) == (["glue"], ["glue"])
     assert (options("logger"), options("callbacks")) == (["default"], ["default"])
@@ -80,11 +80,12 @@ def test_optimizer_options(name: str) -> None:
     opts = optimizer_options(cfg)
     sam, rest = SAMConfig.split(opts)
     assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
-    expected = {"adamw": (0.0, False, None), "sam": (0.05, False, None), "asam": (0.5, True, None),
-                "deltasam": (0.05, False, "delta"), "deltasam_exact": (0.05, False, "delta"),
-                "instance_sam": (0.01, False, None)}[name]
-    assert (sam.rho, sam.adaptive, sam.reweight) == expected
-    assert sam.m == (1 if name == "instance_sam" else None)
+    expected = {"adamw": (0.0, False, None, "sam"), "sam": (0.05, False, None, "sam"), "asam": (0.5, True, None, "sam"),
+                "deltasam": (0.05, False, "delta", "sam"), "deltasam_exact": (0.05, False, "delta", "sam"),
+                "instance_sam": (0.01, False, None, "sam"), "gsam": (0.05, False, None, "gsam"),
+                "wsam": (0.05, False, None, "wsam"), "looksam": (0.1, False, None, "looksam"),
+                "friendly": (0.05, False, None, "friendly")}[name]
+    assert (sam.rho, sam.adaptive, sam.reweight, sam.variant) == expected
     assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
 
 

@@ -46,6 +46,12 @@ CASES = {
     "callback_instance_m1": {"adapter": "callback", "options": {"rho": 0.05, "m": 1}},
     "mixin_instance_m2": {"adapter": "mixin", "options": {"rho": 0.05, "m": 2}},
     "mixin_delta_local": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"}},
+    # the SAM-family variants: the rule sees the all-reduced g at w and DDP's averaged g_p; its state is identical on ranks
+    "mixin_gsam": {"adapter": "mixin", "options": {"rho": 0.05, "variant": "gsam"}},
+    "callback_wsam": {"adapter": "callback", "options": {"rho": 0.05, "variant": "wsam"}},
+    "mixin_looksam": {"adapter": "mixin", "options": {"rho": 0.1, "variant": "looksam", "k": 2}},
+    "callback_friendly": {"adapter": "callback", "options": {"rho": 0.05, "variant": "friendly", "sigma": 0.5}},
+    "mixin_interval": {"adapter": "mixin", "options": {"rho": 0.05, "interval": 2}},
 }
 
 

@@ -1,0 +1,147 @@
+"""The ascent rule the core calls: how eps is formed from the gradient at w, and the descent gradient from the
+gradients at w and w + eps. :class:`SAM` is SAM / ASAM (and composer's every-k-steps SAM); a variant subclasses
+it in one file, overriding only the hooks its mathematics needs, and registers itself with :func:`register`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..config import SAMConfig
+from ..parts import Ascent, norm_of, phase
+
+RULES: dict[str, type["SAM"]] = {}
+
+
+def register(name: str) -> Callable[[type["SAM"]], type["SAM"]]:
+    """Class decorator: ``variant=name`` builds this rule."""
+
+    def add(cls: type["SAM"]) -> type["SAM"]:
+        RULES[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def make_rule(config: SAMConfig) -> "SAM":
+    """The rule of ``config.variant`` (the registry is filled by importing :mod:`lightning_deltasam.ascent`)."""
+    return RULES[config.variant](config)
+
+
+@register("sam")
+class SAM:
+    """SAM: eps = rho g/||g||, descend on g_p; ASAM (adaptive): eps = rho T^2 g/||T g||, T = |w| + eta.
+    With ``interval=k`` only the steps where (step + 1) % k == 0 perturb (composer's SAM)."""
+
+    name = "sam"
+    keeps_gradient = False  # whether descent_ needs g at w (then kept in pending["g"])
+
+    def __init__(self, config: SAMConfig) -> None:
+        self.config = config
+        self.state: dict[Tensor, dict[str, Tensor]] = {}  # committed per-parameter state (checkpointed)
+        self.pending: dict[str, Any] = {}  # this step's values, committed only when its base step runs
+
+    # ---------------------------------------------------------------- hooks (identity for SAM)
+    def perturbs(self, step: int) -> bool:
+        """Whether step ``step`` (0-based count of optimizer steps) perturbs at all."""
+        return (step + 1) % self.config.interval == 0
+
+    def radius(self, group: dict[str, Any], rho: float) -> float:
+        """This step's rho for ``group`` (its own or the config's is ``rho``)."""
+        return rho
+
+    def gradient_at_w(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Sees the (all-reduced) gradient at w before eps is formed; returns the gradient eps is along."""
+        if self.keeps_gradient:
+            self.pending["g"] = dict(zip(params, torch._foreach_mul(grads, 1.0)))
+        return grads
+
+    def gradient_pair(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """(the parameters with both gradients, g at w as kept, g_p in their ``.grad``) for ``descent_``."""
+        saved = self.pending.get("g", {})
+        both, gp = grads_of([p for p in params if p in saved])
+        return both, [saved[p] for p in both], gp
+
+    def descent_(self, params: list[Tensor]) -> None:
+        """After the pass at w + eps (``.grad`` holds g_p, w restored): turn ``.grad`` into the descent gradient."""
+
+    def plain_descent_(self, params: list[Tensor]) -> None:
+        """A step that does not perturb: ``.grad`` holds g at w; turn it into the descent gradient."""
+
+    def pending_tensors(self) -> list[Tensor]:
+        """Tensors the base step's finite check must also cover (values applied outside ``.grad``)."""
+        return []
+
+    def after_step(self, param_groups: list[dict[str, Any]]) -> None:
+        """After the base step ran (not on a skipped step): commit this step's state."""
+        self.pending.clear()
+
+    def discard(self) -> None:
+        """Forget this step's uncommitted values (a skipped or failed step)."""
+        self.pending.clear()
+
+    # ---------------------------------------------------------------- the SAM / ASAM direction
+    @staticmethod
+    def direction(params: list[Tensor], grads: list[Tensor], adaptive: bool, eta: float) -> tuple[list[Tensor], list[Tensor]]:
+        """(d, the per-tensor norms of the normalizer's vector): SAM d = g, normalizer g; ASAM d = T^2 g, normalizer T g."""
+        if adaptive:
+            scale = torch._foreach_abs(params)
+            torch._foreach_add_(scale, eta)
+            direction = torch._foreach_mul(grads, scale)  # T g
+            norms = torch._foreach_norm(direction)
+            torch._foreach_mul_(direction, scale)  # T (T g)
+            return direction, list(norms)
+        return grads, list(torch._foreach_norm(grads))
+
+    def ascent(self, groups: list[tuple[list[Tensor], list[Tensor], float, bool, float]]) -> Ascent:
+        """eps from (parameters, the gradient eps is along, rho, adaptive, eta) per group: group k moves by
+        rho_k d_k / ||d||, the norm over every group (as davda54/sam and pytorch_optimizer). One host sync."""
+        out, norms = [], []
+        for params, grads, rho, adaptive, eta in groups:
+            direction, tensor_norms = self.direction(params, grads, adaptive, eta)
+            out.append((params, direction, rho, None if adaptive else tensor_norms))
+            norms.extend(tensor_norms)
+        return Ascent(out, norm_of(norms))
+
+    @torch.no_grad()
+    def perturb_(self, ascent: Ascent) -> float:
+        """w <- w + eps (a zero gradient gives eps = 0, never NaN), no eps tensor allocated; returns ||eps||."""
+        if not ascent.norm > 0:
+            return 0.0
+        with phase("perturb"):
+            for params, direction, rho, _ in ascent.groups:
+                torch._foreach_add_(params, direction, alpha=rho / ascent.norm)
+        with phase("statistics"):
+            if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
+                return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
+            squares = [(rho / ascent.norm) ** 2 * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
+                       for _, direction, rho, norms in ascent.groups]
+            return math.sqrt(sum(squares))
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:
+        """Per-parameter state keyed by the parameter's position in ``params``."""
+        return {i: {k: v.clone() for k, v in self.state[p].items()} for i, p in enumerate(params) if p in self.state}
+
+    def load_state_dict(self, state: dict[int, dict[str, Tensor]], params: list[Tensor]) -> None:
+        self.state = {params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype).clone() for k, v in s.items()}
+                      for i, s in state.items()}
+        self.pending.clear()
+
+
+def grads_of(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """(the parameters with a gradient, their gradients)."""
+    with_grad = [p for p in params if p.grad is not None]
+    return with_grad, [p.grad for p in with_grad]  # type: ignore[misc]
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """||(t_1, t_2, ...)||_2 as a 0-dim tensor (no host sync)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+

@@ -1,0 +1,51 @@
+"""LookSAM (Liu et al. 2022): SAM every k-th step, storing g_v (the part of g_p orthogonal to g) per tensor;
+on the other steps one pass at w and descend on g + alpha ||g|| / (||g_v|| + 1e-8) g_v."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import SAM, grads_of, register
+
+EPS = 1e-12  # pytorch_optimizer's perturb_eps
+
+
+@register("looksam")
+class LookSAM(SAM):
+    """``k`` (10): steps 0, k, 2k, ... perturb; ``alpha`` (default 0.7) weighs the reused g_v. Norms per tensor,
+    as pytorch_optimizer's LookSAM; g_v is per-parameter state (checkpointed)."""
+
+    keeps_gradient = True
+
+    def perturbs(self, step: int) -> bool:
+        return step % self.config.k == 0
+
+    @torch.no_grad()
+    def descent_(self, params: list[Tensor]) -> None:
+        both, g, gp = self.gradient_pair(params)
+        if not both:
+            return
+        units = torch._foreach_div(g, [n.clamp_min(EPS) for n in torch._foreach_norm(g)])
+        norms = torch._foreach_norm(gp)
+        units_p = torch._foreach_div(gp, [n.clamp_min(EPS) for n in norms])
+        cosines = [(a * b).sum() for a, b in zip(units, units_p)]
+        projections = torch._foreach_mul(units, torch._foreach_mul(norms, cosines))
+        self.pending["gv"] = dict(zip(both, torch._foreach_sub(gp, projections)))
+
+    @torch.no_grad()
+    def plain_descent_(self, params: list[Tensor]) -> None:
+        with_grad, grads = grads_of([p for p in params if p in self.state])
+        if not with_grad:
+            return
+        gv = [self.state[p]["gv"] for p in with_grad]
+        scales = torch._foreach_div(torch._foreach_norm(grads), torch._foreach_add(torch._foreach_norm(gv), 1e-8))
+        alpha = 0.7 if self.config.alpha is None else self.config.alpha
+        torch._foreach_add_(grads, torch._foreach_mul(gv, scales), alpha=alpha)
+
+    def after_step(self, param_groups: list[dict[str, Any]]) -> None:
+        for p, gv in self.pending.get("gv", {}).items():
+            self.state[p] = {"gv": gv}
+        super().after_step(param_groups)

@@ -1,0 +1,92 @@
+"""The per-instance route, option ``m``: each group of m instances ascends from its own w + eps_g = rho G_g/||G_g||
+(m = 1 exact per-instance SAM, m = k m-sharpness), all in one batched second pass through the layer hooks of
+:mod:`lightning_deltasam.instance`. w never moves, so the core's restore covers the running statistics only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SAMConfig
+from ..instance import InstancePerturbation
+from ..parts import Backend, LayerHooks, Passes, Snapshot, StepStats, phase
+
+if TYPE_CHECKING:
+    from ..engine import SAMEngine
+
+
+def norm_ratio(group_norms: Tensor, sizes: Tensor, batch_sq: Tensor) -> float:
+    """mean_i ||G_g(i)||/|g(i)| / ||g_bar||: the factor by which the per-group first-order loss rise (rho ||G_g||
+    per group) exceeds SAM's (rho ||g_bar|| on average), so rho_SAM / ratio is the radius that matches SAM's."""
+    bar = float(batch_sq.sqrt()) / float(sizes.sum())
+    per_instance = float(group_norms.double().cpu().sum()) / float(sizes.sum())  # sum_g |g| (||G_g||/|g|) / n
+    return per_instance / bar if bar > 0 else float("nan")
+
+
+class PerInstanceRoute:
+    """The step of ``m`` (the core calls :meth:`step` in place of its own perturb-and-descend)."""
+
+    def __init__(self, config: SAMConfig) -> None:
+        self.config = config
+        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m))  # type: ignore[arg-type]
+
+    def step(self, engine: "SAMEngine", params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
+        """``m`` set: each group of m instances descends from its own w + eps_g, all in one batched second pass.
+
+        First pass: a forward with hooks and one backward to the layers' outputs (no parameter gradient);
+        ||G_g|| from what they kept. Second pass: the per-group corrections installed, a backward of the mean
+        loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced."""
+        cfg = self.config
+        route = self.route(engine, passes.module)
+        rho_of = self.radii(engine)
+        buffers = backend.buffers()
+        snapshot = Snapshot([], [], buffers, engine.saved("buffers", buffers))
+        try:
+            with passes.backend.no_sync(), phase("first_pass"):
+                with route.record(passes.batch_size):
+                    losses = passes.losses(f"m={cfg.m}")
+                route.backward(losses, scale=backend.loss_scale())
+            loss0 = losses.detach().mean()
+            stats = StepStats(loss=loss0, losses=losses.detach())
+            with torch.no_grad(), phase("ascent_norm"):
+                squares = route.group_norms_sq()
+                total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
+                finite = bool(torch.isfinite(total.sum() + loss0.float()))
+            if not engine.agree_finite(finite, backend):
+                return engine.skip_step(params, stats, backend, base_step, "the first pass")
+            with torch.no_grad(), phase("perturb"):
+                norm = total.sqrt()
+                inverse = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+                route.scale({p: rho_of[p] * inverse for p in squares})
+                eps_sq = sum(rho_of[p] ** 2 * sq for p, sq in squares.items()) * inverse.square()
+                stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
+            with torch.no_grad(), phase("statistics"):
+                stats.grad_norm_ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
+            snapshot.keep_buffers()  # the first pass's statistics are the ones kept
+            engine.zero_grad(params)
+            with snapshot.restoring(), route.corrections(), phase("second_pass"):
+                loss1, _ = passes.descent()
+        finally:
+            route.clear()
+        with phase("statistics"):
+            stats.loss_rise = float(loss1.float() - loss0.float())
+        return engine.finish(params, stats, backend, base_step, loss1)
+
+    def radii(self, engine: "SAMEngine") -> dict[Tensor, float]:
+        """Each trainable parameter's rho (its group's); an ASAM group is refused (its eps_i is not low-rank)."""
+        rho_of: dict[Tensor, float] = {}
+        for index, group in enumerate(engine.param_groups):
+            rho, adaptive, _ = engine.group_options(index)
+            if adaptive:
+                raise ValueError(
+                    f"param_groups[{index}]['adaptive']=True with m={self.config.m}: ASAM's per-instance perturbation is "
+                    "not low-rank, so the per-instance route cannot apply it. Set the group's adaptive to False, or m=None."
+                )
+            rho_of.update((p, rho) for p in group["params"] if p.requires_grad)
+        return rho_of
+
+    def route(self, engine: "SAMEngine", module: Optional[nn.Module]) -> InstancePerturbation:
+        """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
+        return self._hooks.get(module, engine.params(), f"m={self.config.m}")

@@ -1,0 +1,222 @@
+"""What the core step is made of and every part shares: the :class:`Backend` an adapter gives, the
+:class:`StepStats` a step returns, the :class:`Snapshot` that restores w bit for bit on every way out,
+the :class:`Passes` (forwards) of one step, and the profiler ranges."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import SAMConfig
+from .distributed import Reducer, default_reducer
+from .probes import LossFn
+
+
+def phase(name: str) -> ContextManager:
+    """A ``deltasam.<name>`` profiler range while a profiler records; otherwise nothing (no cost)."""
+    return torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
+
+
+class Backend:
+    """How an adapter runs backward, collectives and a skipped step. This default is plain PyTorch."""
+
+    def __init__(self, reducer: Reducer, buffers: Optional[Callable[[], list[Tensor]]] = None,
+                 world: Optional[Reducer] = None) -> None:
+        self.reducer = reducer  # collectives of the step: identity under sync='local'
+        self.world = world if world is not None else reducer  # every rank, whatever sync: skip agreement
+        self._buffers = buffers
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self) -> ContextManager:
+        """Context in which a backward does not all-reduce gradients (DDP's no_sync)."""
+        return nullcontext()
+
+    def forward_context(self) -> ContextManager:
+        """Context for the engine's own forwards (autocast, where the caller's context lacks it)."""
+        return nullcontext()
+
+    def buffers(self) -> list[Tensor]:
+        """Running statistics (BatchNorm and the like) that only the first pass may update."""
+        return self._buffers() if self._buffers is not None else []
+
+    def loss_scale(self) -> float:
+        """Factor the backward multiplies gradients by (a GradScaler's scale), 1 without one."""
+        return 1.0
+
+    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
+        """A step whose gradients are not finite: the base step runs with no gradient, so nothing changes
+        but the step is counted (schedulers and step counters stay aligned with a normal step)."""
+        for p in params:
+            p.grad = None
+        base_step()
+
+
+@dataclass
+class StepStats:
+    """What one step measured, for logging. ``loss`` is the mean loss at the unperturbed w (None when the
+    step did not see it: the two-step API, whose first backward is the caller's)."""
+
+    loss: Optional[Tensor]
+    losses: Optional[Tensor] = None
+    eps_norm: float = 0.0
+    loss_rise: float = float("nan")
+    weight_entropy: float = float("nan")
+    weight_max: float = float("nan")
+    weight_fallback: bool = False
+    skipped: bool = False
+    grad_norm_ratio: float = float("nan")  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance.py)
+
+    def as_log_dict(self, skipped_total: int) -> dict[str, float]:
+        out = {"deltasam/skipped_steps": float(skipped_total)}
+        if not math.isnan(self.loss_rise):
+            out["deltasam/eps_norm"] = self.eps_norm
+            out["deltasam/loss_rise"] = self.loss_rise
+        if not math.isnan(self.weight_entropy):
+            out["deltasam/weight_entropy"] = self.weight_entropy
+            out["deltasam/weight_max"] = self.weight_max
+            out["deltasam/weight_fallback"] = float(self.weight_fallback)
+        if not math.isnan(self.grad_norm_ratio):
+            out["deltasam/grad_norm_ratio"] = self.grad_norm_ratio
+        return out
+
+
+def check_per_sample_losses(losses: Any, source: str, batch_size: Optional[int] = None) -> Tensor:
+    """A clear error unless ``losses`` is a float tensor of shape [B] (B = ``batch_size`` when known)."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}.")
+    shape = tuple(losses.shape)
+    if losses.dim() != 1:
+        hint = " (a scalar: use reduction='none')" if losses.dim() == 0 else ""
+        raise ValueError(f"{source} must return per-instance losses of shape [B]; got shape {shape}{hint}.")
+    if not losses.is_floating_point():
+        raise TypeError(f"{source} must return a floating-point tensor; got dtype {losses.dtype} of shape {shape}.")
+    if losses.numel() == 0:
+        raise ValueError(f"{source} returned an empty tensor of shape {shape}: the batch is empty.")
+    if batch_size is not None and losses.numel() != batch_size:
+        raise ValueError(f"{source} returned shape {shape} but the batch holds {batch_size} instances; return one loss per instance.")
+    return losses
+
+
+class Snapshot:
+    """w and the running statistics as the step found them; :meth:`restore` puts them back bit for bit."""
+
+    def __init__(self, params: list[Tensor], saved: list[Tensor], buffers: list[Tensor], saved_buffers: list[Tensor]) -> None:
+        self.params, self.saved, self.buffers, self.saved_buffers = params, saved, buffers, saved_buffers
+
+    @torch.no_grad()
+    def restore(self, buffers: bool = True) -> None:
+        with phase("restore"):
+            if self.params:
+                torch._foreach_copy_(self.params, self.saved)
+            if buffers and self.buffers:
+                torch._foreach_copy_(self.buffers, self.saved_buffers)
+
+    @torch.no_grad()
+    def keep_buffers(self) -> None:
+        """The running statistics as they are now (after the first pass) become the ones restored."""
+        if self.buffers:
+            torch._foreach_copy_(self.saved_buffers, self.buffers)
+
+    @contextmanager
+    def restoring_on_error(self) -> Iterator[None]:
+        """An exception inside restores w and the statistics before it propagates."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Whatever happens inside (a return, a NaN, an exception), w and the statistics are restored on the way out."""
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+@dataclass
+class Ascent:
+    """The first-pass gradient as eps: group k (its parameters with a gradient) moves by rho_k d_k / norm.
+
+    ``norms`` are the per-tensor norms of ``direction`` for SAM groups (``direction`` is the gradient),
+    None for ASAM groups (their normalizer is ||T g||, not ||d||)."""
+
+    groups: list[tuple[list[Tensor], list[Tensor], float, Optional[list[Tensor]]]]
+    norm: float
+
+
+@dataclass
+class Pending:
+    """What :meth:`SAMEngine.first_step` leaves for :meth:`SAMEngine.second_step`."""
+
+    stats: StepStats
+    snapshot: Optional[Snapshot]  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
+    skip: bool = False
+    plain: bool = False  # the step does not perturb: the caller's second gradient is at w
+
+
+@dataclass
+class Passes:
+    """The forwards of one step: the engine's own (``forward``) or an adapter's (``first_pass`` / ``second_pass``)."""
+
+    forward: Optional[LossFn]
+    first_pass: Optional[Callable[[], Tensor]]
+    second_pass: Optional[Callable[[], Tensor]]
+    backend: Backend
+    source: str
+    batch_size: Optional[int]
+    module: Optional[nn.Module] = None
+
+    def losses(self, needed_for: str) -> Tensor:
+        """Per-instance losses [B] at the current weights, checked, with grad."""
+        if self.forward is None:
+            raise ValueError(f"{needed_for} needs per-instance losses: define per_sample_loss.")
+        with self.backend.forward_context():
+            return check_per_sample_losses(self.forward(), self.source, self.batch_size)
+
+    def descent(self) -> tuple[Tensor, Optional[Tensor]]:
+        """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
+        if self.second_pass is not None:
+            return self.second_pass().detach(), None
+        losses = self.losses("the step")
+        self.backend.backward(losses.mean())
+        return losses.detach().mean(), losses.detach()
+
+
+
+def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:
+    """The plain-PyTorch backend, all-reducing over torch.distributed when sync='global' and W > 1."""
+    return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
+
+
+def norm_of(norms: list[Tensor]) -> float:
+    """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list."""
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+class LayerHooks:
+    """Hooks over a model's layers (the Gram capture, the per-instance route), built once per module and parameter
+    set by ``build(module, params)`` and reused while neither changes."""
+
+    def __init__(self, build: Callable[[nn.Module, list[Tensor]], Any]) -> None:
+        self.build = build
+        self._cached: Optional[tuple[tuple[int, ...], Any]] = None
+
+    def get(self, module: Optional[nn.Module], params: list[Tensor], option: str) -> Any:
+        if module is None:
+            raise ValueError(f"{option} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
+                             "DeltaSAMMixin and DeltaSAMCallback pass it themselves.")
+        key = (id(module), *(id(p) for p in params))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.build(module, params))
+        return self._cached[1]
