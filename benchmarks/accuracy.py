@@ -31,13 +31,22 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, extra: list[str], reuse: bool = False,
-            record: Optional[Path] = None, threads: Optional[int] = None) -> dict[str, Any]:
+def run_one(
+    task: str,
+    model: str,
+    optimizer: str,
+    seed: int,
+    run_dir: Path,
+    extra: list[str],
+    reuse: bool = False,
+    record: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """One ``train.py`` run; returns its results.json plus the validation curve from the CSV log.
 
     With ``reuse``, a finished run of the same command is read instead of trained again: from the run
@@ -54,8 +63,17 @@ def run_one(task: str, model: str, optimizer: str, seed: int, run_dir: Path, ext
             if record is not None:
                 save_record(source, record / run_dir.name)
             return results
-    cmd = [sys.executable, str(ROOT / "train.py"), f"task={task}", f"model={model}", f"optimizer={optimizer}",
-           f"seed={seed}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"task={task}",
+        f"model={model}",
+        f"optimizer={optimizer}",
+        f"seed={seed}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
     t0 = time.perf_counter()
     env = dict(os.environ)  # the runs read GLUE_DIR, as the app does
     if threads is not None:
@@ -77,12 +95,14 @@ def parse_optimizer(entry: str) -> tuple[str, str, list[str]]:
     name, *overrides = entry.split("@")
     for override in overrides:
         if "=" not in override:
-            raise ValueError(f"--optimizers entry {entry!r}: {override!r} is not key=value (e.g. sam@optimizer.rho=0.1).")
+            raise ValueError(
+                f"--optimizers entry {entry!r}: {override!r} is not key=value (e.g. sam@optimizer.rho=0.1)."
+            )
     label = "@".join([name, *(f"{o.split('=', 1)[0].rsplit('.', 1)[-1]}={o.split('=', 1)[1]}" for o in overrides)])
     return label, name, overrides
 
 
-def dev_size(task: str, metric: str) -> Optional[int]:
+def dev_size(task: str, metric: str) -> int | None:
     """Rows of ``task``'s dev split that ``metric`` is measured on (for runs whose results.json predates ``dev_examples``)."""
     if str(ROOT) not in sys.path:  # run as a script from a checkout that is not installed
         sys.path.insert(0, str(ROOT))
@@ -131,8 +151,11 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
                     points.append((int(row["step"]), float(row[metric])))
     # the app's final validation of the last weights is logged one step after the periodic one of the same
     # weights (same value): keep one point per validation
-    return [p for i, p in enumerate(points) if not (i + 1 < len(points) and points[i + 1][0] == p[0] + 1
-                                                    and points[i + 1][1] == p[1])]
+    return [
+        p
+        for i, p in enumerate(points)
+        if not (i + 1 < len(points) and points[i + 1][0] == p[0] + 1 and points[i + 1][1] == p[1])
+    ]
 
 
 def train_loss_by_epoch(run_dir: Path) -> list[float]:
@@ -166,8 +189,12 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
         for base in baselines:
             diffs = [by_seed[s][metric] - runs[base][s][metric] for s in by_seed if s in runs[base]]
             if diffs:
-                out[opt]["paired_vs"][base] = {"mean_diff": statistics.fmean(diffs), "n": len(diffs),
-                                               "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+                out[opt]["paired_vs"][base] = {
+                    "mean_diff": statistics.fmean(diffs),
+                    "n": len(diffs),
+                    "wins": sum(d > 0 for d in diffs),
+                    "losses": sum(d < 0 for d in diffs),
+                }
         first = out[opt]["paired_vs"][baselines[0]]
         out[opt]["paired"] = {"baseline": baselines[0], **{k: first[k] for k in ("mean_diff", "wins", "losses")}}
     return out
@@ -184,11 +211,11 @@ def one_run_se(metric: str, value: float, n: int) -> float:
     if name in PROPORTIONS:
         return math.sqrt(max(value * (1 - value), 0.0) / n)
     if name in CORRELATIONS:
-        return (1 - value ** 2) / math.sqrt(max(n - 3, 1))
+        return (1 - value**2) / math.sqrt(max(n - 3, 1))
     raise ValueError(f"no standard error formula for metric {metric!r}")
 
 
-def also_measured(runs: dict[str, dict[int, dict[str, Any]]], metric: str, n_dev: Optional[int]) -> dict[str, Any]:
+def also_measured(runs: dict[str, dict[int, dict[str, Any]]], metric: str, n_dev: int | None) -> dict[str, Any]:
     """The summary of every other dev metric all runs report (MRPC's accuracy, STS-B's Spearman), with its
     one-run standard error where there is a formula; reported beside ``metric``, which the verdicts rest on."""
     finished = [r for by_seed in runs.values() for r in by_seed.values()]
@@ -207,13 +234,18 @@ def table(optimizers: dict[str, Any]) -> list[str]:
     seeds = sorted({s for o in optimizers.values() for s in o["seeds"]}, key=int)
     baselines = list(next(iter(optimizers.values())).get("paired_vs", {}))
     head = "".join(f" vs {b}: mean Δ (points), wins-losses |" for b in baselines)
-    lines = [f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std |{head} wall s/run |",
-             "|---|" + "---|" * (len(seeds) + 3 + len(baselines))]
+    lines = [
+        f"| optimizer | {' | '.join(f'seed {s}' for s in seeds)} | mean | std |{head} wall s/run |",
+        "|---|" + "---|" * (len(seeds) + 3 + len(baselines)),
+    ]
     for name, o in optimizers.items():
         cells = " | ".join(f"{o['seeds'][s]:.4f}" if s in o["seeds"] else "-" for s in seeds)
-        vs = "".join(" - |" if name == b or b not in o["paired_vs"] else
-                     f" {100 * o['paired_vs'][b]['mean_diff']:+.2f}, {o['paired_vs'][b]['wins']}-{o['paired_vs'][b]['losses']} |"
-                     for b in baselines)
+        vs = "".join(
+            " - |"
+            if name == b or b not in o["paired_vs"]
+            else f" {100 * o['paired_vs'][b]['mean_diff']:+.2f}, {o['paired_vs'][b]['wins']}-{o['paired_vs'][b]['losses']} |"
+            for b in baselines
+        )
         lines.append(f"| {name} | {cells} | **{o['mean']:.4f}** | {o['std']:.4f} |{vs} {o['wall_s']:.0f} |")
     return lines
 
@@ -224,8 +256,10 @@ def markdown(result: dict[str, Any]) -> str:
     se = result.get("one_run_se")
     if se is not None:
         where = "held-out training rows'" if result.get("holdout") else "dev set's"
-        lines.append(f"\nStandard error of one run's {result['metric']} from the {where} size (n = {result['dev_examples']}): "
-                     f"{100 * se:.2f} points.")
+        lines.append(
+            f"\nStandard error of one run's {result['metric']} from the {where} size (n = {result['dev_examples']}): "
+            f"{100 * se:.2f} points."
+        )
     for metric, also in result.get("also", {}).items():
         se = also.get("one_run_se")
         note = "same runs" if se is None else f"same runs; standard error of one run {100 * se:.2f} points"
@@ -256,7 +290,7 @@ def plot(curves: dict[str, dict[int, list[tuple[int, float]]]], metric: str, pat
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python benchmarks/accuracy.py", *argv])
     extra: list[str] = []
@@ -271,12 +305,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--runs-dir", default=str(ROOT / "outputs" / "accuracy"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--reuse", action="store_true", help="read finished runs (results.json in their run dir, else in --record) "
-                    "instead of rerunning")
-    ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results" / "runs"),
-                    help="where each finished run's results.json and CSV log are copied (commit them); '' copies nothing")
-    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cpu_count // jobs threads "
-                    "(default 1: one run at a time on the environment's threads)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read finished runs (results.json in their run dir, else in --record) instead of rerunning",
+    )
+    ap.add_argument(
+        "--record",
+        default=str(ROOT / "benchmarks" / "results" / "runs"),
+        help="where each finished run's results.json and CSV log are copied (commit them); '' copies nothing",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each on cpu_count // jobs threads "
+        "(default 1: one run at a time on the environment's threads)",
+    )
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -289,12 +334,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     def train(seed: int, opt: str) -> dict[str, Any]:
         name, own = entries[opt]
         run_dir = Path(args.runs_dir) / run_name(args.task, args.model, name, seed, [*extra, *own])
-        r = run_one(args.task, args.model, name, seed, run_dir, [*extra, *own], reuse=args.reuse, record=record,
-                    threads=threads)
-        print(f"{opt:10s} seed {seed}: {r['main_metric']}={r[r['main_metric']]:.4f} ({r['wall_seconds']:.0f}s)", flush=True)
+        r = run_one(
+            args.task, args.model, name, seed, run_dir, [*extra, *own], reuse=args.reuse, record=record, threads=threads
+        )
+        print(
+            f"{opt:10s} seed {seed}: {r['main_metric']}={r[r['main_metric']]:.4f} ({r['wall_seconds']:.0f}s)",
+            flush=True,
+        )
         return r
 
-    plan = [(seed, opt) for seed in seeds for opt in optimizers]  # seed-major: a partial plan still pairs optimizers per seed
+    plan = [
+        (seed, opt) for seed in seeds for opt in optimizers
+    ]  # seed-major: a partial plan still pairs optimizers per seed
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = list(pool.map(lambda job: train(*job), plan))
     runs: dict[str, dict[int, dict[str, Any]]] = {o: {} for o in optimizers}
@@ -305,8 +356,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     n_dev = runs[optimizers[0]][seeds[0]].get("dev_examples") or dev_size(args.task, metric)
     mean_all = statistics.fmean(o["mean"] for o in summary.values())
     result = {
-        "task": args.task, "model": args.model, "metric": metric,
-        "dev_examples": n_dev, "one_run_se": one_run_se(metric, mean_all, n_dev) if n_dev else None,
+        "task": args.task,
+        "model": args.model,
+        "metric": metric,
+        "dev_examples": n_dev,
+        "one_run_se": one_run_se(metric, mean_all, n_dev) if n_dev else None,
         "optimizers": summary,
         "also": also_measured(runs, metric, n_dev),
         "options": {o: runs[o][seeds[0]]["optimizer_options"] for o in optimizers},
@@ -315,7 +369,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "holdout": runs[optimizers[0]][seeds[0]].get("holdout", 0.0),  # > 0: measured on held-out training rows
         "jobs": args.jobs,  # runs trained at once by this invocation (reused runs keep their own wall time)
         "flipped_labels": {str(s): runs[optimizers[0]][s].get("flipped_labels") for s in seeds},
-        "train_loss_by_epoch": {o: {str(s): r["train_loss_by_epoch"] for s, r in by_seed.items()} for o, by_seed in runs.items()},
+        "train_loss_by_epoch": {
+            o: {str(s): r["train_loss_by_epoch"] for s, r in by_seed.items()} for o, by_seed in runs.items()
+        },
         "command": command,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -14,8 +15,8 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_deltasam.glue.app import build_components  # noqa: E402
 from lightning_deltasam.config import SAMConfig  # noqa: E402
+from lightning_deltasam.glue.app import build_components  # noqa: E402
 from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 
 
@@ -26,9 +27,18 @@ def load_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=[*overrides, "paths.output_dir=/tmp/deltasam-bench"])
 
 
-def build(model: str, batch_size: int, seed: int = 0, extra: Optional[list[str]] = None) -> tuple[Any, Any, Any]:
+def build(model: str, batch_size: int, seed: int = 0, extra: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(task, datamodule ready to load, GlueClassifier with AdamW options) for SST-2."""
-    cfg = load_config([f"model={model}", "task=sst2", "optimizer=adamw", f"data.batch_size={batch_size}", f"seed={seed}", *(extra or [])])
+    cfg = load_config(
+        [
+            f"model={model}",
+            "task=sst2",
+            "optimizer=adamw",
+            f"data.batch_size={batch_size}",
+            f"seed={seed}",
+            *(extra or []),
+        ]
+    )
     task, datamodule, module, _ = build_components(cfg)
     datamodule.setup("fit")
     return task, datamodule, module
@@ -37,8 +47,11 @@ def build(model: str, batch_size: int, seed: int = 0, extra: Optional[list[str]]
 def batches(datamodule: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled training batches in an order fixed by ``seed``."""
     loader = torch.utils.data.DataLoader(
-        datamodule.train_set, batch_size=datamodule.batch_size, shuffle=True,
-        collate_fn=datamodule._collator(), generator=torch.Generator().manual_seed(seed),
+        datamodule.train_set,
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        collate_fn=datamodule._collator(),
+        generator=torch.Generator().manual_seed(seed),
     )
     while True:
         yield from loader
@@ -59,7 +72,10 @@ SKETCH_RANKS = (8, 32, 128)
 def gram_configs(rho: float) -> list[SAMConfig]:
     """The rules that read per-instance gradients from the first backward: exact K, and K sketched at each rank."""
     exact = dict(rho=rho, reweight="delta", score="gram", weights="linear")
-    out = [SAMConfig(**exact, estimator="exact"), SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact")]
+    out = [
+        SAMConfig(**exact, estimator="exact"),
+        SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact"),
+    ]
     out += [SAMConfig(**exact, estimator="sketch", sketch_rank=r) for r in SKETCH_RANKS]
     return out
 
@@ -77,8 +93,12 @@ VARIANT_INTERVALS = (2, 4)
 
 def variant_configs(rho: float) -> list[SAMConfig]:
     """The SAM-family variants (their Hydra configs' options) and every-k-steps SAM, at SAM's rho."""
-    out = [SAMConfig(rho=rho, variant="gsam", min_rho=rho / 5), SAMConfig(rho=rho, variant="wsam"),
-           SAMConfig(rho=rho, variant="looksam"), SAMConfig(rho=rho, variant="friendly")]
+    out = [
+        SAMConfig(rho=rho, variant="gsam", min_rho=rho / 5),
+        SAMConfig(rho=rho, variant="wsam"),
+        SAMConfig(rho=rho, variant="looksam"),
+        SAMConfig(rho=rho, variant="friendly"),
+    ]
     return out + [SAMConfig(rho=rho, interval=k) for k in VARIANT_INTERVALS]
 
 
@@ -104,7 +124,7 @@ def rule_name(cfg: SAMConfig) -> str:
     return name
 
 
-def emit(result: dict[str, Any], out: Optional[str], print_table: Any) -> dict[str, Any]:
+def emit(result: dict[str, Any], out: str | None, print_table: Any) -> dict[str, Any]:
     """Print a benchmark's table and write its JSON to ``out`` (when given)."""
     import json
 

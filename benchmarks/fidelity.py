@@ -15,16 +15,23 @@ import argparse
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 from common import batches, build, default_delta_config, emit, gram_configs, rule_name  # type: ignore[import-not-found]
+
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
+from lightning_deltasam.oracle import (
+    batched_route_supported,
+    fidelity,
+    method_update,
+    oracle_update,
+    weighted_sam_update,
+)
 from lightning_deltasam.probes import probe_plan
-from lightning_deltasam.oracle import batched_route_supported, fidelity, method_update, oracle_update, weighted_sam_update
 
 
 def rule_configs(rho: float, probes: list[int], head: bool, families: str = "probes,gram") -> list[SAMConfig]:
@@ -45,7 +52,9 @@ def rule_configs(rho: float, probes: list[int], head: bool, families: str = "pro
     if head:
         for score, k in (("gradnorm", 8), ("gram", 32), ("gram", 128)):
             out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k, probe_scope="head"))
-        out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head", temperature=4.0))
+        out.append(
+            SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head", temperature=4.0)
+        )
     if all(c != default for c in out):
         out.append(default)
     if "gram" in families.split(","):
@@ -72,11 +81,15 @@ def block_weights(rows: torch.Tensor, ranks: int, ridge: float = 1e-3) -> torch.
     same = torch.arange(len(gram)) % ranks
     gram = gram * (same.unsqueeze(0) == same.unsqueeze(1))
     diag = gram.diagonal()
-    coef = torch.linalg.solve(gram + ridge * diag.mean() * torch.eye(len(diag), dtype=gram.dtype), diag.sqrt()).clamp_min(0)
+    coef = torch.linalg.solve(
+        gram + ridge * diag.mean() * torch.eye(len(diag), dtype=gram.dtype), diag.sqrt()
+    ).clamp_min(0)
     return (coef / coef.sum()).float()
 
 
-def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch: Any, rho: float, oracle: Any) -> torch.Tensor:
+def hindsight_weights(
+    module: Any, loss_fn: Callable[[Any], torch.Tensor], batch: Any, rho: float, oracle: Any
+) -> torch.Tensor:
     """The hindsight ceiling: the delta whose single perturbation best fits the oracle's correction.
 
     To first order SAM along g_delta corrects by a non-negative combination of the corrections c_j of
@@ -88,7 +101,9 @@ def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch
     n = rows.shape[0]
     corr = torch.empty(n, rows.shape[1], dtype=rows.dtype)  # [B, P], filled in place (B x P floats, no copies)
     for j in range(n):
-        torch.sub(weighted_sam_update(module, loss_fn, batch, rho, torch.eye(n)[j], rows), oracle.mean_grad, out=corr[j])
+        torch.sub(
+            weighted_sam_update(module, loss_fn, batch, rho, torch.eye(n)[j], rows), oracle.mean_grad, out=corr[j]
+        )
     target = oracle.update - oracle.mean_grad
     gram, rhs = (corr @ corr.t()).double(), (corr @ target).double()
     del corr
@@ -100,14 +115,23 @@ def hindsight_weights(module: Any, loss_fn: Callable[[Any], torch.Tensor], batch
     return (delta / delta.sum()).float() if delta.sum() > 0 else torch.full((n,), 1.0 / n)
 
 
-def measure(module: Any, batch: dict[str, torch.Tensor], configs: list[SAMConfig], engines: dict[str, SAMEngine],
-            rho: float, hindsight: bool = False, route: str = "auto") -> dict[str, tuple[float, float]]:
+def measure(
+    module: Any,
+    batch: dict[str, torch.Tensor],
+    configs: list[SAMConfig],
+    engines: dict[str, SAMEngine],
+    rho: float,
+    hindsight: bool = False,
+    route: str = "auto",
+) -> dict[str, tuple[float, float]]:
     loss_fn: Callable[[Any], torch.Tensor] = module.per_sample_loss
     oracle = oracle_update(module, loss_fn, batch, rho=rho, keep_rows=True, route=route)
     out: dict[str, tuple[float, float]] = {}
     for cfg in configs:
         name = rule_name(cfg)
-        engine = engines.setdefault(name, SAMEngine([{"params": [p for p in module.parameters() if p.requires_grad]}], cfg))
+        engine = engines.setdefault(
+            name, SAMEngine([{"params": [p for p in module.parameters() if p.requires_grad]}], cfg)
+        )
         forward, head = probe_plan(module, batch, cfg.probe_scope if cfg.uses_probes else "all")
         u = method_update(module, forward, cfg, engine=engine, head=head)
         out[name] = fidelity(u, oracle.update, oracle.mean_grad)
@@ -119,7 +143,9 @@ def measure(module: Any, batch: dict[str, torch.Tensor], configs: list[SAMConfig
         u = weighted_sam_update(module, loss_fn, batch, rho, block_weights(oracle.rows, 2), oracle.rows)
         out["gram-exact-2ranks"] = fidelity(u, oracle.update, oracle.mean_grad)
     if hindsight:
-        u = weighted_sam_update(module, loss_fn, batch, rho, hindsight_weights(module, loss_fn, batch, rho, oracle), oracle.rows)
+        u = weighted_sam_update(
+            module, loss_fn, batch, rho, hindsight_weights(module, loss_fn, batch, rho, oracle), oracle.rows
+        )
         out["hindsight-ceiling"] = fidelity(u, oracle.update, oracle.mean_grad)
     return out
 
@@ -141,20 +167,33 @@ def summarize(per_ckpt: dict[str, list[dict[str, tuple[float, float]]]]) -> dict
     return rules
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     ap.add_argument("--batches", type=int, default=4, help="measured batches per checkpoint")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--train-steps", type=int, default=None, help="AdamW steps to the late checkpoint (default: tiny 300, minilm 150)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="AdamW steps to the late checkpoint (default: tiny 300, minilm 150)",
+    )
     ap.add_argument("--probes", default="3,8", help="probe counts K to study (comma-separated)")
     ap.add_argument("--no-head", action="store_true", help="skip head-only probe rules")
-    ap.add_argument("--families", default="probes,gram", help="rule families: probes and/or gram (SAM and the default always)")
-    ap.add_argument("--hindsight", action="store_true", help="also the hindsight ceiling (B extra backward passes per batch)")
-    ap.add_argument("--oracle-route", choices=["auto", "batched", "loop"], default="auto",
-                    help="how the oracle's u* is formed: the batched per-instance route (exact; Linear / Embedding / "
-                         "LayerNorm models) or the loop of backward passes; auto: batched where the model allows")
+    ap.add_argument(
+        "--families", default="probes,gram", help="rule families: probes and/or gram (SAM and the default always)"
+    )
+    ap.add_argument(
+        "--hindsight", action="store_true", help="also the hindsight ceiling (B extra backward passes per batch)"
+    )
+    ap.add_argument(
+        "--oracle-route",
+        choices=["auto", "batched", "loop"],
+        default="auto",
+        help="how the oracle's u* is formed: the batched per-instance route (exact; Linear / Embedding / "
+        "LayerNorm models) or the loop of backward passes; auto: batched where the model allows",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -163,7 +202,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     checkpoints = {"early": max(1, train_steps // 6), "mid": train_steps // 2, "late": train_steps}
 
     _, datamodule, module = build(args.model, args.batch_size, args.seed)
-    configs = rule_configs(args.rho, [int(k) for k in args.probes.split(",")], head=not args.no_head, families=args.families)
+    configs = rule_configs(
+        args.rho, [int(k) for k in args.probes.split(",")], head=not args.no_head, families=args.families
+    )
     try:
         GramCapture(module, [p for p in module.parameters() if p.requires_grad])
     except UnsupportedModuleError as err:  # e.g. model=tiny's nn.MultiheadAttention
@@ -182,20 +223,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             opt.step()
             step += 1
         module.eval()
-        per_ckpt[label] = [measure(module, next(measure_stream), configs, engines, args.rho, args.hindsight, args.oracle_route)
-                           for _ in range(args.batches)]
+        per_ckpt[label] = [
+            measure(module, next(measure_stream), configs, engines, args.rho, args.hindsight, args.oracle_route)
+            for _ in range(args.batches)
+        ]
         print(f"[{label}: step {step}, {time.perf_counter() - t0:.0f}s]", flush=True)
     rules = summarize(per_ckpt)
     default = rule_name(default_delta_config(rho=args.rho))
     result = {
         "default": default,
         "rules": rules,
-        "setup": {"model": args.model, "task": "sst2", "batch_size": args.batch_size, "rho": args.rho,
-                  "batches_per_checkpoint": args.batches, "checkpoints": checkpoints, "seed": args.seed,
-                  "families": args.families, "hindsight": args.hindsight,
-                  "oracle_route": "batched" if args.oracle_route == "batched" or (args.oracle_route == "auto" and
-                                                                                 batched_route_supported(module)) else "loop",
-                  "wall_s": round(time.perf_counter() - t0, 1)},
+        "setup": {
+            "model": args.model,
+            "task": "sst2",
+            "batch_size": args.batch_size,
+            "rho": args.rho,
+            "batches_per_checkpoint": args.batches,
+            "checkpoints": checkpoints,
+            "seed": args.seed,
+            "families": args.families,
+            "hindsight": args.hindsight,
+            "oracle_route": "batched"
+            if args.oracle_route == "batched" or (args.oracle_route == "auto" and batched_route_supported(module))
+            else "loop",
+            "wall_s": round(time.perf_counter() - t0, 1),
+        },
     }
     return emit(result, args.out, print_table)
 
@@ -203,18 +255,26 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     rules = result["rules"]
     cks = list(result["setup"]["checkpoints"])
-    print(f"\nfidelity vs exact per-instance SAM: {result['setup']['model']} on sst2, B={result['setup']['batch_size']}, "
-          f"rho={result['setup']['rho']}, {result['setup']['batches_per_checkpoint']} batches x {len(cks)} checkpoints")
-    head = f"{'rule':42s} {'fid mean':>8s} {'fid min':>8s} {'>SAM':>6s} {'relerr':>7s} " + " ".join(f"{c:>7s}" for c in cks)
+    print(
+        f"\nfidelity vs exact per-instance SAM: {result['setup']['model']} on sst2, B={result['setup']['batch_size']}, "
+        f"rho={result['setup']['rho']}, {result['setup']['batches_per_checkpoint']} batches x {len(cks)} checkpoints"
+    )
+    head = f"{'rule':42s} {'fid mean':>8s} {'fid min':>8s} {'>SAM':>6s} {'relerr':>7s} " + " ".join(
+        f"{c:>7s}" for c in cks
+    )
     print(head)
     print("-" * len(head))
     for name, r in sorted(rules.items(), key=lambda kv: -kv[1]["fidelity_mean"]):
         mark = " *" if name == result["default"] else ""
-        row = (f"{name + mark:42s} {r['fidelity_mean']:8.3f} {r['fidelity_min']:8.3f} {r['beats_sam_frac']:6.2f} "
-               f"{r['relerr_mean']:7.3f} " + " ".join(f"{r['by_checkpoint'][c]:7.3f}" for c in cks))
+        row = (
+            f"{name + mark:42s} {r['fidelity_mean']:8.3f} {r['fidelity_min']:8.3f} {r['beats_sam_frac']:6.2f} "
+            f"{r['relerr_mean']:7.3f} " + " ".join(f"{r['by_checkpoint'][c]:7.3f}" for c in cks)
+        )
         print(row)
-    print("(* the library default; gradnorm-exact / gram-exact / gram-exact-2ranks / hindsight-ceiling use the oracle's "
-          "per-instance gradients: references, not rules; *-exact / *-sketch-r* are the trainable estimator rules)")
+    print(
+        "(* the library default; gradnorm-exact / gram-exact / gram-exact-2ranks / hindsight-ceiling use the oracle's "
+        "per-instance gradients: references, not rules; *-exact / *-sketch-r* are the trainable estimator rules)"
+    )
     assert all(math.isfinite(r["fidelity_mean"]) for r in rules.values())
 
 

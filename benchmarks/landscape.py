@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,17 @@ if ROOT not in sys.path:
 from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 from lightning_deltasam.oracle import batch_size_of  # noqa: E402
 
-TOOL_KEYS = {"ckpt": "", "out": "landscape", "rho": "0.05", "span": "1.0", "points": "21", "directions": "2",
-             "batches": "4", "seed": "0", "labels": ""}
+TOOL_KEYS = {
+    "ckpt": "",
+    "out": "landscape",
+    "rho": "0.05",
+    "span": "1.0",
+    "points": "21",
+    "directions": "2",
+    "batches": "4",
+    "seed": "0",
+    "labels": "",
+}
 
 
 @dataclass
@@ -91,7 +100,9 @@ def _loss_at(module: nn.Module, batches: list[Any], base: list[Tensor], directio
     return mean_loss(module, batches)
 
 
-def analyze(module: nn.Module, batches: list[Any], rho: float, span: float, points: int, directions: int, seed: int) -> tuple[Slice, dict[str, float]]:
+def analyze(
+    module: nn.Module, batches: list[Any], rho: float, span: float, points: int, directions: int, seed: int
+) -> tuple[Slice, dict[str, float]]:
     """The 1-D slices and the scalar sharpness of ``module`` on ``batches`` (weights restored after)."""
     module.eval()
     params = _params(module)
@@ -118,8 +129,13 @@ def analyze(module: nn.Module, batches: list[Any], rho: float, span: float, poin
         with torch.no_grad():
             for p, b in zip(params, base):
                 p.copy_(b)
-    numbers = {"loss": loss0, "grad_norm": gnorm, "adversarial_rise": adv_rise,
-               "random_rise": sum(rises) / len(rises), "rho": rho}
+    numbers = {
+        "loss": loss0,
+        "grad_norm": gnorm,
+        "adversarial_rise": adv_rise,
+        "random_rise": sum(rises) / len(rises),
+        "rho": rho,
+    }
     return Slice(alphas, curves, radii, adv), numbers
 
 
@@ -161,14 +177,18 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return tool, overrides
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
     from lightning_deltasam.glue.app import build_components
 
     tool, overrides = parse(sys.argv[1:] if argv is None else argv)
     paths = tool["ckpt"].split(",")
-    labels = tool["labels"].split(",") if tool["labels"] else [os.path.basename(os.path.dirname(os.path.dirname(p))) or p for p in paths]
+    labels = (
+        tool["labels"].split(",")
+        if tool["labels"]
+        else [os.path.basename(os.path.dirname(os.path.dirname(p))) or p for p in paths]
+    )
     conf_dir = str(CONF_DIR)
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "paths.output_dir=."])
@@ -180,14 +200,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for path, label in zip(paths, labels):
         state = torch.load(path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
-        results[label] = analyze(module, batches, float(tool["rho"]), float(tool["span"]), int(tool["points"]),
-                                 int(tool["directions"]), int(tool["seed"]))
+        results[label] = analyze(
+            module,
+            batches,
+            float(tool["rho"]),
+            float(tool["span"]),
+            int(tool["points"]),
+            int(tool["directions"]),
+            int(tool["seed"]),
+        )
     out = tool["out"]
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot(results, out + ".png")
     summary = {label: nums for label, (_, nums) in results.items()}
-    payload = {"task": task.name, "checkpoints": dict(zip(labels, paths)), "sharpness": summary,
-               "slices": {label: sl.__dict__ for label, (sl, _) in results.items()}}
+    payload = {
+        "task": task.name,
+        "checkpoints": dict(zip(labels, paths)),
+        "sharpness": summary,
+        "slices": {label: sl.__dict__ for label, (sl, _) in results.items()},
+    }
     with open(out + ".json", "w") as f:
         json.dump(payload, f, indent=2)
     print(f"{'checkpoint':30s} {'dev loss':>9s} {'adv rise@rho':>13s} {'rand rise@rho':>14s}")

@@ -20,7 +20,7 @@ import json
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 RUNS = Path(__file__).resolve().parent / "results" / "runs"
 NAME = re.compile(r"^(?P<task>\w+?)-(?P<model>\w+?)-(?P<optimizer>[a-z_]+)-(?P<tag>.*?)-?seed(?P<seed>\d+)$")
@@ -57,14 +57,20 @@ def summarize(found: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[
     """Per setting and optimizer: the mean loss rise per seed and its ratio to SAM's on the same seed."""
     result: dict[str, Any] = {}
     for setting, by_opt in found.items():
-        sam: Optional[dict[str, dict[str, float]]] = by_opt.get("sam")
+        sam: dict[str, dict[str, float]] | None = by_opt.get("sam")
         rows = {}
         for opt, by_seed in by_opt.items():
             row: dict[str, Any] = {"loss_rise": {s: m["deltasam/loss_rise"] for s, m in by_seed.items()}}
             if sam is not None and opt != "sam":
-                ratios = [m["deltasam/loss_rise"] / sam[s]["deltasam/loss_rise"] for s, m in by_seed.items() if s in sam]
+                ratios = [
+                    m["deltasam/loss_rise"] / sam[s]["deltasam/loss_rise"] for s, m in by_seed.items() if s in sam
+                ]
                 if ratios:
-                    row["vs_sam"] = {"ratios": ratios, "mean": statistics.fmean(ratios), "below_1": sum(r < 1 for r in ratios)}
+                    row["vs_sam"] = {
+                        "ratios": ratios,
+                        "mean": statistics.fmean(ratios),
+                        "below_1": sum(r < 1 for r in ratios),
+                    }
             ratio = [m["deltasam/grad_norm_ratio"] for m in by_seed.values() if "deltasam/grad_norm_ratio" in m]
             if ratio:
                 row["grad_norm_ratio"] = statistics.fmean(ratio)
@@ -73,7 +79,7 @@ def summarize(found: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=str(RUNS), help="folder of run records (results.json + CSV log per run)")
     ap.add_argument("--out", default=None)

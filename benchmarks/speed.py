@@ -28,19 +28,26 @@ import argparse
 import os
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
+from common import (  # type: ignore[import-not-found]
+    batches,
+    build,
+    default_delta_config,
+    emit,
+    gram_configs,
+    instance_configs,
+    rule_name,
+    variant_configs,
+)
 from torch import Tensor
 
-from common import (  # type: ignore[import-not-found]
-    batches, build, default_delta_config, emit, gram_configs, instance_configs, rule_name, variant_configs,
-)
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import Backend, SAMEngine
-from lightning_deltasam.probes import probe_plan
 from lightning_deltasam.oracle import oracle_update
+from lightning_deltasam.probes import probe_plan
 
 PEERS = ("pt-sam", "ref-sam")
 
@@ -107,8 +114,9 @@ class RefSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"]
-                                            if p.grad is not None]), p=2)
+        grad_norm = torch.norm(
+            torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"] if p.grad is not None]), p=2
+        )
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + 1e-12)
             for p in group["params"]:
@@ -180,7 +188,7 @@ class Peer:
 ENGINE_PHASES = ("backup", "ascent_norm", "perturb", "restore", "finite_check", "statistics")
 
 
-def profile_phases(method: "Method", batches: list[dict[str, Tensor]], steps: int) -> dict[str, float]:
+def profile_phases(method: Method, batches: list[dict[str, Tensor]], steps: int) -> dict[str, float]:
     """Milliseconds per step in each of the engine's ``deltasam.<phase>`` profiler ranges (median over ``steps``
     steps, each profiled on its own), plus ``engine_total``: the sum of the phases in ENGINE_PHASES."""
     from torch.profiler import ProfilerActivity, profile
@@ -192,7 +200,7 @@ def profile_phases(method: "Method", batches: list[dict[str, Tensor]], steps: in
         times: dict[str, float] = {}
         for e in prof.events():
             if e.name.startswith("deltasam."):
-                key = e.name[len("deltasam."):]
+                key = e.name[len("deltasam.") :]
                 times[key] = times.get(key, 0.0) + e.cpu_time_total / 1e3
         times["engine_total"] = sum(times.get(k, 0.0) for k in ENGINE_PHASES)
         per_step.append(times)
@@ -232,29 +240,56 @@ def method_configs(rho: float, probes: list[int]) -> list[SAMConfig]:
     return list(unique.values())
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     ap.add_argument("--steps", type=int, default=5, help="timed repeats per method (after one warm-up each)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--probes", default="3", help="probe counts K to time the full-model probe rules at (comma-separated; "
-                    "'' skips them)")
-    ap.add_argument("--scaling", default=None, help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32; '' skips it)")
+    ap.add_argument(
+        "--probes",
+        default="3",
+        help="probe counts K to time the full-model probe rules at (comma-separated; '' skips them)",
+    )
+    ap.add_argument(
+        "--scaling",
+        default=None,
+        help="batch sizes for oracle vs delta-SAM scaling (default: tiny 8..128, minilm 8,16,32; '' skips it)",
+    )
     ap.add_argument("--oracle-repeats", type=int, default=1, help="0 skips the oracle")
-    ap.add_argument("--profile-steps", type=int, default=2, help="steps of SAM and default delta-SAM profiled (torch.profiler) "
-                    "for the engine's time per phase, after the timed run; 0 skips it")
-    ap.add_argument("--methods", choices=["all", "peers", "gram", "instance", "variants"], default="all",
-                    help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
-                         "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules; instance: AdamW, SAM, "
-                         "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8); variants: AdamW, SAM, default "
-                         "delta-SAM, GSAM, WSAM, LookSAM, FriendlySAM and SAM every 2 / 4 steps")
-    ap.add_argument("--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)")
-    ap.add_argument("--instance-sweep", action="store_true", help="SAM, m = 1 and the loop oracle over B (8,16,32) and T (16,32,64)")
-    ap.add_argument("--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process")
-    ap.add_argument("--isolate", type=int, default=0, metavar="ROUNDS",
-                    help="time each method in its own fresh process (ROUNDS rounds in rotated order, --steps steps each) "
-                         "instead of interleaved on one shared module; 0: interleaved")
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=2,
+        help="steps of SAM and default delta-SAM profiled (torch.profiler) "
+        "for the engine's time per phase, after the timed run; 0 skips it",
+    )
+    ap.add_argument(
+        "--methods",
+        choices=["all", "peers", "gram", "instance", "variants"],
+        default="all",
+        help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
+        "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules; instance: AdamW, SAM, "
+        "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8); variants: AdamW, SAM, default "
+        "delta-SAM, GSAM, WSAM, LookSAM, FriendlySAM and SAM every 2 / 4 steps",
+    )
+    ap.add_argument(
+        "--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)"
+    )
+    ap.add_argument(
+        "--instance-sweep", action="store_true", help="SAM, m = 1 and the loop oracle over B (8,16,32) and T (16,32,64)"
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="peak RSS of one step of each method, each in a fresh process"
+    )
+    ap.add_argument(
+        "--isolate",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="time each method in its own fresh process (ROUNDS rounds in rotated order, --steps steps each) "
+        "instead of interleaved on one shared module; 0: interleaved",
+    )
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
     ap.add_argument("--time-of", default=None, help=argparse.SUPPRESS)  # the child process of --isolate
     ap.add_argument("--out", default=None)
@@ -289,8 +324,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
     med["deltasam"] = med[default]
-    phases = {name: profile_phases(methods[name], fixed, args.profile_steps)
-              for name in ("sam", default) if args.profile_steps > 0}
+    phases = {
+        name: profile_phases(methods[name], fixed, args.profile_steps)
+        for name in ("sam", default)
+        if args.profile_steps > 0
+    }
     if args.oracle_repeats > 0:
         module.eval()
         oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
@@ -299,8 +337,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     sam = samples["sam"]
     overhead = statistics.median(s["engine"] / s["total"] for s in sam)
-    ratios = {"sam/adamw": med["sam"] / med["adamw"], "deltasam/sam": med["deltasam"] / med["sam"],
-              "deltasam/adamw": med["deltasam"] / med["adamw"]}
+    ratios = {
+        "sam/adamw": med["sam"] / med["adamw"],
+        "deltasam/sam": med["deltasam"] / med["sam"],
+        "deltasam/adamw": med["deltasam"] / med["adamw"],
+    }
     if "oracle" in med:
         ratios["oracle/sam"] = med["oracle"] / med["sam"]
     for name in methods:
@@ -317,8 +358,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for name in peers:
             paired = [a["total"] / b["total"] for a, b in zip(samples["sam"], samples[name])]
             fastest_steps = min(s["total"] for s in samples["sam"]) / min(s["total"] for s in samples[name])
-            vs_peers[f"sam/{name}"] = {"median_of_medians": med["sam"] / med[name], "min_over_min": fastest_steps, **_spread(paired),
-                                       "median_ci95": _median_ci(paired)}
+            vs_peers[f"sam/{name}"] = {
+                "median_of_medians": med["sam"] / med[name],
+                "min_over_min": fastest_steps,
+                **_spread(paired),
+                "median_ci95": _median_ci(paired),
+            }
         vs_peers["fastest_peer"] = fastest
         vs_peers["sam/fastest_peer"] = med["sam"] / med[fastest]
 
@@ -334,7 +379,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         module.eval()
         oracle_s = oracle_seconds(module, batch, args.rho)
         module.train()
-        scaling.append({"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s})
+        scaling.append(
+            {"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s}
+        )
 
     sweep = gram_sweep(args, module, GRAM_SWEEP) if args.gram_sweep else []
     if args.instance_sweep:
@@ -347,9 +394,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "step_seconds": med,
         "ratios": ratios,
         "engine_overhead_frac_of_sam_step": overhead,
-        "engine_overhead_frac": {name: statistics.median(s["engine"] / s["total"] for s in v) for name, v in samples.items()},
-        "phase_seconds": {name: {k: statistics.median(s[k] for s in v) for k in ("model", "base", "engine")}
-                          for name, v in samples.items()},
+        "engine_overhead_frac": {
+            name: statistics.median(s["engine"] / s["total"] for s in v) for name, v in samples.items()
+        },
+        "phase_seconds": {
+            name: {k: statistics.median(s[k] for s in v) for k in ("model", "base", "engine")}
+            for name, v in samples.items()
+        },
         "step_seconds_spread": {name: _spread([s["total"] for s in v]) for name, v in samples.items()},
         "step_seconds_samples": {name: [round(s["total"], 5) for s in v] for name, v in samples.items()},
         "vs_peers": vs_peers,
@@ -358,11 +409,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "batch_scaling": scaling,
         "gram_sweep": sweep,
         "peak_memory": memory,
-        "setup": {"model": args.model, "batch_size": args.batch_size, "rho": args.rho, "repeats": len(samples["sam"]),
-                  "timing": f"each method in its own process, {args.isolate} rounds of {args.steps} steps" if args.isolate
-                  else "interleaved on one shared module",
-                  "default": default, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                  "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "wall_s": round(time.perf_counter() - t_start, 1)},
+        "setup": {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "rho": args.rho,
+            "repeats": len(samples["sam"]),
+            "timing": f"each method in its own process, {args.isolate} rounds of {args.steps} steps"
+            if args.isolate
+            else "interleaved on one shared module",
+            "default": default,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        },
     }
     return emit(result, args.out, print_table)
 
@@ -393,8 +453,11 @@ def gram_sweep(args: argparse.Namespace, module: Any, names: tuple[str, ...]) ->
         _, dm_b, _ = build(args.model, b)
         batch = next(batches(dm_b, seed=1))
         batch = _fixed_length(batch, t) if t is not None else batch
-        row: dict[str, Any] = {"batch_size": b, "tokens": int(batch["input_ids"].shape[1]),
-                               "real_tokens": int(batch["attention_mask"].sum())}
+        row: dict[str, Any] = {
+            "batch_size": b,
+            "tokens": int(batch["input_ids"].shape[1]),
+            "real_tokens": int(batch["attention_mask"].sum()),
+        }
         for name, cfg in rules.items():
             m = Method(module, cfg)
             m.step(batch)  # warm-up at this shape
@@ -404,16 +467,21 @@ def gram_sweep(args: argparse.Namespace, module: Any, names: tuple[str, ...]) ->
         module.train()
         row.update({f"{n}/sam": row[n] / row["sam"] for n in (*names[1:], "oracle")})
         rows.append(row)
-        print(f"[sweep B={b} T={row['tokens']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k) + "]", flush=True)
+        print(
+            f"[sweep B={b} T={row['tokens']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if "/" in k) + "]",
+            flush=True,
+        )
     return rows
 
 
-def interleaved_samples(methods: dict[str, Any], fixed: list[dict[str, Tensor]], steps: int) -> dict[str, list[dict[str, float]]]:
+def interleaved_samples(
+    methods: dict[str, Any], fixed: list[dict[str, Tensor]], steps: int
+) -> dict[str, list[dict[str, float]]]:
     """Every method steps the one shared module in turn, after one warm-up step each: ``steps`` samples per method."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     names = list(methods)
     for rep in range(steps + 1):  # interleaved: every method sees the machine in the same state
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotated: no method always follows another
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotated: no method always follows another
         for name in order:
             r = methods[name].step(fixed[rep % len(fixed)])
             if rep > 0:
@@ -428,7 +496,7 @@ def isolated_samples(args: argparse.Namespace, names: list[str]) -> dict[str, li
     weights another method's step reallocated runs its own passes slower (benchmarks/RESULTS.md, section 2)."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for rnd in range(args.isolate):
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             samples[name].extend(_child(args, "--steps", str(args.steps), "--time-of", name))
     return samples
 
@@ -440,15 +508,34 @@ def _child(args: argparse.Namespace, *flags: str) -> Any:
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size), "--rho", str(args.rho), *flags]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--rho",
+        str(args.rho),
+        *flags,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def make_method(name: str, module: Any, rho: float) -> Any:
     """The method called ``name`` (a rule name, or a peer) stepping ``module``."""
-    configs = {rule_name(c): c for c in [SAMConfig(rho=0.0), SAMConfig(rho=rho), default_delta_config(rho=rho), *gram_configs(rho),
-                                         *instance_configs(rho), *variant_configs(rho)]}
+    configs = {
+        rule_name(c): c
+        for c in [
+            SAMConfig(rho=0.0),
+            SAMConfig(rho=rho),
+            default_delta_config(rho=rho),
+            *gram_configs(rho),
+            *instance_configs(rho),
+            *variant_configs(rho),
+        ]
+    }
     return Method(module, configs[name]) if name in configs else Peer(module, name, rho)
 
 
@@ -519,25 +606,33 @@ def _spread(xs: list[float]) -> dict[str, float]:
 
 def print_table(result: dict[str, Any]) -> None:
     med, setup = result["step_seconds"], result["setup"]
-    print(f"\nstep time, {setup['model']} on sst2, B={setup['batch_size']}, median of {setup['repeats']} "
-          f"({setup.get('timing', 'interleaved')}, {setup['threads']} threads)")
+    print(
+        f"\nstep time, {setup['model']} on sst2, B={setup['batch_size']}, median of {setup['repeats']} "
+        f"({setup.get('timing', 'interleaved')}, {setup['threads']} threads)"
+    )
     print(f"{'method':40s} {'s/step':>8s} {'/adamw':>7s} {'/sam':>6s} {'engine%':>8s}")
     for name, s in med.items():
         if name == "deltasam":
             continue
         eng = result["engine_overhead_frac"].get(name)
         mark = " *" if name == setup["default"] else ""
-        print(f"{name + mark:40s} {s:8.3f} {s / med['adamw']:7.2f} {s / med['sam']:6.2f} "
-              f"{'' if eng is None else f'{100 * eng:7.1f}%':>8s}")
-    print(f"(* default delta-SAM; engine% = step time outside the model's forward/backward and AdamW; "
-          f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)")
+        print(
+            f"{name + mark:40s} {s:8.3f} {s / med['adamw']:7.2f} {s / med['sam']:6.2f} "
+            f"{'' if eng is None else f'{100 * eng:7.1f}%':>8s}"
+        )
+    print(
+        f"(* default delta-SAM; engine% = step time outside the model's forward/backward and AdamW; "
+        f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)"
+    )
     vs = result.get("vs_peers") or {}
     for key, row in vs.items():
         if isinstance(row, dict):
             ci = row.get("median_ci95") or [float("nan")] * 2
-            print(f"{key:24s} paired per repeat: median {row['median']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}; quartiles "
-                  f"{row['q1']:.3f}-{row['q3']:.3f}, range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); "
-                  f"fastest step / fastest step {row['min_over_min']:.3f}")
+            print(
+                f"{key:24s} paired per repeat: median {row['median']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}; quartiles "
+                f"{row['q1']:.3f}-{row['q3']:.3f}, range {row['min']:.3f}-{row['max']:.3f}, n={row['n']}); "
+                f"fastest step / fastest step {row['min_over_min']:.3f}"
+            )
     if vs:
         print(f"fastest peer: {vs['fastest_peer']}; SAM / fastest peer (medians): {vs['sam/fastest_peer']:.3f}")
     for name, ph in (result.get("engine_phase_ms") or {}).items():
@@ -547,8 +642,10 @@ def print_table(result: dict[str, Any]) -> None:
     for name, m in (result.get("peak_memory") or {}).items():
         print(f"peak memory of a step, {name}: {m['peak_mb']:.0f} MB over the loaded model ({m['/sam']:.2f}x SAM's)")
     for row in result.get("gram_sweep") or []:
-        print(f"B={row['batch_size']:3d} T={row['tokens']:3d} ({row['real_tokens']} real tokens): SAM {row['sam']:.3f} s; "
-              + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("/sam")))
+        print(
+            f"B={row['batch_size']:3d} T={row['tokens']:3d} ({row['real_tokens']} real tokens): SAM {row['sam']:.3f} s; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("/sam"))
+        )
     if not result["batch_scaling"]:
         return
     print(f"\n{'B':>5s} {'deltasam s':>11s} {'oracle s':>9s} {'oracle/delta':>12s}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
@@ -86,11 +87,11 @@ class DeltaSAMCallback(Callback):
         sketch_rank: int = 32,
         sync: Sync = "global",
         seed: int = 0,
-        m: Optional[int] = None,
+        m: int | None = None,
         variant: Variant = "sam",
         interval: int = 1,
-        alpha: Optional[float] = None,
-        min_rho: Optional[float] = None,
+        alpha: float | None = None,
+        min_rho: float | None = None,
         gamma: float = 0.9,
         decouple: bool = True,
         k: int = 10,
@@ -98,16 +99,39 @@ class DeltaSAMCallback(Callback):
         lmbda: float = 0.9,
     ) -> None:
         self.config = SAMConfig(
-            rho=rho, adaptive=adaptive, eta=eta, reweight=reweight, score=score, weights=weights,
-            temperature=temperature, mix=mix, num_probes=num_probes, probe_std=probe_std, probe_scale=probe_scale,
-            antithetic=antithetic, probe_scope=probe_scope, gram_ridge=gram_ridge, estimator=estimator, sketch_rank=sketch_rank, sync=sync, seed=seed,
-            m=m, variant=variant, interval=interval, alpha=alpha, min_rho=min_rho, gamma=gamma, decouple=decouple, k=k,
-            sigma=sigma, lmbda=lmbda,
+            rho=rho,
+            adaptive=adaptive,
+            eta=eta,
+            reweight=reweight,
+            score=score,
+            weights=weights,
+            temperature=temperature,
+            mix=mix,
+            num_probes=num_probes,
+            probe_std=probe_std,
+            probe_scale=probe_scale,
+            antithetic=antithetic,
+            probe_scope=probe_scope,
+            gram_ridge=gram_ridge,
+            estimator=estimator,
+            sketch_rank=sketch_rank,
+            sync=sync,
+            seed=seed,
+            m=m,
+            variant=variant,
+            interval=interval,
+            alpha=alpha,
+            min_rho=min_rho,
+            gamma=gamma,
+            decouple=decouple,
+            k=k,
+            sigma=sigma,
+            lmbda=lmbda,
         )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []
         self._batch: Any = None
-        self.last_stats: Optional[StepStats] = None
+        self.last_stats: StepStats | None = None
 
     @property
     def _per_sample(self) -> bool:
@@ -116,7 +140,7 @@ class DeltaSAMCallback(Callback):
 
     # ---------------------------------------------------------------- checks
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         name = type(pl_module).__name__
@@ -143,7 +167,7 @@ class DeltaSAMCallback(Callback):
 
     # ----------------------------------------------------------- wrap / unwrap
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The optimizers exist from here on (the Trainer configures them after ``setup``).
         if len(trainer.optimizers) != 1:
             raise ValueError(
@@ -154,18 +178,18 @@ class DeltaSAMCallback(Callback):
         self._wrap(trainer.optimizers[0], trainer, pl_module)
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap()
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap()
 
     def _unwrap(self) -> None:
         while self._restore:
             self._restore.pop()()
 
-    def _wrap(self, optimizer: Optimizer, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _wrap(self, optimizer: Optimizer, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         had_own = "step" in optimizer.__dict__
         original_step = optimizer.step
 
@@ -173,7 +197,7 @@ class DeltaSAMCallback(Callback):
         # (``_wrapped_by_lr_sched``); without it each scheduler warns that ``optimizer.step()`` was overridden.
         # ``original_step`` is their wrapper, so it still records the call (``optimizer._opt_called``).
         @functools.wraps(original_step)
-        def step(closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+        def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
             if closure is None:
                 raise RuntimeError(
                     "DeltaSAMCallback: the optimizer was stepped without a closure, so the second pass cannot run "
@@ -194,15 +218,23 @@ class DeltaSAMCallback(Callback):
 
     # ------------------------------------------------------------------ step
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # accumulate_grad_batches may change during the fit (GradientAccumulationScheduler or any hook sets it
         # at epoch start): refused at the first batch it applies to, before its forward pass
         _refuse_accumulation(trainer)
         self._batch = batch
         self.last_stats = None
 
-    def _step(self, optimizer: Optimizer, closure: Callable[[], Any], base_step: Callable[[], Any],
-              trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+    def _step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        base_step: Callable[[], Any],
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+    ) -> Any:
         inner, get_result, set_result = lightning_closure_parts(closure)
         first: dict[str, Any] = {}
 
@@ -230,15 +262,25 @@ class DeltaSAMCallback(Callback):
             forward_context=trainer.precision_plugin.train_step_context,
         )
         try:
-            stats = module_step(self._slot.for_optimizer(optimizer), pl_module, self._batch, backend, base_step,
-                                per_sample=self._per_sample, first_pass=first_pass, second_pass=second_pass)
+            stats = module_step(
+                self._slot.for_optimizer(optimizer),
+                pl_module,
+                self._batch,
+                backend,
+                base_step,
+                per_sample=self._per_sample,
+                first_pass=first_pass,
+                second_pass=second_pass,
+            )
         except _SkipBatch:
             return None
         self.last_stats = stats
         return stats.loss
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.last_stats is not None and self._slot.engine is not None:
             log_stats(pl_module, self.last_stats, self._slot.engine, batch, "deltasam/loss")
 
@@ -252,7 +294,9 @@ class DeltaSAMCallback(Callback):
         self._slot.load_state_dict(state_dict)
 
 
-def lightning_closure_parts(closure: Callable[[], Any]) -> tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], None]]:
+def lightning_closure_parts(
+    closure: Callable[[], Any],
+) -> tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], None]]:
     """The one place that reads Lightning internals: (inner closure, get its result, set its result).
 
     Lightning's automatic optimization (checked on lightning 2.6 by ``tests/test_adapters.py``) passes
@@ -272,14 +316,16 @@ def lightning_closure_parts(closure: Callable[[], Any]) -> tuple[Callable[[], An
     return inner, get_result, set_result
 
 
-def _refuse_accumulation(trainer: "pl.Trainer") -> None:
+def _refuse_accumulation(trainer: pl.Trainer) -> None:
     """Raise if the Trainer accumulates gradients now, or a ``GradientAccumulationScheduler`` will make it.
 
     Lightning runs the earlier micro-batches' backward outside ``optimizer.step``: their gradients would enter
     the perturbation and then be cleared by the first pass, a silently wrong step.
     """
-    fix = ("The callback steps on one batch; for accumulation use DeltaSAMMixin(accumulate_grad_batches=k) "
-           "(manual optimization: each micro-batch gets its own perturbation), or accumulate_grad_batches=1.")
+    fix = (
+        "The callback steps on one batch; for accumulation use DeltaSAMMixin(accumulate_grad_batches=k) "
+        "(manual optimization: each micro-batch gets its own perturbation), or accumulate_grad_batches=1."
+    )
     for callback in cast(list[Callback], getattr(trainer, "callbacks", [])):
         if isinstance(callback, GradientAccumulationScheduler) and callback.going_to_accumulate_grad_batches():
             epoch, k = min((e, k) for e, k in callback.scheduling.items() if k > 1)
@@ -296,14 +342,16 @@ def _refuse_accumulation(trainer: "pl.Trainer") -> None:
 
 def _require_loss(loss: Any) -> Tensor:
     if loss is None:
-        raise RuntimeError("training_step returned None at w + eps after returning a loss at w; it must be deterministic in that.")
+        raise RuntimeError(
+            "training_step returned None at w + eps after returning a loss at w; it must be deterministic in that."
+        )
     return loss
 
 
 class _muted_logging:
     """Turns ``self.log`` / ``self.log_dict`` into no-ops while training_step reruns at w + eps."""
 
-    def __init__(self, module: "pl.LightningModule") -> None:
+    def __init__(self, module: pl.LightningModule) -> None:
         self.module = module
 
     def __enter__(self) -> None:

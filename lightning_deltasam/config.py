@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 Reweight = Literal["delta"] | None
 Score = Literal["sharpness", "gradnorm", "loss", "gram"]
@@ -36,8 +36,9 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not supported; use one of {shown}.")
 
 
-def check_number(name: str, value: Any, *, minimum: float, strict: bool = False, below: float = math.inf,
-                 hint: str = "") -> None:
+def check_number(
+    name: str, value: Any, *, minimum: float, strict: bool = False, below: float = math.inf, hint: str = ""
+) -> None:
     """A finite real number >= ``minimum`` (> when ``strict``) and < ``below``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number.{hint}")
@@ -47,7 +48,7 @@ def check_number(name: str, value: Any, *, minimum: float, strict: bool = False,
         raise ValueError(f"{name}={value!r} must be {op} {minimum}{upper}.{hint}")
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, hint: str = "") -> None:
+def check_int(name: str, value: Any, *, minimum: int | None = None, hint: str = "") -> None:
     """An integer (not a bool), >= ``minimum`` when given."""
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
@@ -94,11 +95,11 @@ class SAMConfig:
     sketch_rank: int = 32
     sync: Sync = "global"
     seed: int = 0
-    m: Optional[int] = None
+    m: int | None = None
     variant: Variant = "sam"
     interval: int = 1
-    alpha: Optional[float] = None
-    min_rho: Optional[float] = None
+    alpha: float | None = None
+    min_rho: float | None = None
     gamma: float = 0.9
     decouple: bool = True
     k: int = 10
@@ -132,7 +133,9 @@ class SAMConfig:
         check_choice("sync", self.sync, SYNCS)
         check_int("seed", self.seed)
         if self.m is not None:
-            check_int("m", self.m, minimum=1, hint=" It is the number of instances per perturbation; None is the whole batch.")
+            check_int(
+                "m", self.m, minimum=1, hint=" It is the number of instances per perturbation; None is the whole batch."
+            )
             if self.reweight is not None:
                 raise ValueError(
                     f"m={self.m!r} with reweight={self.reweight!r}: m gives each group of m instances its own exact "
@@ -154,16 +157,24 @@ class SAMConfig:
         if self.alpha is not None:
             check_number("alpha", self.alpha, minimum=0.0, hint=" It is GSAM's (default 0.4) or LookSAM's (0.7) alpha.")
             if self.alpha > 1:
-                raise ValueError(f"alpha={self.alpha!r} must lie in [0, 1] (GSAM's and LookSAM's alpha); None is the variant's default.")
+                raise ValueError(
+                    f"alpha={self.alpha!r} must lie in [0, 1] (GSAM's and LookSAM's alpha); None is the variant's default."
+                )
             if self.variant not in ("gsam", "looksam"):
-                raise ValueError(f"alpha={self.alpha!r} is an option of variant='gsam' or 'looksam', not variant={self.variant!r}; "
-                                 "set alpha=None or pick one of those variants.")
+                raise ValueError(
+                    f"alpha={self.alpha!r} is an option of variant='gsam' or 'looksam', not variant={self.variant!r}; "
+                    "set alpha=None or pick one of those variants."
+                )
         if self.min_rho is not None:
             check_number("min_rho", self.min_rho, minimum=0.0)
             if self.variant != "gsam":
-                raise ValueError(f"min_rho={self.min_rho!r} is GSAM's rho schedule, not an option of variant={self.variant!r}; "
-                                 "use variant='gsam' or min_rho=None.")
-        check_number("gamma", self.gamma, minimum=0.0, below=1.0, hint=" It is WSAM's sharpness weight, used as gamma/(1-gamma).")
+                raise ValueError(
+                    f"min_rho={self.min_rho!r} is GSAM's rho schedule, not an option of variant={self.variant!r}; "
+                    "use variant='gsam' or min_rho=None."
+                )
+        check_number(
+            "gamma", self.gamma, minimum=0.0, below=1.0, hint=" It is WSAM's sharpness weight, used as gamma/(1-gamma)."
+        )
         check_bool("decouple", self.decouple)
         check_int("k", self.k, minimum=1, hint=" It is LookSAM's period: SAM every k-th step.")
         check_number("sigma", self.sigma, minimum=0.0)
@@ -171,14 +182,20 @@ class SAMConfig:
         if self.variant == "sam":
             return
         if self.reweight is not None:
-            raise ValueError(f"variant={self.variant!r} with reweight={self.reweight!r}: the variants need the plain gradient at w, "
-                             "which delta-SAM replaces by a reweighted one. Use reweight=None with a variant, or variant='sam'.")
+            raise ValueError(
+                f"variant={self.variant!r} with reweight={self.reweight!r}: the variants need the plain gradient at w, "
+                "which delta-SAM replaces by a reweighted one. Use reweight=None with a variant, or variant='sam'."
+            )
         if self.m is not None:
-            raise ValueError(f"variant={self.variant!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
-                             "w + eps for the variant to combine. Use m=None with a variant, or variant='sam'.")
+            raise ValueError(
+                f"variant={self.variant!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
+                "w + eps for the variant to combine. Use m=None with a variant, or variant='sam'."
+            )
         if self.interval != 1:
-            raise ValueError(f"variant={self.variant!r} with interval={self.interval!r}: interval is composer's every-k-steps SAM "
-                             "(LookSAM has its own k). Use interval=1 with a variant, or variant='sam'.")
+            raise ValueError(
+                f"variant={self.variant!r} with interval={self.interval!r}: interval is composer's every-k-steps SAM "
+                "(LookSAM has its own k). Use interval=1 with a variant, or variant='sam'."
+            )
 
     @property
     def enabled(self) -> bool:
@@ -213,7 +230,7 @@ class SAMConfig:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def split(cls, kwargs: dict[str, Any]) -> tuple["SAMConfig", dict[str, Any]]:
+    def split(cls, kwargs: dict[str, Any]) -> tuple[SAMConfig, dict[str, Any]]:
         """Separate SAM options from the rest (e.g. base-optimizer kwargs)."""
         names = set(cls.option_names())
         mine = {k: v for k, v in kwargs.items() if k in names}

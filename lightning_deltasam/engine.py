@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,16 @@ from .firstpass import FirstPass
 from .gram import GramCapture
 from .instance import InstancePerturbation
 from .parts import (  # noqa: F401  (re-exported: the engine's public names before the split)
-    Ascent, Backend, Passes, Pending, Snapshot, StepStats, check_per_sample_losses, make_backend, norm_of, phase,
+    Ascent,
+    Backend,
+    Passes,
+    Pending,
+    Snapshot,
+    StepStats,
+    check_per_sample_losses,
+    make_backend,
+    norm_of,
+    phase,
 )
 from .probes import HeadProbe, LossFn, ProbeNoise
 
@@ -50,7 +60,7 @@ class SAMEngine:
         self.steps = 0  # optimizer steps taken (skips included): the rule's step index
         self._stores: dict[str, list[Tensor]] = {}
         self._warned_skip = False
-        self._pending: Optional[Pending] = None
+        self._pending: Pending | None = None
 
     @property
     def noise(self) -> ProbeNoise:
@@ -60,16 +70,16 @@ class SAMEngine:
     # ------------------------------------------------------------------ step
     def step(
         self,
-        forward: Optional[LossFn],
+        forward: LossFn | None,
         backend: Backend,
         base_step: Callable[[], Any],
         *,
-        first_pass: Optional[Callable[[], Tensor]] = None,
-        second_pass: Optional[Callable[[], Tensor]] = None,
-        batch_size: Optional[int] = None,
+        first_pass: Callable[[], Tensor] | None = None,
+        second_pass: Callable[[], Tensor] | None = None,
+        batch_size: int | None = None,
         source: str = "the closure",
-        head: Optional[HeadProbe] = None,
-        module: Optional[nn.Module] = None,
+        head: HeadProbe | None = None,
+        module: nn.Module | None = None,
     ) -> StepStats:
         """One full step. ``forward()`` returns per-instance losses [B] at the current weights.
 
@@ -92,7 +102,9 @@ class SAMEngine:
         if cfg.m is not None:
             return self.per_instance.step(self, params, passes, backend, base_step)
         if cfg.step_probe_scope == "head" and head is None:
-            raise ValueError("probe_scope='head' needs a head probe: the module must define the split methods (see probes).")
+            raise ValueError(
+                "probe_scope='head' needs a head probe: the module must define the split methods (see probes)."
+            )
         snapshot = self._snapshot(params, backend.buffers())
         probes = self.first.probes(params, snapshot, passes) if cfg.uses_probes and head is None else None
         with phase("first_pass"):
@@ -117,28 +129,36 @@ class SAMEngine:
         calls :meth:`second_step`. A non-finite gradient perturbs nothing and makes that step a skip.
         """
         if self._pending is not None:
-            raise RuntimeError("first_step() was called twice in a row: call second_step() (it restores w and steps) "
-                               "before the next first_step().")
+            raise RuntimeError(
+                "first_step() was called twice in a row: call second_step() (it restores w and steps) "
+                "before the next first_step()."
+            )
         if self.config.m is not None:
-            raise ValueError(f"m={self.config.m} needs per-instance losses and the model, which first_step()/second_step() and "
-                             "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
-                             "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None.")
+            raise ValueError(
+                f"m={self.config.m} needs per-instance losses and the model, which first_step()/second_step() and "
+                "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
+                "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None."
+            )
         if self.config.reweighting:
-            raise ValueError("reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
-                             "calls backward() itself do not give: use step(closure) with closure() returning the "
-                             "per-instance losses, shape [B] (or reweight=None for SAM / ASAM).")
+            raise ValueError(
+                "reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
+                "calls backward() itself do not give: use step(closure) with closure() returning the "
+                "per-instance losses, shape [B] (or reweight=None for SAM / ASAM)."
+            )
         params, plain = self._begin()
         if plain:
             self._pending = Pending(StepStats(loss=None), None, plain=True)
         else:
             self._ascend(self._ascent_direction(params, None), True, backend, StepStats(loss=None), None)
 
-    def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Optional[Tensor] = None) -> StepStats:
+    def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Tensor | None = None) -> StepStats:
         """Second half: w restored bit for bit, the rule's descent gradient, then the base step on it (taken at
         w + eps by the caller), skipped if it (or ``loss``, the caller's loss at w + eps) is not finite."""
         pending = self._pending
         if pending is None:
-            raise RuntimeError("second_step() needs a first_step() before it (first_step perturbs w, second_step restores it).")
+            raise RuntimeError(
+                "second_step() needs a first_step() before it (first_step perturbs w, second_step restores it)."
+            )
         self.restore_pending()
         params = self.params()
         if pending.skip:
@@ -155,7 +175,9 @@ class SAMEngine:
         if pending is not None and pending.snapshot is not None:
             pending.snapshot.restore()
 
-    def closure_step(self, closure: Callable[[], Any], backend: Backend, base_step: Callable[[], Any]) -> tuple[StepStats, Any]:
+    def closure_step(
+        self, closure: Callable[[], Any], backend: Backend, base_step: Callable[[], Any]
+    ) -> tuple[StepStats, Any]:
         """:meth:`first_step`, ``closure()`` (the caller's forward + backward at w + eps, the gradient at w already in
         ``.grad``), :meth:`second_step`; w is restored whatever ``closure`` does. Returns the stats and closure's value."""
         self.first_step(backend)
@@ -173,7 +195,9 @@ class SAMEngine:
         self.rule.discard()
         return params, not self.perturbs()
 
-    def _ascend(self, ascent: Ascent, finite: bool, backend: Backend, stats: StepStats, snapshot: Optional[Snapshot]) -> None:
+    def _ascend(
+        self, ascent: Ascent, finite: bool, backend: Backend, stats: StepStats, snapshot: Snapshot | None
+    ) -> None:
         """Phase 2: every rank agrees eps is finite (else the step is pending as a skip), then w <- w + eps."""
         if not self.agree_finite(math.isfinite(ascent.norm) and finite, backend):
             self._pending = Pending(stats, None, skip=True)
@@ -199,7 +223,7 @@ class SAMEngine:
         with torch.no_grad(), phase("backup"):
             return Snapshot(params, self.saved("params", params), buffers, self.saved("buffers", buffers))
 
-    def _ascent_direction(self, params: list[Tensor], backend: Optional[Backend], per_rank_mean: bool = False) -> Ascent:
+    def _ascent_direction(self, params: list[Tensor], backend: Backend | None, per_rank_mean: bool = False) -> Ascent:
         """The first-pass gradient (all-reduced by ``backend``'s reducer, averaged when each rank's is a mean; as it is
         without one) as the rule's eps, per group."""
         with torch.no_grad(), phase("ascent_norm"):
@@ -244,14 +268,22 @@ class SAMEngine:
             check_number(f"param_groups[{index}]['eta']", eta, minimum=0.0)
         return self.rule.radius(group, float(rho)), adaptive, float(eta)
 
-    def finish(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any],
-                loss: Optional[Tensor]) -> StepStats:
+    def finish(
+        self,
+        params: list[Tensor],
+        stats: StepStats,
+        backend: Backend,
+        base_step: Callable[[], Any],
+        loss: Tensor | None,
+    ) -> StepStats:
         """The base step on the descent gradient, unless it or ``loss`` (the descent loss) is non-finite (then skipped)."""
         with phase("finite_check"):
             grads = [p.grad for p in params if p.grad is not None] + self.rule.pending_tensors()
             total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
             if loss is not None:
-                total = total + loss.detach().float().sum() * 0.0  # NaN / inf in the loss stays NaN: one check, one sync
+                total = (
+                    total + loss.detach().float().sum() * 0.0
+                )  # NaN / inf in the loss stays NaN: one check, one sync
             finite = self.agree_finite(bool(torch.isfinite(total)), backend)
         if not finite:
             return self.skip_step(params, stats, backend, base_step, "the descent pass")
@@ -268,7 +300,9 @@ class SAMEngine:
         flag = backend.world.sum_(torch.tensor([0.0 if finite else 1.0], device=self.params()[0].device))
         return float(flag.item()) == 0.0
 
-    def skip_step(self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str) -> StepStats:
+    def skip_step(
+        self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str
+    ) -> StepStats:
         self.skipped_steps += 1
         stats.skipped = True
         if not self._warned_skip:
@@ -297,8 +331,10 @@ class SAMEngine:
     def saved(self, key: str, tensors: list[Tensor]) -> list[Tensor]:
         """A copy of ``tensors`` in buffers kept across steps (no allocation once shapes settle)."""
         store = self._stores.get(key)
-        if store is None or len(store) != len(tensors) or any(
-            s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors)
+        if (
+            store is None
+            or len(store) != len(tensors)
+            or any(s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors))
         ):
             store = [t.detach().clone() for t in tensors]
             self._stores[key] = store
@@ -307,8 +343,12 @@ class SAMEngine:
         return store
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generators": self.noise.state_dict(), "skipped_steps": self.skipped_steps, "steps": self.steps,
-                "rule": self.rule.state_dict(self.params())}
+        return {
+            "generators": self.noise.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "steps": self.steps,
+            "rule": self.rule.state_dict(self.params()),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -316,13 +356,11 @@ class SAMEngine:
         self.rule.load_state_dict(state.get("rule", {}), self.params())
         self.noise.load_state_dict(state.get("generators", {}))
 
-
-
     # ------------------------------------------------------------ the parts' hooks, by their former names
-    def gram_capture(self, module: Optional[nn.Module]) -> GramCapture:
+    def gram_capture(self, module: nn.Module | None) -> GramCapture:
         """The first pass's Gram hooks over ``module`` (see :meth:`FirstPass.gram_capture`)."""
         return self.first.gram_capture(module)
 
-    def instance_route(self, module: Optional[nn.Module]) -> InstancePerturbation:
+    def instance_route(self, module: nn.Module | None) -> InstancePerturbation:
         """The per-instance route's hooks over ``module`` (see :meth:`PerInstanceRoute.route`)."""
         return self.per_instance.route(self, module)

@@ -6,7 +6,7 @@ owns the probe generators (:class:`~.probes.ProbeNoise`, checkpointed by the cor
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -14,7 +14,15 @@ from .config import SAMConfig
 from .gram import GramCapture
 from .parts import LayerHooks, Passes, Snapshot, StepStats, phase
 from .probes import HeadProbe, ProbeNoise, RNGReplay, full_probes, head_probes
-from .weighting import ProbeLosses, Weights, compute_weights, gram_scores, instance_scores, uniform_weights, weight_stats
+from .weighting import (
+    ProbeLosses,
+    Weights,
+    compute_weights,
+    gram_scores,
+    instance_scores,
+    uniform_weights,
+    weight_stats,
+)
 
 
 class FirstPass:
@@ -32,12 +40,19 @@ class FirstPass:
             raise ValueError(f"score={self.config.score!r} needs per-instance losses: define per_sample_loss.")
         rng = RNGReplay({p.device for p in params})
         with snapshot.restoring(), phase("probes"):
-            probes = full_probes(self.config, params, self.noise, passes.forward, rng,
-                                 lambda: snapshot.restore(buffers=False), passes.backend.forward_context)
+            probes = full_probes(
+                self.config,
+                params,
+                self.noise,
+                passes.forward,
+                rng,
+                lambda: snapshot.restore(buffers=False),
+                passes.backend.forward_context,
+            )
         rng.rewind()
         return probes
 
-    def run(self, passes: Passes, probes: Optional[ProbeLosses], head: Optional[HeadProbe]) -> StepStats:
+    def run(self, passes: Passes, probes: ProbeLosses | None, head: HeadProbe | None) -> StepStats:
         """Backward of sum_i delta_i l_i at w (delta uniform for SAM), its gradient unreduced: the direction of eps."""
         cfg = self.config
         reducer = passes.backend.reducer
@@ -52,7 +67,9 @@ class FirstPass:
                 if cfg.reweighting:
                     if head is not None and cfg.uses_probes:
                         probes = head_probes(cfg, head, self.noise)
-                    weights = compute_weights(instance_scores(cfg, losses, probes, cfg.probe_std, reducer), cfg, reducer)
+                    weights = compute_weights(
+                        instance_scores(cfg, losses, probes, cfg.probe_std, reducer), cfg, reducer
+                    )
                 else:
                     weights = uniform_weights(losses.numel(), losses.device, reducer)
                 passes.backend.backward((weights.delta.to(losses.dtype) * losses).sum())
@@ -80,7 +97,7 @@ class FirstPass:
             capture.clear()
         return losses, weights
 
-    def gram_capture(self, module: Optional[nn.Module]) -> GramCapture:
+    def gram_capture(self, module: nn.Module | None) -> GramCapture:
         """The hooks that form ``module``'s per-instance gradient Grams (built once per module and parameter set)."""
         return self._gram.get(module, self.params(), f"estimator={self.config.estimator!r}")
 

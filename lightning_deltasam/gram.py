@@ -15,9 +15,10 @@ Gaussian P, Q of rank r (unbiased: E<P^T G Q, P^T H Q> = <G, H>); every other pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class _Use:
     out: Tensor
     a_version: int
     out_version: int
-    b: Optional[Tensor] = None
+    b: Tensor | None = None
 
 
 @dataclass
@@ -48,8 +49,8 @@ class _Layer:
 
     name: str
     module: nn.Module
-    weight: Optional[Tensor]
-    bias: Optional[Tensor]
+    weight: Tensor | None
+    bias: Tensor | None
     uses: list[_Use] = field(default_factory=list)
 
 
@@ -74,12 +75,22 @@ class GramCapture:
         generator: draws the sketch matrices (seeded identically on every rank); a fresh draw per step.
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[Tensor], mode: GramMode = "exact", rank: int = 32,
-                 generator: Optional[torch.Generator] = None, purpose: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[Tensor],
+        mode: GramMode = "exact",
+        rank: int = 32,
+        generator: torch.Generator | None = None,
+        purpose: str | None = None,
+    ) -> None:
         if mode not in ("exact", "sketch"):
             raise ValueError(f"gram mode={mode!r} is not supported; use 'exact' or 'sketch'.")
         if purpose is None:  # who hooks the layers, and the way out, for the errors below
-            self._who, self._way_out = "the exact Gram rule (estimator='exact'/'sketch')", "use a probe rule (estimator='probes')"
+            self._who, self._way_out = (
+                "the exact Gram rule (estimator='exact'/'sketch')",
+                "use a probe rule (estimator='probes')",
+            )
         else:
             self._who, self._way_out = f"the per-instance route ({purpose})", "use plain SAM (m=None)"
         check_not_compiled(module, self._who, self._way_out)
@@ -109,23 +120,28 @@ class GramCapture:
                     )
                 owner[id(p)] = f"{where}.{n}"
             weight, bias = getattr(sub, "weight", None), getattr(sub, "bias", None)
-            self.layers.append(_Layer(
-                where, sub,
-                weight if isinstance(weight, Tensor) and id(weight) in wanted and weight.requires_grad else None,
-                bias if isinstance(bias, Tensor) and id(bias) in wanted and bias.requires_grad else None,
-            ))
+            self.layers.append(
+                _Layer(
+                    where,
+                    sub,
+                    weight if isinstance(weight, Tensor) and id(weight) in wanted and weight.requires_grad else None,
+                    bias if isinstance(bias, Tensor) and id(bias) in wanted and bias.requires_grad else None,
+                )
+            )
         missing = wanted - set(owner)
         if missing:
             raise UnsupportedModuleError(
                 f"{len(missing)} trainable parameter(s) are not owned by a submodule of {type(module).__name__}: "
                 f"{self._who} needs every optimized parameter inside the module it hooks."
             )
-        self.batch_size: Optional[int] = None
-        self._tokens_of: dict[int, Optional[tuple[Tensor, Tensor]]] = {}  # per layer, shared by gram() and weighted_grads()
+        self.batch_size: int | None = None
+        self._tokens_of: dict[
+            int, tuple[Tensor, Tensor] | None
+        ] = {}  # per layer, shared by gram() and weighted_grads()
 
     # ---------------------------------------------------------------- forward
     @contextmanager
-    def record(self, batch_size: Optional[int] = None) -> Iterator["GramCapture"]:
+    def record(self, batch_size: int | None = None) -> Iterator[GramCapture]:
         """Hooks that keep each layer call's input and output while the losses are computed.
 
         ``batch_size`` B (else the leading size of the first hooked call's input). A call whose input
@@ -142,7 +158,7 @@ class GramCapture:
                 h.remove()
 
     def _hook(self, layer: _Layer):
-        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Optional[Tensor]:
+        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
             _check_eager(self._who, self._way_out)
             if not torch.is_grad_enabled():
                 return None
@@ -150,7 +166,7 @@ class GramCapture:
             if self.batch_size is None:
                 self.batch_size = int(a.shape[0]) if a.dim() > 0 else 1
             b_size = self.batch_size
-            replaced: Optional[Tensor] = None
+            replaced: Tensor | None = None
             if isinstance(module, nn.Embedding) and a.dim() == 1 and a.shape[0] != b_size:
                 a, replaced = a.unsqueeze(0), out.unsqueeze(0)  # unbatched indices, e.g. positions arange(T)
             if a.dim() == 0 or (a.shape[0] != b_size and a.shape[0] != 1):
@@ -197,14 +213,14 @@ class GramCapture:
         self.batch_size = None
 
     # ------------------------------------------------------------ per layer
-    def _tokens(self, layer: _Layer) -> Optional[tuple[Tensor, Tensor]]:
+    def _tokens(self, layer: _Layer) -> tuple[Tensor, Tensor] | None:
         """(a, b) of all the layer's calls as [B, T_total, *] float32 (calls concatenated along tokens), formed once."""
         key = id(layer)
         if key not in self._tokens_of:
             self._tokens_of[key] = self._form_tokens(layer)
         return self._tokens_of[key]
 
-    def _form_tokens(self, layer: _Layer) -> Optional[tuple[Tensor, Tensor]]:
+    def _form_tokens(self, layer: _Layer) -> tuple[Tensor, Tensor] | None:
         used = [u for u in layer.uses if u.b is not None]
         if not used:
             return None
@@ -296,7 +312,7 @@ class GramCapture:
         return out
 
 
-def compiled_part(module: nn.Module) -> Optional[str]:
+def compiled_part(module: nn.Module) -> str | None:
     """The name of ``module`` or of a submodule compiled with ``torch.compile`` (or ``Module.compile()``), else None."""
     if getattr(module, "_compiler_ctx", None) is not None:  # Lightning's trainer.fit(torch.compile(module))
         return type(module).__name__
@@ -321,11 +337,13 @@ def check_not_compiled(module: nn.Module, who: str, way_out: str) -> None:
 def _check_eager(who: str, way_out: str) -> None:
     """The same error from inside a hook that runs while torch.compile traces (a compiled function calling the layer)."""
     if torch.compiler.is_compiling():
-        raise ValueError(f"{who} cannot run inside a torch.compile region: the compiled graph bypasses the per-layer "
-                         f"hooks it reads. Call the model eagerly in the loss, or {way_out}.")
+        raise ValueError(
+            f"{who} cannot run inside a torch.compile region: the compiled graph bypasses the per-layer "
+            f"hooks it reads. Call the model eagerly in the loss, or {way_out}."
+        )
 
 
-def _linear_gram(a: Tensor, b: Tensor, route: str = "auto", cache: Optional[dict] = None) -> Tensor:
+def _linear_gram(a: Tensor, b: Tensor, route: str = "auto", cache: dict | None = None) -> Tensor:
     """sum over tokens of a Linear weight's per-instance Gram, by the cheaper route for these sizes.
 
     Tokens whose output gradient is exactly zero (padding: masked keys, unpooled positions) add
@@ -362,7 +380,7 @@ def _linear_gram(a: Tensor, b: Tensor, route: str = "auto", cache: Optional[dict
     return g @ g.t()
 
 
-def _embedding_gram(idx: Tensor, b: Tensor, padding_idx: Optional[int]) -> Tensor:
+def _embedding_gram(idx: Tensor, b: Tensor, padding_idx: int | None) -> Tensor:
     """sum_{t,t'} [x_it = x_jt'] (b_it . b_jt') via the per-instance rows of the batch's distinct tokens.
 
     Builds B x U x d (U distinct tokens in the batch, U <= B T), never B x V x d.

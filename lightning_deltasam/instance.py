@@ -22,9 +22,9 @@ from the same a and b (the diagonal, or the group blocks, of the Gram matrix); n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def _wide(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _present(t: Optional[Tensor]) -> Tensor:
+def _present(t: Tensor | None) -> Tensor:
     """A recorded output gradient (the plans keep only the calls that have one)."""
     assert t is not None
     return t
@@ -62,15 +62,15 @@ class _Plan:
     """One layer's share of every group's G_g, in the form its second-pass correction uses."""
 
     layer: _Layer
-    a: Optional[Tensor] = None  # Linear: inputs [G, mT, d_in]; Embedding: indices [G, mT]
-    b: Optional[Tensor] = None  # output gradients [G, mT, d_out]
-    dense: Optional[Tensor] = None  # Linear, dense route: G_g as [G, d_out, d_in]
-    gamma: Optional[Tensor] = None  # LayerNorm weight's share sum_t b_t * xhat_t [G, feat]
-    bias: Optional[Tensor] = None  # sum_t b_t [G, d_out]
+    a: Tensor | None = None  # Linear: inputs [G, mT, d_in]; Embedding: indices [G, mT]
+    b: Tensor | None = None  # output gradients [G, mT, d_out]
+    dense: Tensor | None = None  # Linear, dense route: G_g as [G, d_out, d_in]
+    gamma: Tensor | None = None  # LayerNorm weight's share sum_t b_t * xhat_t [G, feat]
+    bias: Tensor | None = None  # sum_t b_t [G, d_out]
     # set by InstancePerturbation.scale() for the second pass: the shares times c_g
-    weight_step: Optional[Tensor] = None  # c_g b (low rank, Embedding), c_g G_g (dense), c_g gamma-share (LayerNorm)
-    bias_step: Optional[Tensor] = None  # c_g sum_t b_t, per instance [B, 1, d_out]
-    bias_ratio: Optional[Tensor] = None  # low-rank Linear: c_bias / c_weight [G, 1, 1], the bias folded into X A^T + r
+    weight_step: Tensor | None = None  # c_g b (low rank, Embedding), c_g G_g (dense), c_g gamma-share (LayerNorm)
+    bias_step: Tensor | None = None  # c_g sum_t b_t, per instance [B, 1, d_out]
+    bias_ratio: Tensor | None = None  # low-rank Linear: c_bias / c_weight [G, 1, 1], the bias folded into X A^T + r
 
 
 class InstancePerturbation:
@@ -102,7 +102,7 @@ class InstancePerturbation:
         self.plans: list[_Plan] = []
 
     # ------------------------------------------------------------ first pass
-    def record(self, batch_size: Optional[int] = None) -> AbstractContextManager[GramCapture]:
+    def record(self, batch_size: int | None = None) -> AbstractContextManager[GramCapture]:
         """Hooks that keep each layer call's input and output while the losses at w are computed."""
         self.plans = []
         return self.capture.record(batch_size)
@@ -117,7 +117,7 @@ class InstancePerturbation:
         assert self.capture.batch_size is not None
         return self.capture.batch_size
 
-    def _plan(self, layer: _Layer) -> Optional[_Plan]:
+    def _plan(self, layer: _Layer) -> _Plan | None:
         used = [u for u in layer.uses if u.b is not None]
         if not used:
             return None  # no gradient reaches the layer: g_i = 0 there, nothing to correct
@@ -198,8 +198,11 @@ class InstancePerturbation:
                     b = b[kept]
                     if isinstance(mod, nn.Embedding):
                         _, rows = torch.unique(plan.a.reshape(-1)[kept], return_inverse=True)
-                        parts.append(torch.zeros(int(rows.max()) + 1 if rows.numel() else 0, b.shape[-1], dtype=b.dtype,
-                                                 device=b.device).index_add_(0, rows, b))
+                        parts.append(
+                            torch.zeros(
+                                int(rows.max()) + 1 if rows.numel() else 0, b.shape[-1], dtype=b.dtype, device=b.device
+                            ).index_add_(0, rows, b)
+                        )
                     else:
                         parts.append(b.t() @ plan.a.reshape(-1, plan.a.shape[-1])[kept])
             for part in parts:
@@ -231,21 +234,31 @@ class InstancePerturbation:
                     plan.weight_step = c_w.view(-1, 1, 1) * plan.b
             if c_b is None:
                 continue
-            if c_w is not None and plan.dense is None and plan.gamma is None and not isinstance(layer.module, nn.Embedding):
+            if (
+                c_w is not None
+                and plan.dense is None
+                and plan.gamma is None
+                and not isinstance(layer.module, nn.Embedding)
+            ):
                 # (X A^T + r) (c_w B) = c_w X A^T B + c_b 1 (sum_t b_t)^T with r = c_b / c_w: the bias rides along
-                plan.bias_ratio = torch.where(c_w > 0, c_b / c_w.clamp_min(torch.finfo(c_w.dtype).tiny), 0.0).view(-1, 1, 1)
+                plan.bias_ratio = torch.where(c_w > 0, c_b / c_w.clamp_min(torch.finfo(c_w.dtype).tiny), 0.0).view(
+                    -1, 1, 1
+                )
             else:
                 assert plan.bias is not None
                 plan.bias_step = _per_instance(c_b.unsqueeze(1) * plan.bias, bsz, m).unsqueeze(1)
 
     # ----------------------------------------------------------- second pass
     @contextmanager
-    def corrections(self) -> Iterator["InstancePerturbation"]:
+    def corrections(self) -> Iterator[InstancePerturbation]:
         """Forward hooks that make each layer compute instance i's output at w + eps_g (the weights stay at w)."""
         # x A^T of layers called on one input tensor with one A (query, key, value), the input held so its id stays its own
         self._shared: dict[tuple, tuple[Tensor, Tensor]] = {}
-        handles = [plan.layer.module.register_forward_hook(self._hook(plan)) for plan in self.plans
-                   if plan.weight_step is not None or plan.bias_step is not None]
+        handles = [
+            plan.layer.module.register_forward_hook(self._hook(plan))
+            for plan in self.plans
+            if plan.weight_step is not None or plan.bias_step is not None
+        ]
         try:
             yield self
         finally:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ParallelStrategy
@@ -18,7 +19,7 @@ from .engine import Backend, SAMEngine, StepStats
 from .probes import probe_plan
 
 
-def grad_scaler(trainer: "pl.Trainer") -> Optional[Any]:
+def grad_scaler(trainer: pl.Trainer) -> Any | None:
     """The precision plugin's GradScaler (``16-mixed``), else None."""
     return getattr(trainer.precision_plugin, "scaler", None)
 
@@ -28,11 +29,11 @@ class LightningBackend(Backend):
 
     def __init__(
         self,
-        trainer: "pl.Trainer",
+        trainer: pl.Trainer,
         config: SAMConfig,
         backward_fn: Callable[[Tensor], Any],
         buffers: Callable[[], list[Tensor]],
-        forward_context: Optional[Callable[[], AbstractContextManager]] = None,
+        forward_context: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         super().__init__(default_reducer(config.sync), buffers, world=default_reducer("global"))
         self.trainer = trainer
@@ -72,8 +73,8 @@ class EngineSlot:
 
     def __init__(self, config: SAMConfig) -> None:
         self.config = config
-        self.engine: Optional[SAMEngine] = None
-        self._pending: Optional[dict[str, Any]] = None
+        self.engine: SAMEngine | None = None
+        self._pending: dict[str, Any] | None = None
 
     def for_optimizer(self, optimizer: Optimizer) -> SAMEngine:
         """The engine over ``optimizer``'s parameter groups (a new one if the optimizer changed)."""
@@ -84,7 +85,7 @@ class EngineSlot:
                 self._pending = None
         return self.engine
 
-    def state_dict(self) -> Optional[dict[str, Any]]:
+    def state_dict(self) -> dict[str, Any] | None:
         return self.engine.state_dict() if self.engine is not None else self._pending
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -94,7 +95,7 @@ class EngineSlot:
             self._pending = dict(state)
 
 
-def batch_size_of(batch: Any) -> Optional[int]:
+def batch_size_of(batch: Any) -> int | None:
     """Lightning's batch size of ``batch``, None when it cannot tell (the loss shape check then does without)."""
     try:
         return extract_batch_size(batch)
@@ -102,8 +103,16 @@ def batch_size_of(batch: Any) -> Optional[int]:
         return None
 
 
-def module_step(engine: SAMEngine, module: "pl.LightningModule", batch: Any, backend: Backend,
-                base_step: Callable[[], Any], *, per_sample: bool = True, **passes: Any) -> StepStats:
+def module_step(
+    engine: SAMEngine,
+    module: pl.LightningModule,
+    batch: Any,
+    backend: Backend,
+    base_step: Callable[[], Any],
+    *,
+    per_sample: bool = True,
+    **passes: Any,
+) -> StepStats:
     """``engine.step`` on one batch of a LightningModule: its ``per_sample_loss`` (or head split) as the forward.
 
     ``per_sample=False`` runs without the module's per-instance losses (the callback's plain SAM);
@@ -111,15 +120,24 @@ def module_step(engine: SAMEngine, module: "pl.LightningModule", batch: Any, bac
     """
     forward, head = probe_plan(module, batch, engine.config.step_probe_scope) if per_sample else (None, None)
     try:
-        return engine.step(forward, backend, base_step, batch_size=batch_size_of(batch), head=head, module=module,
-                           source=f"{type(module).__name__}.per_sample_loss", **passes)
+        return engine.step(
+            forward,
+            backend,
+            base_step,
+            batch_size=batch_size_of(batch),
+            head=head,
+            module=module,
+            source=f"{type(module).__name__}.per_sample_loss",
+            **passes,
+        )
     finally:
         if head is not None:
             head.clear()
 
 
-def log_stats(module: "pl.LightningModule", stats: StepStats, engine: SAMEngine, batch: Any, loss_key: str,
-              prog_bar: bool = False) -> None:
+def log_stats(
+    module: pl.LightningModule, stats: StepStats, engine: SAMEngine, batch: Any, loss_key: str, prog_bar: bool = False
+) -> None:
     """Log the loss at w as ``loss_key`` and the step's ``deltasam/*`` diagnostics."""
     batch_size = batch_size_of(batch)
     if stats.loss is not None:  # None only in the two-step API, which no Lightning adapter uses

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ class DeltaSAMMixin(_MixinBase):
     def __init__(
         self,
         *args: Any,
-        gradient_clip_val: Optional[float] = None,
+        gradient_clip_val: float | None = None,
         gradient_clip_algorithm: ClipAlgorithm = "norm",
         accumulate_grad_batches: int = 1,
         **kwargs: Any,
@@ -49,9 +50,11 @@ class DeltaSAMMixin(_MixinBase):
         check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
         if accumulate_grad_batches > 1 and (config.variant != "sam" or config.interval > 1):
             option = f"variant={config.variant!r}" if config.variant != "sam" else f"interval={config.interval}"
-            raise ValueError(f"{option} with accumulate_grad_batches={accumulate_grad_batches}: the rule counts and "
-                             "updates once per optimizer step, not per micro-batch. Use accumulate_grad_batches=1 with it, "
-                             "or variant='sam', interval=1.")
+            raise ValueError(
+                f"{option} with accumulate_grad_batches={accumulate_grad_batches}: the rule counts and "
+                "updates once per optimizer step, not per micro-batch. Use accumulate_grad_batches=1 with it, "
+                "or variant='sam', interval=1."
+            )
         self.accumulate_grad_batches = accumulate_grad_batches
         self.deltasam_config = config
         self.gradient_clip_val = gradient_clip_val
@@ -60,7 +63,7 @@ class DeltaSAMMixin(_MixinBase):
         self._deltasam_slot = EngineSlot(config)
         self._deltasam_window = _Window()
         self._deltasam_optimizer_steps = 0
-        self.deltasam_last_stats: Optional[StepStats] = None
+        self.deltasam_last_stats: StepStats | None = None
 
     @property
     def _deltasam_engine(self) -> Any:
@@ -69,7 +72,9 @@ class DeltaSAMMixin(_MixinBase):
     # ------------------------------------------------------------ user API
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Per-instance losses of ``batch``, shape [B] (e.g. ``F.cross_entropy(..., reduction='none')``)."""
-        raise NotImplementedError(f"{type(self).__name__} must define per_sample_loss(batch) returning a [B] tensor of losses.")
+        raise NotImplementedError(
+            f"{type(self).__name__} must define per_sample_loss(batch) returning a [B] tensor of losses."
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.deltasam_step(batch)
@@ -80,7 +85,9 @@ class DeltaSAMMixin(_MixinBase):
         if isinstance(optimizer, list):
             raise ValueError(f"DeltaSAMMixin supports one optimizer; configure_optimizers returned {len(optimizer)}.")
         engine = self._deltasam_slot.for_optimizer(optimizer.optimizer)
-        backend = LightningBackend(self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers()))
+        backend = LightningBackend(
+            self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers())
+        )
 
         def clipped_step() -> None:
             _clip(engine.params(), self.gradient_clip_val, self.gradient_clip_algorithm, backend.loss_scale())
@@ -91,7 +98,9 @@ class DeltaSAMMixin(_MixinBase):
         if self.accumulate_grad_batches == 1:
             stats = module_step(engine, self, batch, backend, clipped_step)
         else:  # one perturbed micro-batch; the optimizer steps at the window's end
-            micro = _MicroBatchBackend(self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers()))
+            micro = _MicroBatchBackend(
+                self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers())
+            )
             micro.window = window
             stats = module_step(engine, self, batch, micro, lambda: window.add(engine.params()))
             if window_end and window.close(engine.params(), backend, clipped_step):
@@ -129,7 +138,10 @@ class DeltaSAMMixin(_MixinBase):
         super().on_train_epoch_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {"engine": self._deltasam_slot.state_dict(), "optimizer_steps": self._deltasam_optimizer_steps}
+        checkpoint[_CHECKPOINT_KEY] = {
+            "engine": self._deltasam_slot.state_dict(),
+            "optimizer_steps": self._deltasam_optimizer_steps,
+        }
         super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -141,7 +153,7 @@ class DeltaSAMMixin(_MixinBase):
         super().on_load_checkpoint(checkpoint)
 
 
-def _clip(params: list[Tensor], value: Optional[float], algorithm: str, loss_scale: float = 1.0) -> None:
+def _clip(params: list[Tensor], value: float | None, algorithm: str, loss_scale: float = 1.0) -> None:
     """Clip the descent gradient by norm or by value; thresholds follow a loss scale (scaled grads)."""
     if value is None or value <= 0:
         return
@@ -159,7 +171,7 @@ class _Window:
     """
 
     def __init__(self) -> None:
-        self.sum: Optional[list[Tensor]] = None
+        self.sum: list[Tensor] | None = None
         self.count = 0
         self.poisoned = False
         self.micro_batches = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +39,9 @@ class DeltaSAM(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: Union[type[Optimizer], Callable[..., Optimizer]],
+        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
         *,
-        module: Optional[nn.Module] = None,
+        module: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         if not callable(base_optimizer):
@@ -69,11 +70,13 @@ class DeltaSAM(Optimizer):
         self.config = config
         self.engine = SAMEngine(self.param_groups, config)
         self._module = module
-        self.last_stats: Optional[StepStats] = None
-        self._grads_left: dict[int, tuple[Any, int]] = {}  # id(param) -> (weakref to the .grad a step left, its version)
+        self.last_stats: StepStats | None = None
+        self._grads_left: dict[
+            int, tuple[Any, int]
+        ] = {}  # id(param) -> (weakref to the .grad a step left, its version)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SAM / delta-SAM step. Per-instance closure: returns the per-instance losses at w; backward
         closure (a gradient from the caller's backward at w is in ``.grad``): returns the closure's loss."""
         if closure is None:
@@ -89,8 +92,13 @@ class DeltaSAM(Optimizer):
                 stats, out = self.engine.closure_step(closure, backend, self.base_optimizer.step)
             else:
                 with torch.enable_grad():
-                    stats = self.engine.step(self._checked(closure), backend, self.base_optimizer.step, source="DeltaSAM closure",
-                                             module=self._module)
+                    stats = self.engine.step(
+                        self._checked(closure),
+                        backend,
+                        self.base_optimizer.step,
+                        source="DeltaSAM closure",
+                        module=self._module,
+                    )
                 assert stats.losses is not None
                 out = stats.losses
         finally:
@@ -131,11 +139,15 @@ class DeltaSAM(Optimizer):
             if isinstance(losses, Tensor) and losses.dim() == 0:
                 shape = "DeltaSAM closure must return per-instance losses of shape [B]; got shape () (a scalar)"
                 if self.config.reweighting:
-                    raise ValueError(f"reweight='delta' needs per-instance losses: {shape}. Use reduction='none' and "
-                                     "leave every backward to the optimizer.")
-                raise ValueError(f"{shape}. Either use reduction='none' and leave every backward to the optimizer, or use "
-                                 "the backward-closure contract of davda54/sam (SAM / ASAM): run loss.backward() before "
-                                 "step(closure); the closure then runs forward and backward at w + eps.")
+                    raise ValueError(
+                        f"reweight='delta' needs per-instance losses: {shape}. Use reduction='none' and "
+                        "leave every backward to the optimizer."
+                    )
+                raise ValueError(
+                    f"{shape}. Either use reduction='none' and leave every backward to the optimizer, or use "
+                    "the backward-closure contract of davda54/sam (SAM / ASAM): run loss.backward() before "
+                    "step(closure); the closure then runs forward and backward at w + eps."
+                )
             return check_per_sample_losses(losses, "DeltaSAM closure")
 
         return per_instance
@@ -161,7 +173,9 @@ class DeltaSAM(Optimizer):
         return new
 
     def _remember_grads(self) -> None:
-        self._grads_left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in self.engine.params() if p.grad is not None}
+        self._grads_left = {
+            id(p): (weakref.ref(p.grad), p.grad._version) for p in self.engine.params() if p.grad is not None
+        }
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

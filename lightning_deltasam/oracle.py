@@ -12,8 +12,9 @@ eval mode: the measure compares methods on the same deterministic function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,8 +58,9 @@ def _named_trainable(module: nn.Module) -> dict[str, Tensor]:
     return {f"module.{k}": v.detach() for k, v in module.named_parameters() if v.requires_grad}
 
 
-def per_sample_grads(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, method: str = "auto",
-                     params: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+def per_sample_grads(
+    module: nn.Module, loss_fn: PerSampleLoss, batch: Any, method: str = "auto", params: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """{name: [B, *shape]} gradients of each instance's loss, at ``params`` (default: the module's)."""
     wrapper = _LossModule(module, loss_fn)
     base = params if params is not None else _named_trainable(module)
@@ -99,7 +101,7 @@ class OracleResult:
     mean_grad: Tensor
     update: Tensor
     per_sample_grad_norms: Tensor
-    rows: Optional[Tensor] = None  # [B, P] per-instance gradients at w, when asked for
+    rows: Tensor | None = None  # [B, P] per-instance gradients at w, when asked for
 
 
 def _flat_rows(grads: dict[str, Tensor]) -> Tensor:
@@ -122,8 +124,17 @@ def batched_route_supported(module: nn.Module) -> bool:
     return True
 
 
-def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, adaptive: bool = False,
-                  eta: float = 0.01, method: str = "auto", keep_rows: bool = False, route: str = "loop") -> OracleResult:
+def oracle_update(
+    module: nn.Module,
+    loss_fn: PerSampleLoss,
+    batch: Any,
+    rho: float,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    method: str = "auto",
+    keep_rows: bool = False,
+    route: str = "loop",
+) -> OracleResult:
     """Exact per-instance SAM: u* = mean_i grad l_i(w + eps_i), eps_i = rho g_i/||g_i|| (ASAM: rho T^2 g_i/||T g_i||).
 
     ``route``: ``"loop"`` (a backward per instance), ``"batched"`` (:func:`instance_update`; not for ASAM) or
@@ -134,7 +145,9 @@ def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: fl
         raise ValueError(f"route={route!r} is not supported; use 'loop', 'batched' or 'auto'.")
     batched = route == "batched" or (route == "auto" and not adaptive and batched_route_supported(module))
     if batched and adaptive:
-        raise ValueError("route='batched' cannot apply ASAM's per-instance perturbation (adaptive=True); use route='loop'.")
+        raise ValueError(
+            "route='batched' cannot apply ASAM's per-instance perturbation (adaptive=True); use route='loop'."
+        )
     params = _named_trainable(module)
     g = per_sample_grads(module, loss_fn, batch, method, params)
     rows = _flat_rows(g)
@@ -160,11 +173,18 @@ def oracle_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: fl
             offset += numel
         gi = per_sample_grads(module, loss_fn, slice_batch(batch, i), method, perturbed)
         updates.append(_flat_rows(gi)[0])
-    return OracleResult(rows.mean(dim=0), torch.stack(updates).mean(dim=0), rows.norm(dim=1), rows if keep_rows else None)
+    return OracleResult(
+        rows.mean(dim=0), torch.stack(updates).mean(dim=0), rows.norm(dim=1), rows if keep_rows else None
+    )
 
 
-def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMConfig,
-                  engine: Optional[SAMEngine] = None, head: Optional[Any] = None) -> Tensor:
+def method_update(
+    module: nn.Module,
+    forward: Callable[[], Tensor],
+    config: SAMConfig,
+    engine: SAMEngine | None = None,
+    head: Any | None = None,
+) -> Tensor:
     """The update gradient a SAM / delta-SAM step would hand its base optimizer (flat), weights untouched.
 
     ``forward()`` returns the batch's per-instance losses; ``head`` is a head probe (probe_scope='head').
@@ -184,8 +204,9 @@ def method_update(module: nn.Module, forward: Callable[[], Tensor], config: SAMC
     return torch.cat([c.reshape(-1) for c in captured])
 
 
-def weighted_sam_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, delta: Tensor,
-                        rows: Tensor) -> Tensor:
+def weighted_sam_update(
+    module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: float, delta: Tensor, rows: Tensor
+) -> Tensor:
     """grad mean_i l_i(w + eps), eps = rho g_delta/||g_delta||, g_delta = delta^T rows: SAM along given weights."""
     params = [p for p in module.parameters() if p.requires_grad]
     g = delta.to(rows.dtype) @ rows

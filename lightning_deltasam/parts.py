@@ -5,9 +5,10 @@ the :class:`Passes` (forwards) of one step, and the profiler ranges."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,16 +18,19 @@ from .distributed import Reducer, default_reducer
 from .probes import LossFn
 
 
-def phase(name: str) -> ContextManager:
+def phase(name: str) -> AbstractContextManager:
     """A ``deltasam.<name>`` profiler range while a profiler records; otherwise nothing (no cost)."""
-    return torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
+    return (
+        torch.profiler.record_function(f"deltasam.{name}") if torch._C._autograd._profiler_enabled() else nullcontext()
+    )
 
 
 class Backend:
     """How an adapter runs backward, collectives and a skipped step. This default is plain PyTorch."""
 
-    def __init__(self, reducer: Reducer, buffers: Optional[Callable[[], list[Tensor]]] = None,
-                 world: Optional[Reducer] = None) -> None:
+    def __init__(
+        self, reducer: Reducer, buffers: Callable[[], list[Tensor]] | None = None, world: Reducer | None = None
+    ) -> None:
         self.reducer = reducer  # collectives of the step: identity under sync='local'
         self.world = world if world is not None else reducer  # every rank, whatever sync: skip agreement
         self._buffers = buffers
@@ -34,11 +38,11 @@ class Backend:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Context in which a backward does not all-reduce gradients (DDP's no_sync)."""
         return nullcontext()
 
-    def forward_context(self) -> ContextManager:
+    def forward_context(self) -> AbstractContextManager:
         """Context for the engine's own forwards (autocast, where the caller's context lacks it)."""
         return nullcontext()
 
@@ -63,15 +67,17 @@ class StepStats:
     """What one step measured, for logging. ``loss`` is the mean loss at the unperturbed w (None when the
     step did not see it: the two-step API, whose first backward is the caller's)."""
 
-    loss: Optional[Tensor]
-    losses: Optional[Tensor] = None
+    loss: Tensor | None
+    losses: Tensor | None = None
     eps_norm: float = 0.0
     loss_rise: float = float("nan")
     weight_entropy: float = float("nan")
     weight_max: float = float("nan")
     weight_fallback: bool = False
     skipped: bool = False
-    grad_norm_ratio: float = float("nan")  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance.py)
+    grad_norm_ratio: float = float(
+        "nan"
+    )  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance.py)
 
     def as_log_dict(self, skipped_total: int) -> dict[str, float]:
         out = {"deltasam/skipped_steps": float(skipped_total)}
@@ -87,10 +93,12 @@ class StepStats:
         return out
 
 
-def check_per_sample_losses(losses: Any, source: str, batch_size: Optional[int] = None) -> Tensor:
+def check_per_sample_losses(losses: Any, source: str, batch_size: int | None = None) -> Tensor:
     """A clear error unless ``losses`` is a float tensor of shape [B] (B = ``batch_size`` when known)."""
     if not isinstance(losses, Tensor):
-        raise TypeError(f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}.")
+        raise TypeError(
+            f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}."
+        )
     shape = tuple(losses.shape)
     if losses.dim() != 1:
         hint = " (a scalar: use reduction='none')" if losses.dim() == 0 else ""
@@ -100,14 +108,18 @@ def check_per_sample_losses(losses: Any, source: str, batch_size: Optional[int] 
     if losses.numel() == 0:
         raise ValueError(f"{source} returned an empty tensor of shape {shape}: the batch is empty.")
     if batch_size is not None and losses.numel() != batch_size:
-        raise ValueError(f"{source} returned shape {shape} but the batch holds {batch_size} instances; return one loss per instance.")
+        raise ValueError(
+            f"{source} returned shape {shape} but the batch holds {batch_size} instances; return one loss per instance."
+        )
     return losses
 
 
 class Snapshot:
     """w and the running statistics as the step found them; :meth:`restore` puts them back bit for bit."""
 
-    def __init__(self, params: list[Tensor], saved: list[Tensor], buffers: list[Tensor], saved_buffers: list[Tensor]) -> None:
+    def __init__(
+        self, params: list[Tensor], saved: list[Tensor], buffers: list[Tensor], saved_buffers: list[Tensor]
+    ) -> None:
         self.params, self.saved, self.buffers, self.saved_buffers = params, saved, buffers, saved_buffers
 
     @torch.no_grad()
@@ -149,7 +161,7 @@ class Ascent:
     ``norms`` are the per-tensor norms of ``direction`` for SAM groups (``direction`` is the gradient),
     None for ASAM groups (their normalizer is ||T g||, not ||d||)."""
 
-    groups: list[tuple[list[Tensor], list[Tensor], float, Optional[list[Tensor]]]]
+    groups: list[tuple[list[Tensor], list[Tensor], float, list[Tensor] | None]]
     norm: float
 
 
@@ -158,7 +170,7 @@ class Pending:
     """What :meth:`SAMEngine.first_step` leaves for :meth:`SAMEngine.second_step`."""
 
     stats: StepStats
-    snapshot: Optional[Snapshot]  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
+    snapshot: Snapshot | None  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
     skip: bool = False
     plain: bool = False  # the step does not perturb: the caller's second gradient is at w
 
@@ -167,13 +179,13 @@ class Pending:
 class Passes:
     """The forwards of one step: the engine's own (``forward``) or an adapter's (``first_pass`` / ``second_pass``)."""
 
-    forward: Optional[LossFn]
-    first_pass: Optional[Callable[[], Tensor]]
-    second_pass: Optional[Callable[[], Tensor]]
+    forward: LossFn | None
+    first_pass: Callable[[], Tensor] | None
+    second_pass: Callable[[], Tensor] | None
     backend: Backend
     source: str
-    batch_size: Optional[int]
-    module: Optional[nn.Module] = None
+    batch_size: int | None
+    module: nn.Module | None = None
 
     def losses(self, needed_for: str) -> Tensor:
         """Per-instance losses [B] at the current weights, checked, with grad."""
@@ -182,7 +194,7 @@ class Passes:
         with self.backend.forward_context():
             return check_per_sample_losses(self.forward(), self.source, self.batch_size)
 
-    def descent(self) -> tuple[Tensor, Optional[Tensor]]:
+    def descent(self) -> tuple[Tensor, Tensor | None]:
         """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
         if self.second_pass is not None:
             return self.second_pass().detach(), None
@@ -191,8 +203,7 @@ class Passes:
         return losses.detach().mean(), losses.detach()
 
 
-
-def make_backend(config: SAMConfig, buffers: Optional[Callable[[], list[Tensor]]] = None) -> Backend:
+def make_backend(config: SAMConfig, buffers: Callable[[], list[Tensor]] | None = None) -> Backend:
     """The plain-PyTorch backend, all-reducing over torch.distributed when sync='global' and W > 1."""
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
 
@@ -210,12 +221,14 @@ class LayerHooks:
 
     def __init__(self, build: Callable[[nn.Module, list[Tensor]], Any]) -> None:
         self.build = build
-        self._cached: Optional[tuple[tuple[int, ...], Any]] = None
+        self._cached: tuple[tuple[int, ...], Any] | None = None
 
-    def get(self, module: Optional[nn.Module], params: list[Tensor], option: str) -> Any:
+    def get(self, module: nn.Module | None, params: list[Tensor], option: str) -> Any:
         if module is None:
-            raise ValueError(f"{option} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
-                             "DeltaSAMMixin and DeltaSAMCallback pass it themselves.")
+            raise ValueError(
+                f"{option} hooks the model's layers: pass the model (DeltaSAM(..., module=model)); "
+                "DeltaSAMMixin and DeltaSAMCallback pass it themselves."
+            )
         key = (id(module), *(id(p) for p in params))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self.build(module, params))

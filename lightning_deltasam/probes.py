@@ -19,8 +19,9 @@ The noise dw comes from :class:`ProbeNoise`, seeded identically on every rank an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Optional, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,9 @@ class ProbeNoise:
         device = params[0].device
         numels = [p.numel() for p in params]
         flat = torch.randn(sum(numels), generator=self.generator(device), device=device, dtype=torch.float32)
-        noise = [z.view_as(p) if z.dtype == p.dtype else z.view_as(p).to(p.dtype) for z, p in zip(flat.split(numels), params)]
+        noise = [
+            z.view_as(p) if z.dtype == p.dtype else z.view_as(p).to(p.dtype) for z, p in zip(flat.split(numels), params)
+        ]
         if cfg.probe_scale == "relative":
             mag = torch._foreach_abs(params)
             torch._foreach_add_(mag, cfg.eta)
@@ -93,8 +96,15 @@ class RNGReplay:
             torch.cuda.set_rng_state(s, d)
 
 
-def full_probes(config: SAMConfig, params: list[Tensor], noise: ProbeNoise, forward: LossFn, rng: RNGReplay,
-                restore: Callable[[], None], forward_context: Callable[[], AbstractContextManager] = nullcontext) -> ProbeLosses:
+def full_probes(
+    config: SAMConfig,
+    params: list[Tensor],
+    noise: ProbeNoise,
+    forward: LossFn,
+    rng: RNGReplay,
+    restore: Callable[[], None],
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+) -> ProbeLosses:
     """K forward-only evaluations of the per-instance losses at w + dw_k (and w - dw_k if antithetic).
 
     ``restore()`` puts w back after each probe; the caller restores again if a probe raises.
@@ -114,7 +124,7 @@ def full_probes(config: SAMConfig, params: list[Tensor], noise: ProbeNoise, forw
     return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
 
 
-def head_probes(config: SAMConfig, head: "HeadProbe", noise: ProbeNoise) -> ProbeLosses:
+def head_probes(config: SAMConfig, head: HeadProbe, noise: ProbeNoise) -> ProbeLosses:
     """K probes of the head alone, functional (no live weight changes), on the first pass's features.
 
     All K (and their antithetic twins) are evaluated in one vmapped call of the head.
@@ -156,13 +166,15 @@ class HeadProbe:
             raise ValueError(f"{type(module).__name__}.probe_head() must return a submodule with trainable parameters.")
         self._names = [f"module.{names[id(p)]}" for p in self.params]
         self._wrapper = _FromFeatures(module)
-        self._features: Optional[Tensor] = None
+        self._features: Tensor | None = None
         self._batch: Any = None
 
     def losses(self, params: list[Tensor]) -> Tensor:
         if self._features is None:
             raise RuntimeError("HeadProbe.losses called before the first pass cached its features.")
-        return functional_call(self._wrapper, dict(zip(self._names, params)), (self._features, self._batch), strict=False)
+        return functional_call(
+            self._wrapper, dict(zip(self._names, params)), (self._features, self._batch), strict=False
+        )
 
     def batched_losses(self, params: list[Tensor]) -> Tensor:
         """[P, B] losses for P parameter points (each of ``params`` stacked on a leading dim of P)."""
@@ -186,7 +198,7 @@ class HeadProbe:
         self._features = self._batch = None
 
 
-def probe_plan(module: nn.Module, batch: Any, scope: str) -> tuple[Callable[[], Tensor], Optional[HeadProbe]]:
+def probe_plan(module: nn.Module, batch: Any, scope: str) -> tuple[Callable[[], Tensor], HeadProbe | None]:
     """(forward, head probe or None) for ``module`` on ``batch``: the split forward when ``scope='head'``
     (or ``'auto'`` and the module defines the split). ``scope`` is usually ``SAMConfig.step_probe_scope``."""
     if scope == "auto":
@@ -195,7 +207,8 @@ def probe_plan(module: nn.Module, batch: Any, scope: str) -> tuple[Callable[[], 
         return (lambda: cast(Any, module).per_sample_loss(batch)), None
     if not has_split(module):
         raise ValueError(
-            f"probe_scope='head' needs {type(module).__name__} to define " + ", ".join(f"{m}()" for m in SPLIT_METHODS)
+            f"probe_scope='head' needs {type(module).__name__} to define "
+            + ", ".join(f"{m}()" for m in SPLIT_METHODS)
             + "; define them, or use probe_scope='all'."
         )
     head = HeadProbe(module)

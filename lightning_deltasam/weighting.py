@@ -8,7 +8,6 @@ Every normalizer is taken through a :class:`~lightning_deltasam.distributed.Redu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ class ProbeLosses:
     """Per-instance losses at probe points: ``plus[k, i]`` = l_i(w + dw_k); ``minus`` at w - dw_k (antithetic)."""
 
     plus: Tensor
-    minus: Optional[Tensor] = None
+    minus: Tensor | None = None
 
 
 def probe_differences(probes: ProbeLosses, losses: Tensor, score: str) -> Tensor:
@@ -43,7 +42,7 @@ def probe_differences(probes: ProbeLosses, losses: Tensor, score: str) -> Tensor
 def instance_scores(
     config: SAMConfig,
     losses: Tensor,
-    probes: Optional[ProbeLosses],
+    probes: ProbeLosses | None,
     probe_std: float,
     reducer: Reducer,
 ) -> Tensor:
@@ -90,7 +89,9 @@ def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
     diag = gram.diagonal().clamp_min(0)
     if config.score == "gradnorm":
         return diag.sqrt().float()
-    total = reducer.sum_(torch.stack([diag.sum(), torch.tensor(float(diag.numel()), dtype=diag.dtype, device=diag.device)]))
+    total = reducer.sum_(
+        torch.stack([diag.sum(), torch.tensor(float(diag.numel()), dtype=diag.dtype, device=diag.device)])
+    )
     return solve_gram(gram, total[0] / total[1], config.gram_ridge)
 
 

@@ -20,5 +20,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """A GLUE_DIR that is set but names no folder is a mistake, not a reason to skip: stop at once."""
     glue = os.environ.get("GLUE_DIR")
     if glue and not Path(glue).is_dir():
-        raise pytest.UsageError(f"GLUE_DIR={glue} is not a folder; point it at the GLUE data or unset it "
-                                "(the tests that need the data then skip)")
+        raise pytest.UsageError(
+            f"GLUE_DIR={glue} is not a folder; point it at the GLUE data or unset it "
+            "(the tests that need the data then skip)"
+        )

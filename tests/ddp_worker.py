@@ -14,8 +14,8 @@ import warnings
 
 import lightning as L
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

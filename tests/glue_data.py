@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
-GLUE_DIR: Optional[Path] = Path(os.environ["GLUE_DIR"]) if os.environ.get("GLUE_DIR") else None
+GLUE_DIR: Path | None = Path(os.environ["GLUE_DIR"]) if os.environ.get("GLUE_DIR") else None
 SKIP_REASON = "needs the GLUE data: set GLUE_DIR to the folder holding SST-2/, CoLA/, ... (official GLUE layout)"
 needs_glue = pytest.mark.skipif(GLUE_DIR is None, reason=SKIP_REASON)

@@ -60,7 +60,14 @@ def test_mixin_logs_loss_and_diagnostics():
     trainer = L.Trainer(max_steps=2, **QUIET)
     trainer.fit(module, make_loader())
     logged = trainer.callback_metrics
-    for key in ("train/loss", "deltasam/eps_norm", "deltasam/loss_rise", "deltasam/weight_entropy", "deltasam/weight_max", "deltasam/skipped_steps"):
+    for key in (
+        "train/loss",
+        "deltasam/eps_norm",
+        "deltasam/loss_rise",
+        "deltasam/weight_entropy",
+        "deltasam/weight_max",
+        "deltasam/skipped_steps",
+    ):
         assert key in logged, key
     assert float(logged["deltasam/eps_norm"]) == pytest.approx(0.05, rel=1e-4)
     assert 0 < float(logged["deltasam/weight_max"]) <= 1
@@ -101,15 +108,21 @@ def test_callback_delta_needs_per_sample_loss_at_fit_start():
     with pytest.raises(ValueError, match="per_sample_loss"):
         trainer.fit(module, make_loader())
     # plain SAM works without it
-    L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET).fit(PlainClassifier(with_per_sample=False), make_loader())
+    L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET).fit(
+        PlainClassifier(with_per_sample=False), make_loader()
+    )
 
 
 def test_callback_refuses_what_it_cannot_do():
     fp16 = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(ValueError, match="16-mixed"):
-        L.Trainer(max_steps=1, plugins=[fp16], callbacks=[DeltaSAMCallback()], **QUIET).fit(PlainClassifier(), make_loader())
+        L.Trainer(max_steps=1, plugins=[fp16], callbacks=[DeltaSAMCallback()], **QUIET).fit(
+            PlainClassifier(), make_loader()
+        )
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        L.Trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[DeltaSAMCallback()], **QUIET).fit(PlainClassifier(), make_loader())
+        L.Trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[DeltaSAMCallback()], **QUIET).fit(
+            PlainClassifier(), make_loader()
+        )
     with pytest.raises(ValueError, match="DeltaSAMMixin"):
         L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback()], **QUIET).fit(MixinClassifier(), make_loader())
 
@@ -118,7 +131,9 @@ def test_callback_unwraps_the_optimizer_after_fit():
     module = PlainClassifier()
     trainer = L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback()], **QUIET)
     trainer.fit(module, make_loader())
-    assert "step" not in trainer.optimizers[0].__dict__ or getattr(trainer.optimizers[0].step, "_wrapped_by_lr_sched", False)
+    assert "step" not in trainer.optimizers[0].__dict__ or getattr(
+        trainer.optimizers[0].step, "_wrapped_by_lr_sched", False
+    )
 
 
 def test_mixin_validates_its_options():
@@ -251,11 +266,13 @@ def test_library_imports_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom lightning_deltasam import DeltaSAM, SAMConfig\n"
-            "assert not any(m == 'lightning' or m.startswith(('lightning.', 'lightning_fabric', 'pytorch_lightning')) "
-            "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('lightning'))\n"
-            "import lightning_deltasam\nassert 'glue' not in dir(lightning_deltasam)\n"
-            "from lightning_deltasam import DeltaSAMCallback, DeltaSAMMixin\nassert 'lightning' in sys.modules\n")
+    code = (
+        "import sys\nfrom lightning_deltasam import DeltaSAM, SAMConfig\n"
+        "assert not any(m == 'lightning' or m.startswith(('lightning.', 'lightning_fabric', 'pytorch_lightning')) "
+        "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('lightning'))\n"
+        "import lightning_deltasam\nassert 'glue' not in dir(lightning_deltasam)\n"
+        "from lightning_deltasam import DeltaSAMCallback, DeltaSAMMixin\nassert 'lightning' in sys.modules\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

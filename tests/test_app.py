@@ -20,43 +20,56 @@ from lightning_deltasam.glue.progress import PlainProgress, StepProgressBar, epo
 
 
 # --------------------------------------------------------------------------- unknown options
-@pytest.mark.parametrize("args, says", [
-    (["optimizer.rh=0.1"], "unknown option optimizer.rh; did you mean optimizer.rho"),
-    (["+optimizer.rh=0.1"], "unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho"),
-    (["trainer.max_stepz=3"], "unknown option trainer.max_stepz; did you mean trainer.max_steps"),
-    (["task=sst3"], "task=sst3: no such task option; did you mean sst2"),
-    (["optimizer=adamw,sm"], "optimizer=sm: no such optimizer option; did you mean sam"),
-    (["optimzer.rho=0.1"], "unknown option optimzer.rho (optimzer is not in the config); did you mean optimizer"),
-    (["~logger.csvv"], "unknown option ~logger.csvv; did you mean logger.csv"),
-    (["+trainer.max_steps=3"], "trainer.max_steps is already an option; set it without the +"),
-    (["+trainer.max_stepz=3"], "did you mean +trainer.max_steps"),
-    (["optimizer=adamw", "optimizer.temprature=2"], "did you mean optimizer.temperature"),
-    (["model=tiny", "model.encoder.d_modle=32"], "did you mean model.encoder.d_model"),
-    (["task=tsv", "task.label_colum=x"], "did you mean task.label_column"),
-    (["+data.limit_trian=5"], "did you mean +data.limit_train"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["optimizer.rh=0.1"], "unknown option optimizer.rh; did you mean optimizer.rho"),
+        (["+optimizer.rh=0.1"], "unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho"),
+        (["trainer.max_stepz=3"], "unknown option trainer.max_stepz; did you mean trainer.max_steps"),
+        (["task=sst3"], "task=sst3: no such task option; did you mean sst2"),
+        (["optimizer=adamw,sm"], "optimizer=sm: no such optimizer option; did you mean sam"),
+        (["optimzer.rho=0.1"], "unknown option optimzer.rho (optimzer is not in the config); did you mean optimizer"),
+        (["~logger.csvv"], "unknown option ~logger.csvv; did you mean logger.csv"),
+        (["+trainer.max_steps=3"], "trainer.max_steps is already an option; set it without the +"),
+        (["+trainer.max_stepz=3"], "did you mean +trainer.max_steps"),
+        (["optimizer=adamw", "optimizer.temprature=2"], "did you mean optimizer.temperature"),
+        (["model=tiny", "model.encoder.d_modle=32"], "did you mean model.encoder.d_model"),
+        (["task=tsv", "task.label_colum=x"], "did you mean task.label_column"),
+        (["+data.limit_trian=5"], "did you mean +data.limit_train"),
+    ],
+)
 def test_unknown_options_name_the_closest(args: list[str], says: str) -> None:
     with pytest.raises(OptionError) as err:
         check_overrides(args)
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("args", [
-    ["optimizer=sam", "optimizer.rho=0.1", "trainer.max_steps=3", "seed=1,2"],
-    ["+trainer.gradient_clip_val=1.0", "+callbacks.early=x", "~logger.csv", "logger.tensorboard=null"],
-    ["task=tsv", "task.data_dir=x", "task.text_columns=[a,b]", "hydra.run.dir=/tmp/x", "++anything=1"],
-    ["model=tiny", "model.encoder.d_model=32", "+classifier.rho=0.1", "ckpt_path=last"],
-    ["optimizer=adamw,sam,deltasam", "data.label_noise=0.3", "callbacks.progress.every_n_steps=5"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["optimizer=sam", "optimizer.rho=0.1", "trainer.max_steps=3", "seed=1,2"],
+        ["+trainer.gradient_clip_val=1.0", "+callbacks.early=x", "~logger.csv", "logger.tensorboard=null"],
+        ["task=tsv", "task.data_dir=x", "task.text_columns=[a,b]", "hydra.run.dir=/tmp/x", "++anything=1"],
+        ["model=tiny", "model.encoder.d_model=32", "+classifier.rho=0.1", "ckpt_path=last"],
+        ["optimizer=adamw,sam,deltasam", "data.label_noise=0.3", "callbacks.progress.every_n_steps=5"],
+    ],
+)
 def test_valid_options_pass(args: list[str]) -> None:
     check_overrides(args)
 
 
 # --------------------------------------------------------------------------- run directory names
 def test_run_dir_names_the_data_set_and_the_swept_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = OmegaConf.create({"hydra": {"runtime": {"choices": {"task": "tsv", "model": "tiny", "optimizer": "sam"}},
-                                       "job": {"num": 3}, "overrides": {"task": ["task=tsv", "optimizer=sam", "seed=2"]}},
-                             "task": {"data_dir": "/data/my_reviews"}})
+    root = OmegaConf.create(
+        {
+            "hydra": {
+                "runtime": {"choices": {"task": "tsv", "model": "tiny", "optimizer": "sam"}},
+                "job": {"num": 3},
+                "overrides": {"task": ["task=tsv", "optimizer=sam", "seed=2"]},
+            },
+            "task": {"data_dir": "/data/my_reviews"},
+        }
+    )
     assert _run_name(_root_=root) == "tsv-my_reviews-tiny-sam"  # the model too: tiny and MiniLM runs apart
     root.hydra.runtime.choices.task = "sst2"
     assert _run_name(_root_=root) == "sst2-tiny-sam"
@@ -95,13 +108,21 @@ class Tiny(L.LightningModule):
 
 def loader(batches: int = 4) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(8 * batches, 4, generator=g), torch.randint(0, 2, (8 * batches,), generator=g)),
-                      batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.randn(8 * batches, 4, generator=g), torch.randint(0, 2, (8 * batches,), generator=g)),
+        batch_size=8,
+    )
 
 
 def trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
-    return L.Trainer(default_root_dir=tmp_path, logger=False, enable_model_summary=False, callbacks=callbacks,
-                     num_sanity_val_steps=0, **{"enable_checkpointing": False, **kw})
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        **{"enable_checkpointing": False, **kw},
+    )
 
 
 def test_plain_progress_counts_toward_max_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -109,7 +130,12 @@ def test_plain_progress_counts_toward_max_steps(tmp_path: Path, capsys: pytest.C
     t.fit(Tiny(), loader(4))
     assert (step_budget(t), epoch_budget(t)) == (7, 2)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 1/7", "step 3/7", "step 6/7", "step 7/7"]  # a first line early
+    assert [ln.split(" | ")[0] for ln in lines] == [
+        "step 1/7",
+        "step 3/7",
+        "step 6/7",
+        "step 7/7",
+    ]  # a first line early
     assert lines[0].split(" | ")[1] == "epoch 1/2" and lines[-1].split(" | ")[1] == "epoch 2/2"
     assert all("loss " in ln and "s/step" in ln and "ETA " in ln for ln in lines)
     assert lines[-1].endswith("ETA 0:00:00")
@@ -138,10 +164,23 @@ def test_progress_picks_plain_lines_without_a_terminal() -> None:
 # --------------------------------------------------------------------------- checkpoints
 def run_checkpoints(tmp_path: Path, scores: list[float]) -> tuple[RunCheckpoint, Path]:
     folder = tmp_path / "checkpoints"
-    cb = RunCheckpoint(dirpath=folder, filename="best-step{step}", auto_insert_metric_name=False, monitor="val/acc",
-                       mode="max", save_top_k=1, save_last=True)
-    t = trainer(tmp_path, [cb], max_steps=3 * len(scores), val_check_interval=3, enable_checkpointing=True,
-                enable_progress_bar=False)
+    cb = RunCheckpoint(
+        dirpath=folder,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    t = trainer(
+        tmp_path,
+        [cb],
+        max_steps=3 * len(scores),
+        val_check_interval=3,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+    )
     t.fit(Tiny(scores), loader(3 * len(scores)), loader(1))
     return cb, folder
 

@@ -27,12 +27,21 @@ def test_readme_example_json_has_every_key_the_app_writes(tmp_path: Path) -> Non
     from lightning_deltasam.glue.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"task.data_dir={tmp_path / 'glue'}", "model=tiny", "optimizer=sam", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger.tensorboard=null",
-            f"paths.output_dir={tmp_path / 'out'}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"task.data_dir={tmp_path / 'glue'}",
+                "model=tiny",
+                "optimizer=sam",
+                "trainer.max_steps=2",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "logger.tensorboard=null",
+                f"paths.output_dir={tmp_path / 'out'}",
+            ],
+        )
         results = run(cfg)
-    example = (REPO / "docs" / "app.md").read_text().split("```text\n{\"task\"", 1)[1].split("```", 1)[0]
+    example = (REPO / "docs" / "app.md").read_text().split('```text\n{"task"', 1)[1].split("```", 1)[0]
     example = '{"task"' + example
     top_level = re.sub(r"\{[^{}]*\}", "{}", example[1:])  # the nested option dicts: their keys are not top level
     shown = re.findall(r'"([\w/]+)": ', top_level)
@@ -49,6 +58,10 @@ def test_a_column_missing_from_the_header_is_two_sentences(tmp_path: Path) -> No
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="not a git checkout")
 def test_conf_config_yaml_is_not_ignored() -> None:
     """The app's main config is tracked; no ignore rule may hide it (``git check-ignore`` exits 1: not ignored)."""
-    proc = subprocess.run(["git", "check-ignore", "--no-index", "-v", "lightning_deltasam/glue/conf/config.yaml"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-v", "lightning_deltasam/glue/conf/config.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stdout

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,23 @@ def test_fidelity_interface(tmp_path):
     import fidelity
 
     out = tmp_path / "fid.json"
-    fidelity.main(["--model", "tiny", "--batches", "1", "--batch-size", "8", "--train-steps", "6", "--probes", "2",
-                   "--hindsight", "--out", str(out)])
+    fidelity.main(
+        [
+            "--model",
+            "tiny",
+            "--batches",
+            "1",
+            "--batch-size",
+            "8",
+            "--train-steps",
+            "6",
+            "--probes",
+            "2",
+            "--hindsight",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["default"] in result["rules"]
     for name in ("sam", "gram-exact", "gradnorm-exact", result["default"]):
@@ -47,8 +61,9 @@ def test_speed_interface(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--model", "tiny", "--steps", "1", "--batch-size", "8", "--probes", "2", "--scaling", "4",
-                "--out", str(out)])
+    speed.main(
+        ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--probes", "2", "--scaling", "4", "--out", str(out)]
+    )
     result = json.loads(out.read_text())
     assert {"adamw", "sam", "deltasam", "oracle"} <= set(result["step_seconds"])
     assert {"sam/adamw", "deltasam/sam"} <= set(result["ratios"])
@@ -62,8 +77,26 @@ def test_speed_peers_interface(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--model", "tiny", "--steps", "2", "--batch-size", "8", "--methods", "peers", "--scaling", "",
-                "--oracle-repeats", "0", "--profile-steps", "1", "--out", str(out)])
+    speed.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--methods",
+            "peers",
+            "--scaling",
+            "",
+            "--oracle-repeats",
+            "0",
+            "--profile-steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     peers = {"ref-sam"} | ({"pt-sam"} if not result["peers_skipped"] else set())
     assert set(result["peers_skipped"]) <= {"pt-sam"}
@@ -81,8 +114,28 @@ def test_speed_isolated_processes(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--model", "tiny", "--steps", "2", "--isolate", "1", "--batch-size", "8", "--methods", "peers",
-                "--scaling", "", "--oracle-repeats", "0", "--profile-steps", "0", "--out", str(out)])
+    speed.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--isolate",
+            "1",
+            "--batch-size",
+            "8",
+            "--methods",
+            "peers",
+            "--scaling",
+            "",
+            "--oracle-repeats",
+            "0",
+            "--profile-steps",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["setup"]["repeats"] == 2 and "own process" in result["setup"]["timing"]
     row = result["vs_peers"]["sam/ref-sam"]
@@ -97,10 +150,29 @@ def test_accuracy_interface(tmp_path):
 
     out, png, runs = tmp_path / "acc.json", tmp_path / "acc.png", tmp_path / "runs"
     record = tmp_path / "record"
-    argv = ["--model", "tiny", "--optimizers", "adamw,deltasam", "--seeds", "1,2", "--runs-dir", str(runs),
-            "--record", str(record), "--out", str(out), "--plot", str(png), "--",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
-            "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
+    argv = [
+        "--model",
+        "tiny",
+        "--optimizers",
+        "adamw,deltasam",
+        "--seeds",
+        "1,2",
+        "--runs-dir",
+        str(runs),
+        "--record",
+        str(record),
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+        "--",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+    ]
     result = accuracy.main(argv)
     assert json.loads(out.read_text()) == result
     assert (result["task"], result["model"], result["metric"]) == ("sst2", "tiny", "val/acc")
@@ -123,14 +195,14 @@ def test_accuracy_interface(tmp_path):
     assert all(len(v) == 2 and v[0] == pytest.approx(v[1], abs=1e-6) for v in first_loss.values()), first_loss
     # --reuse reads the finished runs back (same numbers) instead of training them again
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
-    again = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--"):]])
+    again = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--") :]])
     assert again["optimizers"] == result["optimizers"]
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")} == stamps
     # the record (results.json + CSV, no checkpoints) lets a fresh clone reuse the runs: same numbers and curves, no training
     assert sorted(p.name for p in record.iterdir()) == sorted(p.name for p in runs.iterdir())
     assert not list(record.rglob("*.ckpt")) and len(list(record.rglob("metrics.csv"))) == 4
     shutil.rmtree(runs)
-    from_record = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--"):]])
+    from_record = accuracy.main([*argv[: argv.index("--")], "--reuse", *argv[argv.index("--") :]])
     assert from_record["optimizers"] == result["optimizers"] and not runs.exists()
 
 
@@ -147,14 +219,42 @@ def test_accuracy_jobs_trains_runs_at_once_on_split_threads(tmp_path, monkeypatc
         start = time.monotonic()
         proc = real_run(cmd, **kwargs)
         with lock:
-            calls.append((start, time.monotonic(), kwargs["env"].get("OMP_NUM_THREADS"), next(a for a in cmd if a.startswith("optimizer="))))
+            calls.append(
+                (
+                    start,
+                    time.monotonic(),
+                    kwargs["env"].get("OMP_NUM_THREADS"),
+                    next(a for a in cmd if a.startswith("optimizer=")),
+                )
+            )
         return proc
 
     monkeypatch.setattr(accuracy.subprocess, "run", spy)
     out = tmp_path / "acc.json"
-    argv = ["--task", "mrpc", "--model", "tiny", "--optimizers", "adamw,sam", "--seeds", "1", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"),
-            "--record", "", "--out", str(out), "--", "trainer.max_steps=3", "trainer.val_check_interval=3",
-            "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
+    argv = [
+        "--task",
+        "mrpc",
+        "--model",
+        "tiny",
+        "--optimizers",
+        "adamw,sam",
+        "--seeds",
+        "1",
+        "--jobs",
+        "2",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--record",
+        "",
+        "--out",
+        str(out),
+        "--",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+    ]
     result = accuracy.main(argv)
     assert list(result["optimizers"]) == ["adamw", "sam"] and result["jobs"] == 2
     assert all(set(o["seeds"]) == {"1"} and o["steps"] == 3 for o in result["optimizers"].values())
@@ -162,8 +262,11 @@ def test_accuracy_jobs_trains_runs_at_once_on_split_threads(tmp_path, monkeypatc
     assert result["metric"] == "val/f1" and list(result["also"]) == ["val/acc"]
     acc = result["also"]["val/acc"]
     assert set(acc["optimizers"]) == {"adamw", "sam"} and 0 <= acc["optimizers"]["sam"]["seeds"]["1"] <= 1
-    assert acc["one_run_se"] == pytest.approx(accuracy.one_run_se("val/acc", statistics.fmean(
-        o["mean"] for o in acc["optimizers"].values()), result["dev_examples"]))
+    assert acc["one_run_se"] == pytest.approx(
+        accuracy.one_run_se(
+            "val/acc", statistics.fmean(o["mean"] for o in acc["optimizers"].values()), result["dev_examples"]
+        )
+    )
     assert "Also measured, val/acc" in out.with_suffix(".md").read_text()
     assert sorted(c[3] for c in calls) == ["optimizer=adamw", "optimizer=sam"]
     assert {c[2] for c in calls} == {str(max(1, (os.cpu_count() or 1) // 2))}
@@ -177,8 +280,10 @@ def test_accuracy_run_names_carry_the_overrides():
     import accuracy
 
     assert accuracy.run_name("sst2", "minilm", "sam", 1, []) == "sst2-minilm-sam-seed1"
-    assert accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.temperature=1.0"]) == \
-        "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
+    assert (
+        accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.temperature=1.0"])
+        == "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
+    )
 
 
 def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
@@ -187,15 +292,24 @@ def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
     def run(value):
         return {"val/acc": value, "wall_seconds": 10.0, "steps": 4}
 
-    runs = {"adamw": {1: run(0.88), 2: run(0.86), 3: run(0.87)}, "sam": {1: run(0.89), 2: run(0.85), 3: run(0.90)},
-            "deltasam": {1: run(0.90), 2: run(0.85), 3: run(0.89)}}
+    runs = {
+        "adamw": {1: run(0.88), 2: run(0.86), 3: run(0.87)},
+        "sam": {1: run(0.89), 2: run(0.85), 3: run(0.90)},
+        "deltasam": {1: run(0.90), 2: run(0.85), 3: run(0.89)},
+    }
     summary = accuracy.summarize(runs, "val/acc")
     assert summary["sam"]["mean"] == pytest.approx(0.88) and summary["sam"]["std"] == pytest.approx(0.02645751)
     assert summary["sam"]["paired"] == {"baseline": "adamw", "mean_diff": pytest.approx(0.01), "wins": 2, "losses": 1}
     # against SAM: +0.01, 0, -0.01 -> one win, one tie, one loss
     assert summary["deltasam"]["paired_vs"]["sam"] == {"mean_diff": pytest.approx(0.0), "n": 3, "wins": 1, "losses": 1}
-    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "dev_examples": 872,
-                               "one_run_se": accuracy.one_run_se("val/acc", 0.88, 872)})
+    table = accuracy.markdown(
+        {
+            "optimizers": summary,
+            "metric": "val/acc",
+            "dev_examples": 872,
+            "one_run_se": accuracy.one_run_se("val/acc", 0.88, 872),
+        }
+    )
     assert "| sam | 0.8900 | 0.8500 | 0.9000 | **0.8800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
     assert "| deltasam | 0.9000 | 0.8500 | 0.8900 | **0.8800** | 0.0265 | +1.00, 2-1 | +0.00, 1-1 | 10 |" in table
     assert "(n = 872): 1.10 points" in table and "Also measured" not in table
@@ -203,7 +317,9 @@ def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
     also = accuracy.also_measured(f1, "val/acc", 872)
     assert list(also) == ["val/f1"] and also["val/f1"]["optimizers"]["sam"]["mean"] == pytest.approx(0.78)
     assert also["val/f1"]["one_run_se"] == pytest.approx(accuracy.one_run_se("val/f1", (0.77 + 0.78 + 0.78) / 3, 872))
-    table = accuracy.markdown({"optimizers": summary, "metric": "val/acc", "dev_examples": 872, "one_run_se": None, "also": also})
+    table = accuracy.markdown(
+        {"optimizers": summary, "metric": "val/acc", "dev_examples": 872, "one_run_se": None, "also": also}
+    )
     assert "Also measured, val/f1 (same runs; standard error of one run 1.41 points):" in table
     assert "| sam | 0.7900 | 0.7500 | 0.8000 | **0.7800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
 
@@ -212,7 +328,7 @@ def test_one_run_standard_error():
     import accuracy
 
     assert accuracy.one_run_se("val/acc", 0.5, 100) == pytest.approx(0.05)
-    assert accuracy.one_run_se("val/mcc", 0.5, 1043) == pytest.approx(0.75 / 1040 ** 0.5)
+    assert accuracy.one_run_se("val/mcc", 0.5, 1043) == pytest.approx(0.75 / 1040**0.5)
     assert accuracy.one_run_se("val/pearson", 0.0, 103) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="loss"):
         accuracy.one_run_se("val/loss", 0.5, 100)
@@ -231,14 +347,41 @@ def test_speed_gram_methods_and_fixed_length(tmp_path):
     import speed
 
     out = tmp_path / "speed-gram.json"
-    speed.main(["--model", "tiny", "--steps", "1", "--batch-size", "8", "--methods", "gram", "--probes", "",
-                "--scaling", "", "--oracle-repeats", "0", "--profile-steps", "0", "--out", str(out)])
+    speed.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--methods",
+            "gram",
+            "--probes",
+            "",
+            "--scaling",
+            "",
+            "--oracle-repeats",
+            "0",
+            "--profile-steps",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
-    assert {"gram-linear-t4-exact", "gram-linear-t4-sketch-r8", "gram-linear-t4-sketch-r32", "gram-linear-t4-sketch-r128"} \
-        <= set(result["step_seconds"])
+    assert {
+        "gram-linear-t4-exact",
+        "gram-linear-t4-sketch-r8",
+        "gram-linear-t4-sketch-r32",
+        "gram-linear-t4-sketch-r128",
+    } <= set(result["step_seconds"])
     assert "gram-linear-t4-exact/sam" in result["ratios"] and not result["vs_peers"]
-    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
-             "labels": torch.zeros(2, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "attention_mask": torch.ones(2, 5, dtype=torch.long),
+        "labels": torch.zeros(2, dtype=torch.long),
+    }
     longer, shorter = speed._fixed_length(batch, 8), speed._fixed_length(batch, 3)
     assert longer["input_ids"].shape == (2, 8) and int(longer["attention_mask"].sum()) == 10
     assert shorter["attention_mask"].shape == (2, 3) and longer["labels"].shape == (2,)
@@ -249,8 +392,26 @@ def test_speed_instance_interface(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--model", "tiny", "--steps", "1", "--batch-size", "8", "--methods", "instance", "--probes", "",
-                "--scaling", "", "--profile-steps", "0", "--out", str(out)])
+    speed.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--methods",
+            "instance",
+            "--probes",
+            "",
+            "--scaling",
+            "",
+            "--profile-steps",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert {"adamw", "sam", "instance-m1", "instance-m4", "instance-m8", "oracle"} <= set(result["step_seconds"])
     assert {"instance-m1/sam", "instance-m4/sam", "oracle/sam"} <= set(result["ratios"])
@@ -261,8 +422,28 @@ def test_speed_variants_interface(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(["--model", "tiny", "--steps", "2", "--batch-size", "8", "--methods", "variants", "--probes", "",
-                "--scaling", "", "--profile-steps", "0", "--oracle-repeats", "0", "--out", str(out)])
+    speed.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--methods",
+            "variants",
+            "--probes",
+            "",
+            "--scaling",
+            "",
+            "--profile-steps",
+            "0",
+            "--oracle-repeats",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     names = {"gsam", "wsam", "looksam", "friendly", "sam-every2", "sam-every4"}
     assert names | {"adamw", "sam"} <= set(result["step_seconds"])
@@ -275,13 +456,34 @@ def test_accuracy_per_optimizer_overrides_and_holdout(tmp_path):
     import accuracy
 
     assert accuracy.parse_optimizer("instance_sam@optimizer.rho=0.02@optimizer.m=4") == (
-        "instance_sam@rho=0.02@m=4", "instance_sam", ["optimizer.rho=0.02", "optimizer.m=4"])
+        "instance_sam@rho=0.02@m=4",
+        "instance_sam",
+        ["optimizer.rho=0.02", "optimizer.m=4"],
+    )
     with pytest.raises(ValueError, match="not key=value"):
         accuracy.parse_optimizer("sam@rho")
     out = tmp_path / "acc.json"
-    argv = ["--model", "tiny", "--optimizers", "sam,sam@optimizer.rho=0.2", "--seeds", "1", "--runs-dir", str(tmp_path / "runs"),
-            "--record", "", "--out", str(out), "--", "trainer.max_steps=3", "trainer.val_check_interval=3",
-            "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "data.limit_train=200", "data.holdout=0.1"]
+    argv = [
+        "--model",
+        "tiny",
+        "--optimizers",
+        "sam,sam@optimizer.rho=0.2",
+        "--seeds",
+        "1",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--record",
+        "",
+        "--out",
+        str(out),
+        "--",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_model_summary=false",
+        "data.limit_train=200",
+        "data.holdout=0.1",
+    ]
     result = accuracy.main(argv)
     assert list(result["optimizers"]) == ["sam", "sam@rho=0.2"]
     assert result["options"]["sam"]["rho"] == 0.05 and result["options"]["sam@rho=0.2"]["rho"] == 0.2
@@ -312,4 +514,7 @@ def test_loss_rise_pairs_each_optimizer_with_sam_of_its_setting_and_seed(tmp_pat
     rows = result["cola-minilm-max-epochs3"]
     assert set(rows) == {"sam", "deltasam_exact", "instance_sam"}  # AdamW logs no loss rise
     assert rows["deltasam_exact"]["vs_sam"]["mean"] == pytest.approx(0.5)
-    assert rows["instance_sam"]["vs_sam"]["mean"] == pytest.approx(10 / 3) and rows["instance_sam"]["grad_norm_ratio"] == 3.0
+    assert (
+        rows["instance_sam"]["vs_sam"]["mean"] == pytest.approx(10 / 3)
+        and rows["instance_sam"]["grad_norm_ratio"] == 3.0
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 import pytest
@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_deltasam import SAMConfig
 from lightning_deltasam.glue.app import build_callbacks, build_loggers, optimizer_options
+from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 from lightning_deltasam.glue.tasks import GLUE_TASKS, TextTask
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def options(group: str) -> list[str]:
@@ -38,8 +39,18 @@ def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
 def test_groups_have_every_option() -> None:
     assert options("task") == sorted([*GLUE_TASKS, "tsv"])
     assert options("model") == ["hf", "minilm", "tiny"]
-    assert options("optimizer") == ["adamw", "asam", "deltasam", "deltasam_exact", "friendly", "gsam", "instance_sam", "looksam",
-                                    "sam", "wsam"]
+    assert options("optimizer") == [
+        "adamw",
+        "asam",
+        "deltasam",
+        "deltasam_exact",
+        "friendly",
+        "gsam",
+        "instance_sam",
+        "looksam",
+        "sam",
+        "wsam",
+    ]
     assert options("trainer") == ["cpu", "ddp", "gpu"]
     assert (options("data"), options("classifier")) == (["glue"], ["glue"])
     assert (options("logger"), options("callbacks")) == (["default"], ["default"])
@@ -61,14 +72,26 @@ def test_task_options(name: str) -> None:
     assert isinstance(task, TextTask) and task.data_dir == "/data"
     if name == "tsv":
         assert (task.text_columns, task.label_column, task.metrics, task.main_metric) == (
-            ("sentence",), "label", ("acc",), "val/acc")
+            ("sentence",),
+            "label",
+            ("acc",),
+            "val/acc",
+        )
     else:
         assert task == dataclasses.replace(GLUE_TASKS[name], data_dir="/data")
 
 
 def test_tsv_task_overrides() -> None:
-    cfg = make("task=tsv", "task.data_dir=d", "task.text_columns=[0,2]", "task.label_column=1", "task.header=false",
-               "task.labels=[neg,pos]", "task.metrics=[f1,acc]", "task.delimiter=','")
+    cfg = make(
+        "task=tsv",
+        "task.data_dir=d",
+        "task.text_columns=[0,2]",
+        "task.label_column=1",
+        "task.header=false",
+        "task.labels=[neg,pos]",
+        "task.metrics=[f1,acc]",
+        "task.delimiter=','",
+    )
     task = instantiate(cfg.task)
     assert task.text_columns == (0, 2) and task.labels == ("neg", "pos") and task.main_metric == "val/f1"
     assert task.delimiter == "," and not task.header
@@ -80,11 +103,18 @@ def test_optimizer_options(name: str) -> None:
     opts = optimizer_options(cfg)
     sam, rest = SAMConfig.split(opts)
     assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
-    expected = {"adamw": (0.0, False, None, "sam"), "sam": (0.05, False, None, "sam"), "asam": (0.5, True, None, "sam"),
-                "deltasam": (0.05, False, "delta", "sam"), "deltasam_exact": (0.05, False, "delta", "sam"),
-                "instance_sam": (0.01, False, None, "sam"), "gsam": (0.05, False, None, "gsam"),
-                "wsam": (0.05, False, None, "wsam"), "looksam": (0.1, False, None, "looksam"),
-                "friendly": (0.05, False, None, "friendly")}[name]
+    expected = {
+        "adamw": (0.0, False, None, "sam"),
+        "sam": (0.05, False, None, "sam"),
+        "asam": (0.5, True, None, "sam"),
+        "deltasam": (0.05, False, "delta", "sam"),
+        "deltasam_exact": (0.05, False, "delta", "sam"),
+        "instance_sam": (0.01, False, None, "sam"),
+        "gsam": (0.05, False, None, "gsam"),
+        "wsam": (0.05, False, None, "wsam"),
+        "looksam": (0.1, False, None, "looksam"),
+        "friendly": (0.05, False, None, "friendly"),
+    }[name]
     assert (sam.rho, sam.adaptive, sam.reweight, sam.variant) == expected
     assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
 
@@ -94,13 +124,21 @@ def test_optimizer_defaults_match_the_library() -> None:
     opts = optimizer_options(make("optimizer=deltasam"))
     library = SAMConfig().to_dict()
     deliberate = {"reweight", "seed"}
-    assert {k: opts[k] for k in library if k not in deliberate} == {k: v for k, v in library.items()
-                                                                     if k not in deliberate}
+    assert {k: opts[k] for k in library if k not in deliberate} == {
+        k: v for k, v in library.items() if k not in deliberate
+    }
 
 
 def test_every_option_is_overridable() -> None:
-    cfg = make("optimizer=deltasam", "optimizer.rho=0.1", "optimizer.temperature=2", "optimizer.lr=3e-5",
-               "optimizer.score=sharpness", "model=tiny", "seed=7")
+    cfg = make(
+        "optimizer=deltasam",
+        "optimizer.rho=0.1",
+        "optimizer.temperature=2",
+        "optimizer.lr=3e-5",
+        "optimizer.score=sharpness",
+        "model=tiny",
+        "seed=7",
+    )
     sam, rest = SAMConfig.split(optimizer_options(cfg))
     assert (sam.rho, sam.temperature, sam.score, sam.seed, rest["lr"]) == (0.1, 2.0, "sharpness", 7, 3e-5)
     assert optimizer_options(make("model=tiny"))["lr"] == 1e-2  # the model's suggested rate
@@ -125,8 +163,13 @@ def test_model_options(name: str) -> None:
 
 @pytest.mark.parametrize("name", options("trainer"))
 def test_trainer_options(name: str, tmp_path: Path) -> None:
-    cfg = make(f"trainer={name}", "trainer.max_steps=5", "trainer.val_check_interval=0.5",
-               "trainer.check_val_every_n_epoch=1", tmp=str(tmp_path))  # a float interval is per epoch
+    cfg = make(
+        f"trainer={name}",
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=0.5",
+        "trainer.check_val_every_n_epoch=1",
+        tmp=str(tmp_path),
+    )  # a float interval is per epoch
     assert cfg.trainer.max_steps == 5 and cfg.trainer.val_check_interval == 0.5
     if name == "gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed"
@@ -173,13 +216,24 @@ def test_classifier_is_built_from_its_target(tmp_path: Path) -> None:
 
     for file, rows in FIXTURES["SST-2"].items():
         write_rows(tmp_path / "SST-2" / file, rows)
-    cfg = make(f"task.data_dir={tmp_path}", "model=tiny", "optimizer=sam", "classifier.head_dropout=0.2",
-               "classifier.warmup_ratio=0.3", "classifier.gradient_clip_val=1.0", "classifier.accumulate_grad_batches=2")
+    cfg = make(
+        f"task.data_dir={tmp_path}",
+        "model=tiny",
+        "optimizer=sam",
+        "classifier.head_dropout=0.2",
+        "classifier.warmup_ratio=0.3",
+        "classifier.gradient_clip_val=1.0",
+        "classifier.accumulate_grad_batches=2",
+    )
     assert cfg.classifier._target_ == "lightning_deltasam.glue.classifier.GlueClassifier"
     _, _, module, encoder = build_components(cfg)
     assert isinstance(module, GlueClassifier) and module.encoder is encoder
-    assert (module.dropout.p, module.hparams.warmup_ratio, module.gradient_clip_val, module.accumulate_grad_batches) == (
-        0.2, 0.3, 1.0, 2)
+    assert (
+        module.dropout.p,
+        module.hparams.warmup_ratio,
+        module.gradient_clip_val,
+        module.accumulate_grad_batches,
+    ) == (0.2, 0.3, 1.0, 2)
     assert (module.deltasam_config.rho, module.hparams.lr) == (0.05, cfg.model.lr)
     with pytest.raises(ValueError, match=r"classifier.head_dropout=1.5 must be >= 0.0 and < 1.0"):
         build_components(make(f"task.data_dir={tmp_path}", "model=tiny", "classifier.head_dropout=1.5"))
@@ -189,4 +243,7 @@ def test_deltasam_exact_group_is_the_exact_gram_rule() -> None:
     cfg = make("optimizer=deltasam_exact")
     o = cfg.optimizer
     assert (o.reweight, o.score, o.weights, o.estimator, o.rho) == ("delta", "gram", "linear", "exact", 0.05)
-    assert make("optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8").optimizer.sketch_rank == 8
+    assert (
+        make("optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8").optimizer.sketch_rank
+        == 8
+    )

@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from lightning_deltasam import DeltaSAM
 from lightning_deltasam.gram import GramCapture
-import lightning as L
-
 from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,29 +22,70 @@ STEPS = 6
 
 CASES = {
     "mixin_sam": {"adapter": "mixin", "options": {"rho": 0.05}},
-    "mixin_delta_gradnorm": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "temperature": 0.5, "probe_scope": "all"}},
-    "mixin_delta_gram_asam": {"adapter": "mixin", "options": {"rho": 0.5, "adaptive": True, "reweight": "delta", "score": "gram", "num_probes": 4, "probe_scope": "all"}},
+    "mixin_delta_gradnorm": {
+        "adapter": "mixin",
+        "options": {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "temperature": 0.5, "probe_scope": "all"},
+    },
+    "mixin_delta_gram_asam": {
+        "adapter": "mixin",
+        "options": {
+            "rho": 0.5,
+            "adaptive": True,
+            "reweight": "delta",
+            "score": "gram",
+            "num_probes": 4,
+            "probe_scope": "all",
+        },
+    },
     # curvature scores difference losses at 1e-4 of their size: float32 rounding of a batch of 8
     # vs 16 would swamp the comparison, so this case runs in float64
-    "mixin_delta_sharpness_linear": {"adapter": "mixin", "double": True,
-                                     "options": {"rho": 0.05, "reweight": "delta", "score": "sharpness", "weights": "linear", "antithetic": True,
-                                                 "probe_scope": "all"}},
-    "mixin_delta_head_gram": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "num_probes": 16,
-                                                              "probe_scope": "head"}},
+    "mixin_delta_sharpness_linear": {
+        "adapter": "mixin",
+        "double": True,
+        "options": {
+            "rho": 0.05,
+            "reweight": "delta",
+            "score": "sharpness",
+            "weights": "linear",
+            "antithetic": True,
+            "probe_scope": "all",
+        },
+    },
+    "mixin_delta_head_gram": {
+        "adapter": "mixin",
+        "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "num_probes": 16, "probe_scope": "head"},
+    },
     "callback_sam": {"adapter": "callback", "options": {"rho": 0.05}},
-    "callback_delta_loss": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3}},
+    "callback_delta_loss": {
+        "adapter": "callback",
+        "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3},
+    },
     # the exact Gram rule: each rank forms its own block of K (no cross-rank entries), global ridge and normalization
-    "mixin_delta_exact": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "weights": "linear",
-                                                          "estimator": "exact"}},
-    "callback_delta_exact_local": {"adapter": "callback", "options": {"rho": 0.05, "reweight": "delta", "score": "gram",
-                                                                      "weights": "linear", "estimator": "exact", "sync": "local"}},
+    "mixin_delta_exact": {
+        "adapter": "mixin",
+        "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+    },
+    "callback_delta_exact_local": {
+        "adapter": "callback",
+        "options": {
+            "rho": 0.05,
+            "reweight": "delta",
+            "score": "gram",
+            "weights": "linear",
+            "estimator": "exact",
+            "sync": "local",
+        },
+    },
     "mixin_sam_local": {"adapter": "mixin", "options": {"rho": 0.05, "sync": "local"}},
     # per-instance SAM: no perturbation all-reduce (each rank's instances are complete on it); m-sharpness groups
     # consecutive instances of each rank's batch
     "mixin_instance_m1": {"adapter": "mixin", "options": {"rho": 0.05, "m": 1}},
     "callback_instance_m1": {"adapter": "callback", "options": {"rho": 0.05, "m": 1}},
     "mixin_instance_m2": {"adapter": "mixin", "options": {"rho": 0.05, "m": 2}},
-    "mixin_delta_local": {"adapter": "mixin", "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"}},
+    "mixin_delta_local": {
+        "adapter": "mixin",
+        "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"},
+    },
     # the SAM-family variants: the rule sees the all-reduced g at w and DDP's averaged g_p; its state is identical on ranks
     "mixin_gsam": {"adapter": "mixin", "options": {"rho": 0.05, "variant": "gsam"}},
     "callback_wsam": {"adapter": "callback", "options": {"rho": 0.05, "variant": "wsam"}},
@@ -60,8 +100,16 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cases = {k: {**v, "steps": STEPS, "batch": B} for k, v in CASES.items()}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           str(ROOT / "tests" / "ddp_worker.py"), str(out), json.dumps(cases)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+        json.dumps(cases),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in CASES}
@@ -76,7 +124,9 @@ def _single_process(options: dict, double: bool = False) -> list[torch.Tensor]:
         L.Trainer(max_steps=STEPS, **QUIET).fit(module, make_loader(batch_size=2 * B))
         return [p.detach() for p in module.parameters()]
     net = make_net(seed=0).to(torch.float64 if double else torch.float32)
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **{k: v for k, v in options.items() if k != "sync"})
+    opt = DeltaSAM(
+        net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **{k: v for k, v in options.items() if k != "sync"}
+    )
     steps = 0
     rank_major = torch.cat([torch.arange(0, 2 * B, 2), torch.arange(1, 2 * B, 2)])  # rank 0's samples, then rank 1's
     while steps < STEPS:

@@ -64,8 +64,15 @@ def blocks(path: Path) -> list[Block]:
     for match in re.finditer(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", text, flags=re.S | re.M):
         before = text[: match.start()].rstrip().splitlines()
         skip = re.fullmatch(r"<!-- not-run: (.+) -->", before[-1].strip()) if before else None
-        found.append(Block(str(path.relative_to(ROOT)), text.count("\n", 0, match.start()) + 1,
-                           match.group(1).strip(), match.group(2), skip.group(1) if skip else None))
+        found.append(
+            Block(
+                str(path.relative_to(ROOT)),
+                text.count("\n", 0, match.start()) + 1,
+                match.group(1).strip(),
+                match.group(2),
+                skip.group(1) if skip else None,
+            )
+        )
     return found
 
 
@@ -87,10 +94,16 @@ def test_skipped_blocks_give_a_reason() -> None:
 def expected_output(code: str) -> list[list[str]]:
     """The comment closing each ``print(...)`` call (on the line where the call ends, so a call the formatter
     wrapped still counts), split at ``...`` into parts that must appear in order."""
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(code).readline) if tok.type == tokenize.COMMENT}
-    calls = [node for node in ast.walk(ast.parse(code))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    calls = [
+        node
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    ]
     texts = [comments[call.end_lineno] for call in calls if call.end_lineno in comments]
     return [[part.strip() for part in text.split("...") if part.strip()] for text in texts]
 
@@ -130,11 +143,14 @@ def test_python_block_runs_alone(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "block.py"
     script.write_text(block.code)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"{block} failed:\n{proc.stderr[-3000:]}"
     for parts in expected_output(block.code):
-        assert appears_in_order(parts, proc.stdout), f"{block} should print {' ... '.join(parts)!r}; it printed:\n{proc.stdout}"
+        assert appears_in_order(parts, proc.stdout), (
+            f"{block} should print {' ... '.join(parts)!r}; it printed:\n{proc.stdout}"
+        )
 
 
 # --------------------------------------------------------------------------- bash
@@ -200,14 +216,21 @@ def check_pip_install(args: list[str]) -> None:
             declared = next(Requirement(d) for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
             assert version in declared.specifier, f"{requirement} is outside the declared {declared}"
         else:
-            assert f"pip install -q --no-deps {requirement}" in CI or f"install -q {requirement}" in CI, \
+            assert f"pip install -q --no-deps {requirement}" in CI or f"install -q {requirement}" in CI, (
                 f"pip install {requirement}: .ci/run installs no such package, so nothing proves the name"
+            )
 
 
 @functools.cache
 def benchmark_help(script: str) -> str:
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -239,10 +262,17 @@ def check_command(args: list[str]) -> None:
 
 
 def test_check_command_can_fail() -> None:
-    for bad in (["python", "train.py", "optimizer.rh=0.1"], ["python", "train.py", "optimizer.rho=-1"],
-                ["python", "train.py", "-m", "optimizer=adamw,sgd"], ["pip", "install", ".[nosuch]"],
-                ["pip", "install", "torch==2.1.0"], ["pip", "install", "somepackage"], ["ruff", "check", "--fix"],
-                ["make", "all"], ["python", "benchmarks/speed.py", "--no-such-flag"]):
+    for bad in (
+        ["python", "train.py", "optimizer.rh=0.1"],
+        ["python", "train.py", "optimizer.rho=-1"],
+        ["python", "train.py", "-m", "optimizer=adamw,sgd"],
+        ["pip", "install", ".[nosuch]"],
+        ["pip", "install", "torch==2.1.0"],
+        ["pip", "install", "somepackage"],
+        ["ruff", "check", "--fix"],
+        ["make", "all"],
+        ["python", "benchmarks/speed.py", "--no-such-flag"],
+    ):
         with pytest.raises((AssertionError, OptionError, ValueError)):
             check_command(bad)
 
@@ -289,8 +319,11 @@ def _same(documented, actual) -> bool:
 def documented_defaults() -> list[tuple[str, str]]:
     """Every ``group.key=value`` in the Configuration bullets that state defaults, and the default-budget paragraph."""
     config = section(APP, "## Configuration")
-    bullets = [b for b in re.split(r"\n\* ", config) if b.startswith(("**Classifier.**", "**Data.**", "**Trainer.**",
-                                                                      "**Logging and checkpoints.**"))]
+    bullets = [
+        b
+        for b in re.split(r"\n\* ", config)
+        if b.startswith(("**Classifier.**", "**Data.**", "**Trainer.**", "**Logging and checkpoints.**"))
+    ]
     assert len(bullets) == 4
     budget = APP.split("The default budget is", 1)[1].split("\n\n", 1)[0]
     pattern = r"`((?:task|data|model|classifier|optimizer|trainer|callbacks|logger)\.[\w.]+)=([^`]+)`"
@@ -300,8 +333,14 @@ def documented_defaults() -> list[tuple[str, str]]:
 def test_documented_defaults_match_the_config(tmp_path: Path) -> None:
     pairs = documented_defaults()
     keys = {k for k, _ in pairs}
-    assert {"trainer.max_steps", "trainer.val_check_interval", "trainer.max_epochs", "data.batch_size",
-            "data.label_noise", "callbacks.model_checkpoint.save_top_k"} <= keys
+    assert {
+        "trainer.max_steps",
+        "trainer.val_check_interval",
+        "trainer.max_epochs",
+        "data.batch_size",
+        "data.label_noise",
+        "callbacks.model_checkpoint.save_top_k",
+    } <= keys
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
     for key, text in pairs:
@@ -341,7 +380,9 @@ def test_options_table_lists_every_option() -> None:
         default = f.default if f.default is not MISSING else None
         shown = rows[f.name].strip().strip("`").strip('"')
         documented = None if shown == "None" else _value(shown)
-        assert _same(documented, default), f"docs/library.md says {f.name} defaults to {rows[f.name]}, SAMConfig: {default!r}"
+        assert _same(documented, default), (
+            f"docs/library.md says {f.name} defaults to {rows[f.name]}, SAMConfig: {default!r}"
+        )
 
 
 def test_install_note_names_both_wheels() -> None:
@@ -360,10 +401,22 @@ def test_readme_is_a_quickstart() -> None:
 def test_docs_refer_to_nothing_outside_the_repository() -> None:
     """No shared folder, sibling checkout or issue tracker: a reader of the repository has none of them."""
     pattern = re.compile(r"\.\./shared|shared folder|DELTASAM\.md|/work/|\bissues? #?\d+|the issue's", re.I)
-    checked = [*PAGES, ROOT / "CHANGELOG.md", *sorted((ROOT / "lightning_deltasam").rglob("*.py")),
-               *sorted((ROOT / "lightning_deltasam").rglob("*.yaml")), ROOT / "train.py", ROOT / "pyproject.toml",
-               *sorted((ROOT / "benchmarks").glob("*.py")), ROOT / "benchmarks" / "RESULTS.md",
-               *sorted((ROOT / "tests").glob("*.py"))]
-    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in checked if p != Path(__file__)
-             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    checked = [
+        *PAGES,
+        ROOT / "CHANGELOG.md",
+        *sorted((ROOT / "lightning_deltasam").rglob("*.py")),
+        *sorted((ROOT / "lightning_deltasam").rglob("*.yaml")),
+        ROOT / "train.py",
+        ROOT / "pyproject.toml",
+        *sorted((ROOT / "benchmarks").glob("*.py")),
+        ROOT / "benchmarks" / "RESULTS.md",
+        *sorted((ROOT / "tests").glob("*.py")),
+    ]
+    found = [
+        f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+        for p in checked
+        if p != Path(__file__)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not found, "references to things outside the repository:\n" + "\n".join(found)

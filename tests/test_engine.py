@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_deltasam import DeltaSAM, SAMConfig
@@ -61,7 +60,7 @@ def test_asam_perturbation_is_rho_T2_g_over_norm_Tg():
     ref_eps = [0.3 * ti * ti * g / ref_norm for ti, g in zip(t, grads)]
     for p, b, e in zip(params, before, ref_eps):
         torch.testing.assert_close(p - b, e)
-    assert eps_norm == pytest.approx(float(torch.sqrt(sum((e ** 2).sum() for e in ref_eps))), rel=1e-6)
+    assert eps_norm == pytest.approx(float(torch.sqrt(sum((e**2).sum() for e in ref_eps))), rel=1e-6)
 
 
 def test_delta_sam_with_loss_score_matches_weighted_reference():
@@ -232,7 +231,9 @@ def test_state_dict_round_trip_continues_bitwise():
 
     def build():
         net = make_net()
-        return net, DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, rho=RHO, reweight="delta", score="gram", num_probes=4)
+        return net, DeltaSAM(
+            net.parameters(), torch.optim.AdamW, lr=1e-2, rho=RHO, reweight="delta", score="gram", num_probes=4
+        )
 
     net, opt = build()
     run(3, net, opt)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -19,110 +18,338 @@ from .glue_data import GLUE_DIR, needs_glue
 REPO = Path(__file__).resolve().parents[1]
 
 # Two rows per task, copied in the official GLUE layout (quotes and all).
-MNLI_HEAD = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-             "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+MNLI_HEAD = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+]
 FIXTURES: dict[str, dict[str, list[list[str]]]] = {
     "CoLA": {
-        "train.tsv": [["gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."],
-                      ["gj04", "0", "*", "They drank the pub."]],
-        "dev.tsv": [["bc01", "1", "", "The sailors rode the breeze clear of the rocks."],
-                    ["bc01", "0", "*", "The more we study verbs, the crazier they get \" ."]],
+        "train.tsv": [
+            ["gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."],
+            ["gj04", "0", "*", "They drank the pub."],
+        ],
+        "dev.tsv": [
+            ["bc01", "1", "", "The sailors rode the breeze clear of the rocks."],
+            ["bc01", "0", "*", 'The more we study verbs, the crazier they get " .'],
+        ],
     },
     "SST-2": {
-        "train.tsv": [["sentence", "label"], ["hide new secretions from the parental units ", "0"],
-                      ["the movie 's \" messages \" are quite admirable ", "1"]],
-        "dev.tsv": [["sentence", "label"], ["it 's a charming and often affecting journey . ", "1"],
-                    ["unflinchingly bleak and desperate ", "0"]],
+        "train.tsv": [
+            ["sentence", "label"],
+            ["hide new secretions from the parental units ", "0"],
+            ['the movie \'s " messages " are quite admirable ', "1"],
+        ],
+        "dev.tsv": [
+            ["sentence", "label"],
+            ["it 's a charming and often affecting journey . ", "1"],
+            ["unflinchingly bleak and desperate ", "0"],
+        ],
     },
     "MRPC": {
-        "train.tsv": [["\ufeffQuality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-                      ["1", "702876", "702977", "Amrozi accused his brother , whom he called \" the witness \" , of "
-                       "deliberately distorting his evidence .", "Referring to him as only \" the witness \" , Amrozi "
-                       "accused his brother of deliberately distorting his evidence ."],
-                      ["0", "2108705", "2108831", "Yucaipa owned Dominick 's before selling the chain to Safeway in "
-                       "1998 for $ 2.5 billion .", "Yucaipa bought Dominick 's in 1995 for $ 693 million ."]],
-        "dev.tsv": [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-                    ["1", "1355540", "1355592", "He said the foodservice pie business doesn 't fit .",
-                     "\" The foodservice pie business does not fit our long-term growth strategy ."]],
+        "train.tsv": [
+            ["\ufeffQuality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+            [
+                "1",
+                "702876",
+                "702977",
+                'Amrozi accused his brother , whom he called " the witness " , of '
+                "deliberately distorting his evidence .",
+                'Referring to him as only " the witness " , Amrozi '
+                "accused his brother of deliberately distorting his evidence .",
+            ],
+            [
+                "0",
+                "2108705",
+                "2108831",
+                "Yucaipa owned Dominick 's before selling the chain to Safeway in 1998 for $ 2.5 billion .",
+                "Yucaipa bought Dominick 's in 1995 for $ 693 million .",
+            ],
+        ],
+        "dev.tsv": [
+            ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+            [
+                "1",
+                "1355540",
+                "1355592",
+                "He said the foodservice pie business doesn 't fit .",
+                '" The foodservice pie business does not fit our long-term growth strategy .',
+            ],
+        ],
     },
     "QQP": {
-        "train.tsv": [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-                      ["133273", "213221", "213222", "How is the life of a math student?",
-                       "Which level of prepration is enough for the exam jlpt5?", "0"],
-                      ["402555", "536040", "536041", "How do I control my horny emotions?",
-                       "How do you control your horniness?", "1"],
-                      ["1234", "55", "56", "a malformed row with a missing question"]],
-        "dev.tsv": [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-                    ["201359", "303345", "303346", "Why are African-Americans so beautiful?",
-                     "Why are hispanics so beautiful?", "0"]],
+        "train.tsv": [
+            ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            [
+                "133273",
+                "213221",
+                "213222",
+                "How is the life of a math student?",
+                "Which level of prepration is enough for the exam jlpt5?",
+                "0",
+            ],
+            [
+                "402555",
+                "536040",
+                "536041",
+                "How do I control my horny emotions?",
+                "How do you control your horniness?",
+                "1",
+            ],
+            ["1234", "55", "56", "a malformed row with a missing question"],
+        ],
+        "dev.tsv": [
+            ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            [
+                "201359",
+                "303345",
+                "303346",
+                "Why are African-Americans so beautiful?",
+                "Why are hispanics so beautiful?",
+                "0",
+            ],
+        ],
     },
     "STS-B": {
-        "train.tsv": [["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                       "sentence2", "score"],
-                      ["0", "main-captions", "MSRvid", "2012test", "0001", "none", "none", "A plane is taking off.",
-                       "An air plane is taking off.", "5.000"],
-                      ["1", "main-captions", "MSRvid", "2012test", "0004", "none", "none",
-                       "A man is playing a large flute.", "A man is playing a flute.", "3.800"]],
-        "dev.tsv": [["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                     "sentence2", "score"],
-                    ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man with a hard hat "
-                     "is dancing.", "A man wearing a hard hat is dancing.", "5.000"],
-                    ["1", "main-captions", "MSRvid", "2012test", "0002", "none", "none", "A young child is riding "
-                     "a horse.", "A child is riding a horse.", "4.750"]],
+        "train.tsv": [
+            [
+                "index",
+                "genre",
+                "filename",
+                "year",
+                "old_index",
+                "source1",
+                "source2",
+                "sentence1",
+                "sentence2",
+                "score",
+            ],
+            [
+                "0",
+                "main-captions",
+                "MSRvid",
+                "2012test",
+                "0001",
+                "none",
+                "none",
+                "A plane is taking off.",
+                "An air plane is taking off.",
+                "5.000",
+            ],
+            [
+                "1",
+                "main-captions",
+                "MSRvid",
+                "2012test",
+                "0004",
+                "none",
+                "none",
+                "A man is playing a large flute.",
+                "A man is playing a flute.",
+                "3.800",
+            ],
+        ],
+        "dev.tsv": [
+            [
+                "index",
+                "genre",
+                "filename",
+                "year",
+                "old_index",
+                "source1",
+                "source2",
+                "sentence1",
+                "sentence2",
+                "score",
+            ],
+            [
+                "0",
+                "main-captions",
+                "MSRvid",
+                "2012test",
+                "0000",
+                "none",
+                "none",
+                "A man with a hard hat is dancing.",
+                "A man wearing a hard hat is dancing.",
+                "5.000",
+            ],
+            [
+                "1",
+                "main-captions",
+                "MSRvid",
+                "2012test",
+                "0002",
+                "none",
+                "none",
+                "A young child is riding a horse.",
+                "A child is riding a horse.",
+                "4.750",
+            ],
+        ],
     },
     "MNLI": {
-        "train.tsv": [[*MNLI_HEAD, "label1", "gold_label"],
-                      ["0", "31193", "31193n", "government", "( ( Conceptually cream ) skimming )", "( ( Product "
-                       "and ) geography )", "(ROOT (S ...))", "(ROOT (S ...))", "Conceptually cream skimming has "
-                       "two basic dimensions - product and geography.", "Product and geography are what make "
-                       "cream skimming work. ", "neutral", "neutral"],
-                      ["1", "101457", "101457e", "telephone", "( you ( ( know ... ) ) )", "( You ( ... ) )",
-                       "(ROOT ...)", "(ROOT ...)", "you know during the season and i guess at at your level uh "
-                       "you lose them to the next level", "You lose the things to the following level if the "
-                       "people recall.", "entailment", "entailment"]],
-        "dev_matched.tsv": [[*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label"],
-                            ["0", "63735", "63735n", "slate", "( ... )", "( ... )", "(ROOT ...)", "(ROOT ...)",
-                             "The new rights are nice enough", "Everyone really likes the newest benefits ",
-                             "neutral", "entailment", "neutral", "neutral", "neutral", "neutral"]],
-        "dev_mismatched.tsv": [[*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label"],
-                               ["0", "75290", "75290c", "letters", "( ... )", "( ... )", "(ROOT ...)",
-                                "(ROOT ...)", "Your contribution helped make it possible for us to provide our "
-                                "students with a quality education.", "Your contributions were of no help with "
-                                "our students' education.", "contradiction", "contradiction", "contradiction",
-                                "contradiction", "contradiction", "contradiction"]],
+        "train.tsv": [
+            [*MNLI_HEAD, "label1", "gold_label"],
+            [
+                "0",
+                "31193",
+                "31193n",
+                "government",
+                "( ( Conceptually cream ) skimming )",
+                "( ( Product and ) geography )",
+                "(ROOT (S ...))",
+                "(ROOT (S ...))",
+                "Conceptually cream skimming has two basic dimensions - product and geography.",
+                "Product and geography are what make cream skimming work. ",
+                "neutral",
+                "neutral",
+            ],
+            [
+                "1",
+                "101457",
+                "101457e",
+                "telephone",
+                "( you ( ( know ... ) ) )",
+                "( You ( ... ) )",
+                "(ROOT ...)",
+                "(ROOT ...)",
+                "you know during the season and i guess at at your level uh you lose them to the next level",
+                "You lose the things to the following level if the people recall.",
+                "entailment",
+                "entailment",
+            ],
+        ],
+        "dev_matched.tsv": [
+            [*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label"],
+            [
+                "0",
+                "63735",
+                "63735n",
+                "slate",
+                "( ... )",
+                "( ... )",
+                "(ROOT ...)",
+                "(ROOT ...)",
+                "The new rights are nice enough",
+                "Everyone really likes the newest benefits ",
+                "neutral",
+                "entailment",
+                "neutral",
+                "neutral",
+                "neutral",
+                "neutral",
+            ],
+        ],
+        "dev_mismatched.tsv": [
+            [*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label"],
+            [
+                "0",
+                "75290",
+                "75290c",
+                "letters",
+                "( ... )",
+                "( ... )",
+                "(ROOT ...)",
+                "(ROOT ...)",
+                "Your contribution helped make it possible for us to provide our students with a quality education.",
+                "Your contributions were of no help with our students' education.",
+                "contradiction",
+                "contradiction",
+                "contradiction",
+                "contradiction",
+                "contradiction",
+                "contradiction",
+            ],
+        ],
     },
     "QNLI": {
-        "train.tsv": [["index", "question", "sentence", "label"],
-                      ["0", "When did the third Digimon series begin?", "Unlike the two seasons before it, "
-                       "Digimon Tamers takes a darker approach.", "not_entailment"],
-                      ["1", "Which missile batteries often have individual launchers several kilometres from one "
-                       "another?", "When MANPADS is operated by specialists, batteries may have several dozen "
-                       "teams deploying separately in small sections.", "entailment"]],
-        "dev.tsv": [["index", "question", "sentence", "label"],
-                    ["0", "What came into force after the new constitution was herald?", "As of that day, the new "
-                     "constitution heralding the Second Republic came into force.", "entailment"]],
+        "train.tsv": [
+            ["index", "question", "sentence", "label"],
+            [
+                "0",
+                "When did the third Digimon series begin?",
+                "Unlike the two seasons before it, Digimon Tamers takes a darker approach.",
+                "not_entailment",
+            ],
+            [
+                "1",
+                "Which missile batteries often have individual launchers several kilometres from one another?",
+                "When MANPADS is operated by specialists, batteries may have several dozen "
+                "teams deploying separately in small sections.",
+                "entailment",
+            ],
+        ],
+        "dev.tsv": [
+            ["index", "question", "sentence", "label"],
+            [
+                "0",
+                "What came into force after the new constitution was herald?",
+                "As of that day, the new constitution heralding the Second Republic came into force.",
+                "entailment",
+            ],
+        ],
     },
     "RTE": {
-        "train.tsv": [["index", "sentence1", "sentence2", "label"],
-                      ["0", "No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons of Mass Destruction Found "
-                       "in Iraq.", "not_entailment"],
-                      ["1", "A place of sorrow, after Pope John Paul II died, became a place of celebration.",
-                       "Pope Benedict XVI is the new leader of the Roman Catholic Church.", "entailment"]],
-        "dev.tsv": [["index", "sentence1", "sentence2", "label"],
-                    ["0", "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44.",
-                     "Christopher Reeve had an accident.", "not_entailment"]],
+        "train.tsv": [
+            ["index", "sentence1", "sentence2", "label"],
+            [
+                "0",
+                "No Weapons of Mass Destruction Found in Iraq Yet.",
+                "Weapons of Mass Destruction Found in Iraq.",
+                "not_entailment",
+            ],
+            [
+                "1",
+                "A place of sorrow, after Pope John Paul II died, became a place of celebration.",
+                "Pope Benedict XVI is the new leader of the Roman Catholic Church.",
+                "entailment",
+            ],
+        ],
+        "dev.tsv": [
+            ["index", "sentence1", "sentence2", "label"],
+            [
+                "0",
+                "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44.",
+                "Christopher Reeve had an accident.",
+                "not_entailment",
+            ],
+        ],
     },
     "WNLI": {
-        "train.tsv": [["index", "sentence1", "sentence2", "label"],
-                      ["0", "I stuck a pin through a carrot. When I pulled the pin out, it had a hole.",
-                       "The carrot had a hole.", "1"],
-                      ["1", "John couldn't see the stage with Billy in front of him because he is so short.",
-                       "John is so short.", "1"],
-                      ["2", "The police arrested all of the gang members. They were trying to stop the drug trade "
-                       "in the neighborhood.", "The police were trying to stop the drug trade.", "0"]],
-        "dev.tsv": [["index", "sentence1", "sentence2", "label"],
-                    ["0", "The drain is clogged with hair. It has to be cleaned.", "The hair has to be cleaned.",
-                     "0"]],
+        "train.tsv": [
+            ["index", "sentence1", "sentence2", "label"],
+            [
+                "0",
+                "I stuck a pin through a carrot. When I pulled the pin out, it had a hole.",
+                "The carrot had a hole.",
+                "1",
+            ],
+            [
+                "1",
+                "John couldn't see the stage with Billy in front of him because he is so short.",
+                "John is so short.",
+                "1",
+            ],
+            [
+                "2",
+                "The police arrested all of the gang members. They were trying to stop the drug trade "
+                "in the neighborhood.",
+                "The police were trying to stop the drug trade.",
+                "0",
+            ],
+        ],
+        "dev.tsv": [
+            ["index", "sentence1", "sentence2", "label"],
+            ["0", "The drain is clogged with hair. It has to be cleaned.", "The hair has to be cleaned.", "0"],
+        ],
     },
 }
 # task -> (first train texts, first train label, number of train rows, first val label per val split)
@@ -130,14 +357,21 @@ EXPECTED = {
     "cola": (("Our friends won't buy this analysis, let alone the next one we propose.",), 1, 2, {"val": 1}),
     "sst2": (("hide new secretions from the parental units ",), 0, 2, {"val": 1}),
     "mrpc": ((FIXTURES["MRPC"]["train.tsv"][1][3], FIXTURES["MRPC"]["train.tsv"][1][4]), 1, 2, {"val": 1}),
-    "qqp": (("How is the life of a math student?", "Which level of prepration is enough for the exam jlpt5?"),
-            0, 2, {"val": 0}),
+    "qqp": (
+        ("How is the life of a math student?", "Which level of prepration is enough for the exam jlpt5?"),
+        0,
+        2,
+        {"val": 0},
+    ),
     "stsb": (("A plane is taking off.", "An air plane is taking off."), 5.0, 2, {"val": 5.0}),
-    "mnli": ((FIXTURES["MNLI"]["train.tsv"][1][8], FIXTURES["MNLI"]["train.tsv"][1][9]), 1, 2,
-             {"val": 1, "val_mm": 2}),
+    "mnli": ((FIXTURES["MNLI"]["train.tsv"][1][8], FIXTURES["MNLI"]["train.tsv"][1][9]), 1, 2, {"val": 1, "val_mm": 2}),
     "qnli": (("When did the third Digimon series begin?", FIXTURES["QNLI"]["train.tsv"][1][2]), 1, 2, {"val": 0}),
-    "rte": (("No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons of Mass Destruction Found in Iraq."),
-            1, 2, {"val": 1}),
+    "rte": (
+        ("No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons of Mass Destruction Found in Iraq."),
+        1,
+        2,
+        {"val": 1},
+    ),
     "wnli": (tuple(FIXTURES["WNLI"]["train.tsv"][1][1:3]), 1, 3, {"val": 0}),
 }
 
@@ -178,7 +412,7 @@ def test_glue_formats(glue_dir: Path, name: str) -> None:
 def test_quotes_are_kept_verbatim(glue_dir: Path) -> None:
     """GLUE TSVs are not CSV-quoted: a lone quote must not swallow the following rows."""
     train = glue_task("sst2", str(glue_dir)).load("train")
-    assert train.texts[1] == ("the movie 's \" messages \" are quite admirable ",)
+    assert train.texts[1] == ('the movie \'s " messages " are quite admirable ',)
     dev = glue_task("cola", str(glue_dir)).load("val")
     assert len(dev) == 2 and dev.texts[1][0].endswith('get " .')
 
@@ -235,8 +469,16 @@ def test_datasets_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_tsv_task_by_index_without_header_and_label_map(tmp_path: Path) -> None:
     write_rows(tmp_path / "train.csv", [["pos", "great fun", "x"], ["neg", "dull", "y"], ["pos", "loved it", "z"]], ",")
     write_rows(tmp_path / "dev.csv", [["neg", "boring", "w"]], ",")
-    task = tsv_task(str(tmp_path), text_columns=[1], label_column=0, header=False, labels={"neg": 0, "pos": 1},
-                    train_file="train.csv", val_files={"val": "dev.csv"}, delimiter=",")
+    task = tsv_task(
+        str(tmp_path),
+        text_columns=[1],
+        label_column=0,
+        header=False,
+        labels={"neg": 0, "pos": 1},
+        train_file="train.csv",
+        val_files={"val": "dev.csv"},
+        delimiter=",",
+    )
     train = task.load("train")
     assert train.texts == [("great fun",), ("dull",), ("loved it",)] and train.labels == [1, 0, 1]
     assert task.load("val").labels == [0] and task.main_metric == "val/acc"
@@ -274,7 +516,7 @@ def _compute(name: str, preds: list, target: list) -> dict[str, float]:
 
 def test_metrics_on_hand_checked_inputs() -> None:
     # TP=1 FP=1 TN=2 FN=0: MCC = (1*2 - 1*0) / sqrt(2*1*3*2) = 1/sqrt(3); F1 = 2/3; accuracy 3/4.
-    assert _compute("cola", [1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"val/mcc": 3 ** -0.5})
+    assert _compute("cola", [1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"val/mcc": 3**-0.5})
     assert _compute("mrpc", [1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"val/f1": 2 / 3, "val/acc": 0.75})
     assert _compute("qqp", [1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"val/f1": 2 / 3, "val/acc": 0.75})
     assert _compute("mnli", [0, 1, 2, 2], [0, 1, 2, 0]) == pytest.approx({"val/acc": 0.75})
@@ -347,7 +589,9 @@ def test_label_noise_flips_a_seeded_share_of_real_sst2() -> None:
     assert _used_labels(_noisy(task, 0.3, seed=1, limit=1000)) == after  # same seed: same flips
     assert _used_labels(_noisy(task, 0.3, seed=2, limit=1000)) != after  # another seed: other flips
     # the task's own rows and the dev set are untouched
-    assert task.load("train").labels[:50] == clean.train_set.split.labels[:50] and clean.train_set.split is task.load("train")
+    assert task.load("train").labels[:50] == clean.train_set.split.labels[:50] and clean.train_set.split is task.load(
+        "train"
+    )
     assert noisy.val_sets["val"].split is task.load("val")
 
 
@@ -388,11 +632,14 @@ def test_label_noise_moves_to_another_class_uniformly(tmp_path: Path) -> None:
     assert len(moves) == 6 and all(200 < n < 300 for n in moves.values())  # 6 (from, to) pairs, ~250 each
 
 
-@pytest.mark.parametrize("p, name, message", [
-    (1.0, "sst2", r"data.label_noise=1.0 must be >= 0.0 and < 1.0"),
-    (-0.1, "sst2", r"data.label_noise=-0.1 must be >= 0.0"),
-    (0.2, "stsb", r"data.label_noise=0.2 flips class labels, but task 'stsb' is a regression task"),
-])
+@pytest.mark.parametrize(
+    "p, name, message",
+    [
+        (1.0, "sst2", r"data.label_noise=1.0 must be >= 0.0 and < 1.0"),
+        (-0.1, "sst2", r"data.label_noise=-0.1 must be >= 0.0"),
+        (0.2, "stsb", r"data.label_noise=0.2 flips class labels, but task 'stsb' is a regression task"),
+    ],
+)
 def test_label_noise_errors_name_the_option(glue_dir: Path, p: float, name: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GlueDataModule(glue_task(name, str(glue_dir)), label_noise=p)

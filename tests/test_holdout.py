@@ -11,7 +11,6 @@ from tests.glue_data import needs_glue
 pytestmark = needs_glue
 
 
-
 def _module(**kw) -> GlueDataModule:
     import os
 

@@ -22,8 +22,9 @@ from tests.test_reliability import Faulty
 RHO = 0.05
 
 
-def loop_reference(model: nn.Module, loss_fn, batch, rho: float, m: int,
-                   radii: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+def loop_reference(
+    model: nn.Module, loss_fn, batch, rho: float, m: int, radii: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
     """(1/n) sum_i grad l_i(w + eps_g(i)), one group at a time: each group's own backward at w, its own eps_g =
     rho G_g/||G_g|| (G_g = sum of its instances' gradients), its own backward at w + eps_g. The whole batch is
     run at each point and the group's losses taken, so nothing depends on how a model treats a sliced batch.
@@ -35,16 +36,24 @@ def loop_reference(model: nn.Module, loss_fn, batch, rho: float, m: int,
     for start in range(0, n, m):
         group = list(range(start, min(start + m, n)))
         at_w = {k: v.clone().requires_grad_(True) for k, v in w.items()}
-        g = torch.autograd.grad(functional_call(wrapper, at_w, (batch,))[group].sum(), list(at_w.values()),
-                                allow_unused=True, materialize_grads=True)
+        g = torch.autograd.grad(
+            functional_call(wrapper, at_w, (batch,))[group].sum(),
+            list(at_w.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
         norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
-        radius = {k: (radii or {}).get(k[len("module."):], rho) for k in w}
+        radius = {k: (radii or {}).get(k[len("module.") :], rho) for k in w}
         at_eps = {k: (v + (radius[k] * gi / norm).to(v.dtype)).requires_grad_(True) for (k, v), gi in zip(w.items(), g)}
-        g2 = torch.autograd.grad(functional_call(wrapper, at_eps, (batch,))[group].sum(), list(at_eps.values()),
-                                 allow_unused=True, materialize_grads=True)
+        g2 = torch.autograd.grad(
+            functional_call(wrapper, at_eps, (batch,))[group].sum(),
+            list(at_eps.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
         for k, gi in zip(w, g2):
             total[k] += gi / n
-    return {k[len("module."):]: v for k, v in total.items()}
+    return {k[len("module.") :]: v for k, v in total.items()}
 
 
 def engine_update(model: nn.Module, loss_fn, batch, **options) -> dict[str, torch.Tensor]:
@@ -133,7 +142,8 @@ def test_param_group_radii_and_frozen_groups():
     got = {}
     opt = DeltaSAM(groups, torch.optim.SGD, lr=1.0, module=model, rho=RHO, m=1)
     opt.base_optimizer.step = lambda: got.update(  # type: ignore[method-assign]
-        {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})
+        {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    )
     opt.step(lambda: loss_fn(batch))
     want = loop_reference(model, loss_fn, batch, RHO, 1, radii={"0.weight": 0.0, "0.bias": 0.0})
     assert rel(got, want) < 1e-5
@@ -157,7 +167,7 @@ def test_grad_norm_ratio_is_logged_from_per_sample_gradients(name, m):
     g = per_sample_grads(model, loss_fn, batch)
     rows = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1).double()
     n = rows.shape[0]
-    want = sum(float(rows[s:s + m].sum(0).norm()) for s in range(0, n, m)) / n / float(rows.mean(0).norm())
+    want = sum(float(rows[s : s + m].sum(0).norm()) for s in range(0, n, m)) / n / float(rows.mean(0).norm())
     opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.0, module=model, rho=RHO, m=m)
     opt.step(lambda: loss_fn(batch))
     assert opt.last_stats.grad_norm_ratio == pytest.approx(want, rel=1e-5)
@@ -258,8 +268,11 @@ def test_unsupported_layers_are_refused_naming_the_route():
         opt.step(lambda: model.conv(torch.randn(2, 2, 5)).sum((1, 2)))
 
 
-@pytest.mark.parametrize("options", [{"m": 1}, {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"}],
-                         ids=["m1", "exact"])
+@pytest.mark.parametrize(
+    "options",
+    [{"m": 1}, {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"}],
+    ids=["m1", "exact"],
+)
 @pytest.mark.parametrize("how", ["torch.compile", "Module.compile", "submodule"])
 def test_compiled_modules_get_a_clear_error(options, how):
     """A compiled graph bypasses the layer hooks: a clear error naming torch.compile, never a different update."""
@@ -291,7 +304,9 @@ def test_a_compiled_function_inside_the_loss_is_refused_or_exact():
     want = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), rho=RHO, m=1)
     compiled = torch.compile(lambda inputs: net(inputs), backend="aot_eager")
     try:
-        got = engine_update(net, lambda b: F.cross_entropy(compiled(b[0]), b[1], reduction="none"), (x, y), rho=RHO, m=1)
+        got = engine_update(
+            net, lambda b: F.cross_entropy(compiled(b[0]), b[1], reduction="none"), (x, y), rho=RHO, m=1
+        )
     except ValueError as err:
         assert "torch.compile" in str(err)
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -36,13 +35,28 @@ def test_landscape_tool_on_two_checkpoints(tmp_path):
         cfg = compose(config_name="config", overrides=[*OVERRIDES, f"paths.output_dir={tmp_path}"])
     _, datamodule, module, _ = build_components(cfg)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="s{step}")
-    L.Trainer(max_steps=6, callbacks=[ckpt], logger=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0).fit(module, datamodule=datamodule)
+    L.Trainer(
+        max_steps=6,
+        callbacks=[ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=datamodule)
     paths = sorted(str(p) for p in tmp_path.glob("s*.ckpt"))
     assert len(paths) == 2
     out = tmp_path / "land"
-    payload = main([f"ckpt={','.join(paths)}", f"out={out}", "labels=early,late", "points=5", "batches=2",
-                    "directions=2", *OVERRIDES])
+    payload = main(
+        [
+            f"ckpt={','.join(paths)}",
+            f"out={out}",
+            "labels=early,late",
+            "points=5",
+            "batches=2",
+            "directions=2",
+            *OVERRIDES,
+        ]
+    )
     assert (tmp_path / "land.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "land.json").read_text())
     assert saved["sharpness"].keys() == {"early", "late"}
@@ -51,7 +65,9 @@ def test_landscape_tool_on_two_checkpoints(tmp_path):
         # to first order the gradient direction is the steepest: its rise beats random directions'
         assert nums["adversarial_rise"] > nums["random_rise"]
     sl = payload["slices"]["late"]
-    assert len(sl["alphas"]) == 5 and sl["adversarial"][2] == pytest.approx(payload["sharpness"]["late"]["loss"], rel=1e-5)
+    assert len(sl["alphas"]) == 5 and sl["adversarial"][2] == pytest.approx(
+        payload["sharpness"]["late"]["loss"], rel=1e-5
+    )
     assert sl["radii"][-1] == pytest.approx(4 * 0.05) and sl["adversarial"][-1] > sl["adversarial"][2]
 
 
@@ -69,5 +85,9 @@ def test_landscape_help_prints_usage():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "landscape.py"), "--help"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "landscape.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "ckpt=" in proc.stdout and "rho" in proc.stdout

@@ -24,8 +24,12 @@ class ReferenceSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self):
-        scaled = [((p.abs() + g["eta"]) if g["adaptive"] else 1.0) * p.grad
-                  for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scaled = [
+            ((p.abs() + g["eta"]) if g["adaptive"] else 1.0) * p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         norm = torch.sqrt(sum((s.double() ** 2).sum() for s in scaled))
         for group in self.param_groups:
             for p in group["params"]:
@@ -52,10 +56,17 @@ def _run(path: str, adaptive: bool, groups: bool = False) -> nn.Module:
     """STEPS AdamW-based steps of SAM / ASAM on one net through ``path``; returns the net."""
     x, y = make_data(n=16)
     net = make_net()
-    params = ([{"params": net[0].parameters()}, {"params": net[-1].parameters(), "rho": 3 * RHO}]
-              if groups else net.parameters())
+    params = (
+        [{"params": net[0].parameters()}, {"params": net[-1].parameters(), "rho": 3 * RHO}]
+        if groups
+        else net.parameters()
+    )
     opts = dict(rho=RHO, adaptive=adaptive, lr=LR)
-    opt = ReferenceSAM(params, torch.optim.AdamW, **opts) if path == "reference" else DeltaSAM(params, torch.optim.AdamW, **opts)
+    opt = (
+        ReferenceSAM(params, torch.optim.AdamW, **opts)
+        if path == "reference"
+        else DeltaSAM(params, torch.optim.AdamW, **opts)
+    )
     for _ in range(STEPS):
         if path == "per-instance":
             opt.step(lambda: per_sample_ce(net, x, y))
@@ -63,6 +74,7 @@ def _run(path: str, adaptive: bool, groups: bool = False) -> nn.Module:
         opt.zero_grad()
         _mean_loss(net, x, y).backward()
         if path == "closure":
+
             def closure():
                 loss = _mean_loss(net, x, y)
                 loss.backward()
@@ -94,8 +106,10 @@ def test_matches_pytorch_optimizer_sam():
     x, y = make_data(n=16)
     for adaptive in (False, True):
         nets = [make_net(), make_net()]
-        opts = [pt.SAM(nets[0].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, lr=LR, perturb_eps=0.0),
-                DeltaSAM(nets[1].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, eta=0.0, lr=LR)]
+        opts = [
+            pt.SAM(nets[0].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, lr=LR, perturb_eps=0.0),
+            DeltaSAM(nets[1].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, eta=0.0, lr=LR),
+        ]
         for net, opt in zip(nets, opts):
             for _ in range(STEPS):
                 opt.zero_grad()
@@ -116,7 +130,11 @@ def test_each_group_gets_its_own_radius():
     """eps restricted to group k is rho_k d_k / ||d||, d = g (SAM groups) or T^2 g (ASAM groups), ||d|| = ||(T g or g)||
     over all groups, as in davda54/sam and pytorch_optimizer; group options override the global ones."""
     torch.manual_seed(0)
-    a, b, c = (torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(6, requires_grad=True))
+    a, b, c = (
+        torch.randn(4, 3, requires_grad=True),
+        torch.randn(5, requires_grad=True),
+        torch.randn(6, requires_grad=True),
+    )
     groups = [{"params": [a]}, {"params": [b], "rho": 0.2}, {"params": [c], "rho": 0.5, "adaptive": True, "eta": 0.1}]
     opt = DeltaSAM(groups, torch.optim.SGD, lr=0.0, rho=0.05)
     grads = [torch.randn_like(p) for p in (a, b, c)]
@@ -266,5 +284,14 @@ def test_phases_are_profiler_ranges():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step(lambda: per_sample_ce(net, x, y))
     names = {e.name for e in prof.events()}
-    for phase in ("backup", "first_pass", "ascent_norm", "perturb", "second_pass", "restore", "finite_check", "base_step"):
+    for phase in (
+        "backup",
+        "first_pass",
+        "ascent_norm",
+        "perturb",
+        "second_pass",
+        "restore",
+        "finite_check",
+        "base_step",
+    ):
         assert f"deltasam.{phase}" in names

@@ -63,8 +63,10 @@ def test_every_private_torch_api_the_library_calls_is_listed() -> None:
     uses = library_uses()
     assert uses, "found no private torch API at all: the scan is broken"
     missing = {name: sorted(files) for name, files in uses.items() if name not in listed()}
-    assert not missing, (f"private torch APIs called but not listed in docs/private-apis.md (add a row: why, and "
-                         f"the public fallback): {missing}")
+    assert not missing, (
+        f"private torch APIs called but not listed in docs/private-apis.md (add a row: why, and "
+        f"the public fallback): {missing}"
+    )
 
 
 def test_the_list_names_only_what_is_called() -> None:
@@ -80,16 +82,23 @@ def test_no_private_use_escapes_the_scan() -> None:
         rel = str(path.relative_to(ROOT))
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if pattern.search(code) and not code.strip().startswith(("\"", "'", "``")):
-                assert any(rel in files and name.split(".")[-1] in code for name, files in known.items()), \
+            if pattern.search(code) and not code.strip().startswith(('"', "'", "``")):
+                assert any(rel in files and name.split(".")[-1] in code for name, files in known.items()), (
                     f"{rel}:{lineno} uses a private torch API the scan did not recognize: {line.strip()}"
+                )
 
 
 def test_the_scan_recognizes_each_form() -> None:
     """The scan itself, on the forms the library uses: it must be able to fail."""
-    source = ("import torch\nfrom torch._utils import _flatten_dense_tensors\nfrom torch import nn\n"
-              "torch._foreach_add_(a, b)\nif torch._C._autograd._profiler_enabled(): pass\n"
-              "torch.utils._pytree.tree_leaves(x)\ntorch.linalg.vector_norm(x)\n")
-    assert private_uses(source) >= {"torch._utils._flatten_dense_tensors", "torch._foreach_add_",
-                                    "torch._C._autograd._profiler_enabled", "torch.utils._pytree.tree_leaves"}
+    source = (
+        "import torch\nfrom torch._utils import _flatten_dense_tensors\nfrom torch import nn\n"
+        "torch._foreach_add_(a, b)\nif torch._C._autograd._profiler_enabled(): pass\n"
+        "torch.utils._pytree.tree_leaves(x)\ntorch.linalg.vector_norm(x)\n"
+    )
+    assert private_uses(source) >= {
+        "torch._utils._flatten_dense_tensors",
+        "torch._foreach_add_",
+        "torch._C._autograd._profiler_enabled",
+        "torch.utils._pytree.tree_leaves",
+    }
     assert "torch.linalg.vector_norm" not in private_uses(source)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from lightning_deltasam.glue.progress import PlainProgress
@@ -41,8 +40,11 @@ class Timed(Tiny):
 
 def fields(line: str) -> dict[str, str]:
     parts = line.split(" | ")
-    return {"step": parts[0].split()[1].split("/")[0], **{p.split(" ", 1)[0]: p.split(" ", 1)[1] for p in parts[1:]},
-            "s/step": parts[3].split()[0]}
+    return {
+        "step": parts[0].split()[1].split("/")[0],
+        **{p.split(" ", 1)[0]: p.split(" ", 1)[1] for p in parts[1:]},
+        "s/step": parts[3].split()[0],
+    }
 
 
 def lines(capsys: pytest.CaptureFixture) -> list[dict[str, str]]:
@@ -53,7 +55,9 @@ def test_rate_and_eta_follow_a_change_of_speed(tmp_path: Path, capsys: pytest.Ca
     """4 s a step for 20 steps, then 0.5 s: two lines later s/step and the ETA are the new speed's (the average
     since the start, 1.75 s at step 32, was what the ETA used to divide by)."""
     clock = FakeClock()
-    t = trainer(tmp_path, [PlainProgress(every_n_steps=4, clock=clock)], max_steps=40, max_epochs=-1, limit_val_batches=0)
+    t = trainer(
+        tmp_path, [PlainProgress(every_n_steps=4, clock=clock)], max_steps=40, max_epochs=-1, limit_val_batches=0
+    )
     t.fit(Timed(clock, lambda step: 4.0 if step <= 20 else 0.5), loader(4))
     shown = lines(capsys)
     assert [int(s["step"]) for s in shown] == [1, *range(4, 41, 4)]  # a first line at the first step
@@ -70,8 +74,15 @@ def test_eta_counts_validations_but_the_rate_does_not(tmp_path: Path, capsys: py
     """1 s a step and a 10 s validation every 5 steps: s/step stays 1.00; the ETA adds the validations' seconds
     per step so far (the line at a step comes before that step's validation)."""
     clock = FakeClock()
-    t = trainer(tmp_path, [PlainProgress(every_n_steps=5, clock=clock)], max_steps=20, max_epochs=-1,
-                val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1)
+    t = trainer(
+        tmp_path,
+        [PlainProgress(every_n_steps=5, clock=clock)],
+        max_steps=20,
+        max_epochs=-1,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+    )
     t.fit(Timed(clock, lambda step: 1.0, validation=10.0), loader(4), loader(1))
     by_step = {int(s["step"]): s for s in lines(capsys)}
     assert all(s["s/step"] == "1.00" for s in by_step.values())

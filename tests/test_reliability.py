@@ -112,8 +112,14 @@ def test_kill_and_resume_continues_bitwise(tmp_path):
     def run(root, kill_at=None, ckpt_path=None):
         module = Scheduled(kill_at=kill_at, rho=0.05, reweight="delta", score="gram", num_probes=4, seed=0)
         ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
-        trainer = L.Trainer(max_epochs=2, callbacks=[ckpt], logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=root)
+        trainer = L.Trainer(
+            max_epochs=2,
+            callbacks=[ckpt],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+        )
         try:
             trainer.fit(module, make_loader(), ckpt_path=ckpt_path)
         except (KeyboardInterrupt, SystemExit):
@@ -200,7 +206,9 @@ def test_clipping_acts_on_the_unscaled_descent_gradient_under_fp16():
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
-@pytest.mark.parametrize("rule", [{}, {"score": "gram", "weights": "linear", "estimator": "exact"}], ids=["default", "exact"])
+@pytest.mark.parametrize(
+    "rule", [{}, {"score": "gram", "weights": "linear", "estimator": "exact"}], ids=["default", "exact"]
+)
 def test_other_precisions_train(precision, rule):
     module = MixinClassifier(rho=0.05, reweight="delta", **rule)
     before = _weights(module)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import pytest
@@ -50,11 +49,20 @@ class Recorder(L.LightningModule):
 
 def rows(resumable: bool = True, workers: int = 0, shuffle: bool = True) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8 * BATCHES, 4, generator=g), torch.randint(0, 2, (8 * BATCHES,), generator=g),
-                         torch.arange(8 * BATCHES))
+    data = TensorDataset(
+        torch.randn(8 * BATCHES, 4, generator=g),
+        torch.randint(0, 2, (8 * BATCHES,), generator=g),
+        torch.arange(8 * BATCHES),
+    )
     kind = ResumableDataLoader if resumable else DataLoader
-    return kind(data, batch_size=8, shuffle=shuffle, generator=torch.Generator().manual_seed(1), num_workers=workers,
-                persistent_workers=workers > 0)
+    return kind(
+        data,
+        batch_size=8,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(1),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 class SaveAt(L.Callback):
@@ -75,19 +83,33 @@ class SaveAt(L.Callback):
 BUDGETS = {"steps": dict(max_steps=13, max_epochs=10), "epochs": dict(max_steps=-1, max_epochs=3)}
 
 
-def fit(budget: dict, ckpt: Optional[Path] = None, callbacks: tuple = (), validate_every: Optional[int] = None,
-        workers: int = 0, resumable: bool = True) -> tuple[Recorder, L.Trainer]:
+def fit(
+    budget: dict,
+    ckpt: Path | None = None,
+    callbacks: tuple = (),
+    validate_every: int | None = None,
+    workers: int = 0,
+    resumable: bool = True,
+) -> tuple[Recorder, L.Trainer]:
     L.seed_everything(0, verbose=False)
     module = Recorder()
-    trainer = L.Trainer(callbacks=[ExactResume(), *callbacks], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        val_check_interval=validate_every, check_val_every_n_epoch=None if validate_every else 1,
-                        limit_val_batches=1 if validate_every else 0, **budget)
+    trainer = L.Trainer(
+        callbacks=[ExactResume(), *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=validate_every,
+        check_val_every_n_epoch=None if validate_every else 1,
+        limit_val_batches=1 if validate_every else 0,
+        **budget,
+    )
     trainer.fit(module, rows(resumable, workers), rows(shuffle=False) if validate_every else None, ckpt_path=ckpt)
     return module, trainer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def uninterrupted(budget: str, workers: int = 0) -> tuple[list[torch.Tensor], list, int, int]:
     module, trainer = fit(BUDGETS[budget], workers=workers)
     return [p.detach().clone() for p in module.parameters()], module.steps, trainer.global_step, trainer.current_epoch
@@ -135,9 +157,18 @@ def test_resume_with_persistent_workers(step: int, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the app
-APP = ["task=sst2", "model=tiny", "optimizer=deltasam", "data.limit_train=64", "data.batch_size=16",  # 4 steps an epoch
-       "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.enable_model_summary=false",
-       "logger.tensorboard=null", "callbacks.progress.every_n_steps=1"]
+APP = [
+    "task=sst2",
+    "model=tiny",
+    "optimizer=deltasam",
+    "data.limit_train=64",
+    "data.batch_size=16",  # 4 steps an epoch
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_model_summary=false",
+    "logger.tensorboard=null",
+    "callbacks.progress.every_n_steps=1",
+]
 
 
 def run_app(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -145,8 +176,9 @@ def run_app(capsys: pytest.CaptureFixture, out: Path, *overrides: str) -> tuple[
     from hydra import compose, initialize_config_dir
 
     from lightning_deltasam.glue.app import run
+    from lightning_deltasam.glue.cli import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*APP, *overrides, f"paths.output_dir={out}"])
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
@@ -171,23 +203,34 @@ def test_app_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path: Path, caps
     assert b["resumed_from"] == str(saved) and b["steps"] == a["steps"] == 5
     assert b_lines == a_lines[3:] and [ln.split(" | ")[1] for ln in b_lines] == ["epoch 1/2", "epoch 2/2"]
     assert not [m for m in said if "not resumable" in m]
-    final_a, final_b = checkpoint(tmp_path / "a/checkpoints/last.ckpt"), checkpoint(tmp_path / "b/checkpoints/last.ckpt")
+    final_a, final_b = (
+        checkpoint(tmp_path / "a/checkpoints/last.ckpt"),
+        checkpoint(tmp_path / "b/checkpoints/last.ckpt"),
+    )
     assert final_a["state_dict"].keys() == final_b["state_dict"].keys()
     assert all(torch.equal(final_a["state_dict"][k], final_b["state_dict"][k]) for k in final_a["state_dict"])
-    moments = [(s["exp_avg"], s["exp_avg_sq"]) for c in (final_a, final_b) for s in c["optimizer_states"][0]["state"].values()]
+    moments = [
+        (s["exp_avg"], s["exp_avg_sq"]) for c in (final_a, final_b) for s in c["optimizer_states"][0]["state"].values()
+    ]
     half = len(moments) // 2
-    assert half and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(moments[:half], moments[half:]))
+    assert half and all(
+        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(moments[:half], moments[half:])
+    )
     assert {k: v for k, v in a.items() if k.startswith("val")} == {k: v for k, v in b.items() if k.startswith("val")}
 
 
 @needs_sst2
-def test_app_extended_after_a_stop_inside_an_epoch_shows_the_right_epoch(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture) -> None:
+def test_app_extended_after_a_stop_inside_an_epoch_shows_the_right_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """A run stopped by max_steps inside its first epoch and extended: it continues that epoch (was: epoch 2/2,
     then 3/2, and the next epoch started early)."""
     run_app(capsys, tmp_path / "a", "trainer.max_steps=3")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert checkpoint(last)["epoch"] == 0  # the stopped epoch is not counted as complete
     b, lines, said = run_app(capsys, tmp_path / "b", "trainer.max_steps=5", f"ckpt_path={last}")
-    assert b["steps"] == 5 and [ln.split(" | ")[:2] for ln in lines] == [["step 4/5", "epoch 1/2"], ["step 5/5", "epoch 2/2"]]
+    assert b["steps"] == 5 and [ln.split(" | ")[:2] for ln in lines] == [
+        ["step 4/5", "epoch 1/2"],
+        ["step 5/5", "epoch 2/2"],
+    ]
     assert not [m for m in said if "not resumable" in m]

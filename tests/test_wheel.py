@@ -34,8 +34,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "lightning_deltasam", src / "lightning_deltasam",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "lightning_deltasam", src / "lightning_deltasam", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     out = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)])
     (built,) = out.glob("lightning_deltasam-*.whl")
@@ -66,7 +67,9 @@ def readme_adapter_examples() -> list[str]:
 
 def test_core_install_runs_the_readme_adapters(wheel: Path, tmp_path: Path) -> None:
     examples = readme_adapter_examples()
-    assert len(examples) == 3 and all(n in "".join(examples) for n in ("DeltaSAM(", "DeltaSAMMixin", "DeltaSAMCallback"))
+    assert len(examples) == 3 and all(
+        n in "".join(examples) for n in ("DeltaSAM(", "DeltaSAMMixin", "DeltaSAMCallback")
+    )
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])  # no system site packages
     python = str(venv / "bin" / "python")
@@ -75,11 +78,15 @@ def test_core_install_runs_the_readme_adapters(wheel: Path, tmp_path: Path) -> N
     pip = [python, "-m", "pip", "install", "-q"]
     _run([*pip, "torch==2.13.0"], env=env, cwd=tmp_path)
     _run([*pip, str(wheel)], env=env, cwd=tmp_path)
-    present = _run([python, "-c", f"import importlib.util as u; print([m for m in {APP_ONLY!r} if u.find_spec(m)])"],
-                   env=env, cwd=tmp_path).stdout.strip()
+    present = _run(
+        [python, "-c", f"import importlib.util as u; print([m for m in {APP_ONLY!r} if u.find_spec(m)])"],
+        env=env,
+        cwd=tmp_path,
+    ).stdout.strip()
     assert present == "[]", f"the core install brought app packages: {present}"
-    shown = _run([python, "-c", "import lightning_deltasam as d; print(d.__file__, d.__version__)"], env=env,
-                 cwd=tmp_path).stdout
+    shown = _run(
+        [python, "-c", "import lightning_deltasam as d; print(d.__file__, d.__version__)"], env=env, cwd=tmp_path
+    ).stdout
     assert str(venv) in shown, f"imported from outside the fresh environment: {shown}"
     for i, code in enumerate(examples):
         script = tmp_path / f"example{i}.py"

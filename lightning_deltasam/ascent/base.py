@@ -5,7 +5,8 @@ it in one file, overriding only the hooks its mathematics needs, and registers i
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,13 +14,13 @@ from torch import Tensor
 from ..config import SAMConfig
 from ..parts import Ascent, norm_of, phase
 
-RULES: dict[str, type["SAM"]] = {}
+RULES: dict[str, type[SAM]] = {}
 
 
-def register(name: str) -> Callable[[type["SAM"]], type["SAM"]]:
+def register(name: str) -> Callable[[type[SAM]], type[SAM]]:
     """Class decorator: ``variant=name`` builds this rule."""
 
-    def add(cls: type["SAM"]) -> type["SAM"]:
+    def add(cls: type[SAM]) -> type[SAM]:
         RULES[name] = cls
         cls.name = name
         return cls
@@ -27,7 +28,7 @@ def register(name: str) -> Callable[[type["SAM"]], type["SAM"]]:
     return add
 
 
-def make_rule(config: SAMConfig) -> "SAM":
+def make_rule(config: SAMConfig) -> SAM:
     """The rule of ``config.variant`` (the registry is filled by importing :mod:`lightning_deltasam.ascent`)."""
     return RULES[config.variant](config)
 
@@ -86,7 +87,9 @@ class SAM:
 
     # ---------------------------------------------------------------- the SAM / ASAM direction
     @staticmethod
-    def direction(params: list[Tensor], grads: list[Tensor], adaptive: bool, eta: float) -> tuple[list[Tensor], list[Tensor]]:
+    def direction(
+        params: list[Tensor], grads: list[Tensor], adaptive: bool, eta: float
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """(d, the per-tensor norms of the normalizer's vector): SAM d = g, normalizer g; ASAM d = T^2 g, normalizer T g."""
         if adaptive:
             scale = torch._foreach_abs(params)
@@ -94,7 +97,7 @@ class SAM:
             direction = torch._foreach_mul(grads, scale)  # T g
             norms = torch._foreach_norm(direction)
             torch._foreach_mul_(direction, scale)  # T (T g)
-            return direction, list(norms)
+            return list(direction), list(norms)
         return grads, list(torch._foreach_norm(grads))
 
     def ascent(self, groups: list[tuple[list[Tensor], list[Tensor], float, bool, float]]) -> Ascent:
@@ -118,8 +121,11 @@ class SAM:
         with phase("statistics"):
             if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
                 return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
-            squares = [(rho / ascent.norm) ** 2 * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
-                       for _, direction, rho, norms in ascent.groups]
+            squares = [
+                (rho / ascent.norm) ** 2
+                * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
+                for _, direction, rho, norms in ascent.groups
+            ]
             return math.sqrt(sum(squares))
 
     # ---------------------------------------------------------------- checkpoint
@@ -128,8 +134,10 @@ class SAM:
         return {i: {k: v.clone() for k, v in self.state[p].items()} for i, p in enumerate(params) if p in self.state}
 
     def load_state_dict(self, state: dict[int, dict[str, Tensor]], params: list[Tensor]) -> None:
-        self.state = {params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype).clone() for k, v in s.items()}
-                      for i, s in state.items()}
+        self.state = {
+            params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype).clone() for k, v in s.items()}
+            for i, s in state.items()
+        }
         self.pending.clear()
 
 
@@ -144,4 +152,3 @@ def total_norm(tensors: list[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-

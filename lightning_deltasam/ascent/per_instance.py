@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ class PerInstanceRoute:
         self.config = config
         self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m))  # type: ignore[arg-type]
 
-    def step(self, engine: "SAMEngine", params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]) -> StepStats:
+    def step(
+        self, engine: SAMEngine, params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]
+    ) -> StepStats:
         """``m`` set: each group of m instances descends from its own w + eps_g, all in one batched second pass.
 
         First pass: a forward with hooks and one backward to the layers' outputs (no parameter gradient);
@@ -58,7 +61,9 @@ class PerInstanceRoute:
                 return engine.skip_step(params, stats, backend, base_step, "the first pass")
             with torch.no_grad(), phase("perturb"):
                 norm = total.sqrt()
-                inverse = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+                inverse = torch.where(
+                    norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
+                )
                 route.scale({p: rho_of[p] * inverse for p in squares})
                 eps_sq = sum(rho_of[p] ** 2 * sq for p, sq in squares.items()) * inverse.square()
                 stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
@@ -74,7 +79,7 @@ class PerInstanceRoute:
             stats.loss_rise = float(loss1.float() - loss0.float())
         return engine.finish(params, stats, backend, base_step, loss1)
 
-    def radii(self, engine: "SAMEngine") -> dict[Tensor, float]:
+    def radii(self, engine: SAMEngine) -> dict[Tensor, float]:
         """Each trainable parameter's rho (its group's); an ASAM group is refused (its eps_i is not low-rank)."""
         rho_of: dict[Tensor, float] = {}
         for index, group in enumerate(engine.param_groups):
@@ -87,6 +92,6 @@ class PerInstanceRoute:
             rho_of.update((p, rho) for p in group["params"] if p.requires_grad)
         return rho_of
 
-    def route(self, engine: "SAMEngine", module: Optional[nn.Module]) -> InstancePerturbation:
+    def route(self, engine: SAMEngine, module: nn.Module | None) -> InstancePerturbation:
         """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
         return self._hooks.get(module, engine.params(), f"m={self.config.m}")

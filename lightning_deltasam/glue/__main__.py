@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
-from lightning_deltasam.glue.cli import CONF_DIR, USER_ERROR_EXIT, check_command_line, quiet_third_party, register_resolvers
+from lightning_deltasam.glue.cli import (
+    CONF_DIR,
+    USER_ERROR_EXIT,
+    check_command_line,
+    quiet_third_party,
+    register_resolvers,
+)
 
 log = logging.getLogger("train")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # a folder: checkout or wheel
-def main(cfg: DictConfig) -> Optional[float]:
+def main(cfg: DictConfig) -> float | None:
     """Run one training job; bad options and missing data exit with status 2 and one ``error:`` line
     (on stderr and in the run's train.log)."""
     quiet_third_party()

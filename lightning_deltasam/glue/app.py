@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -79,10 +79,15 @@ def check_accelerator(cfg: DictConfig) -> None:
 
     if torch.cuda.is_available():
         return
-    why = ("this torch is the CPU-only build (README: Install has the CUDA wheel)" if torch.version.cuda is None
-           else "torch.cuda.is_available() is False")
-    raise ValueError(f"trainer.accelerator={accelerator} (trainer={_picked('trainer', 'gpu')}) but no CUDA GPU is "
-                     f"usable here: {why}; use trainer=cpu (or trainer=ddp trainer.accelerator=cpu for CPU processes).")
+    why = (
+        "this torch is the CPU-only build (README: Install has the CUDA wheel)"
+        if torch.version.cuda is None
+        else "torch.cuda.is_available() is False"
+    )
+    raise ValueError(
+        f"trainer.accelerator={accelerator} (trainer={_picked('trainer', 'gpu')}) but no CUDA GPU is "
+        f"usable here: {why}; use trainer=cpu (or trainer=ddp trainer.accelerator=cpu for CPU processes)."
+    )
 
 
 #: Overrides that may differ between a run and its resumption with ``ckpt_path=last`` (a longer budget).
@@ -91,11 +96,10 @@ RESUME_MAY_DIFFER = ("ckpt_path", "trainer.max_steps", "trainer.max_epochs")
 
 def _settings(overrides: Any) -> tuple[str, ...]:
     """A run's overrides without those that may change when resuming it."""
-    return tuple(sorted(str(o) for o in overrides
-                        if str(o).lstrip("+~").split("=", 1)[0] not in RESUME_MAY_DIFFER))
+    return tuple(sorted(str(o) for o in overrides if str(o).lstrip("+~").split("=", 1)[0] not in RESUME_MAY_DIFFER))
 
 
-def resolve_checkpoint(cfg: DictConfig) -> Optional[str]:
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
     """``ckpt_path`` as a file: ``last`` is this run dir's ``checkpoints/last.ckpt`` if it exists, else the newest
     ``checkpoints/last.ckpt`` of an earlier run of the same settings beside this one
     (``outputs/<task>-<model>-<optimizer>/*``, or ``multirun/*/*`` for a sweep job) whose overrides equal these
@@ -130,7 +134,8 @@ def resolve_checkpoint(cfg: DictConfig) -> Optional[str]:
         raise FileNotFoundError(
             f"ckpt_path=last: no earlier run under {base} with these settings ({', '.join(mine) or 'the defaults'}; "
             f"{', '.join(RESUME_MAY_DIFFER[1:])} may differ) has checkpoints/last.ckpt; run without ckpt_path first, "
-            "or give ckpt_path=<run dir>/checkpoints/last.ckpt.")
+            "or give ckpt_path=<run dir>/checkpoints/last.ckpt."
+        )
     return max(found)[1]
 
 
@@ -152,7 +157,9 @@ def _json_number(value: Any) -> Any:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def build_components(cfg: DictConfig, options: Optional[dict[str, Any]] = None) -> tuple[TextTask, GlueDataModule, GlueClassifier, TextEncoder]:
+def build_components(
+    cfg: DictConfig, options: dict[str, Any] | None = None
+) -> tuple[TextTask, GlueDataModule, GlueClassifier, TextEncoder]:
     """(task, datamodule, classifier, encoder) as ``cfg`` says; the benchmarks build through this too."""
     options = optimizer_options(cfg) if options is None else options
     # Partials: errors of our own constructors surface unwrapped, and runtime objects passed
@@ -179,7 +186,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     task, datamodule, model, encoder = build_components(cfg, options)
 
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume()], logger=build_loggers(cfg) or False
+        cfg.trainer,
+        callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume()],
+        logger=build_loggers(cfg) or False,
     )
     if ckpt_path is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)
@@ -202,7 +211,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "label_noise": datamodule.label_noise,
         "flipped_labels": datamodule.flipped_labels,
         "holdout": datamodule.holdout,  # > 0: the val/ metrics are on held-out training rows, not the dev set
-        "dev_examples": len(datamodule.val_sets[task.val_names[0]]) if task.val_names[0] in datamodule.val_sets else None,
+        "dev_examples": len(datamodule.val_sets[task.val_names[0]])
+        if task.val_names[0] in datamodule.val_sets
+        else None,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "main_metric": task.main_metric,
         **{k: _json_number(v) for k, v in sorted(metrics.items())},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -47,8 +47,10 @@ class RunCheckpoint(ModelCheckpoint):
             return
         filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         best_now = (
-            self.save_top_k != 0 and self._last_global_step_saved == trainer.global_step
-            and self._last_checkpoint_saved and os.path.abspath(self._last_checkpoint_saved) != os.path.abspath(filepath)
+            self.save_top_k != 0
+            and self._last_global_step_saved == trainer.global_step
+            and self._last_checkpoint_saved
+            and os.path.abspath(self._last_checkpoint_saved) != os.path.abspath(filepath)
             and self._last_checkpoint_saved == self.best_model_path
         )
         self.last_model_path = filepath
@@ -78,7 +80,7 @@ class ExactResume(Callback):
     """
 
     def __init__(self) -> None:
-        self._rng: Optional[dict[str, Any]] = None
+        self._rng: dict[str, Any] | None = None
         self._loader_states: list[dict[str, Any]] = []
 
     @override
@@ -98,8 +100,10 @@ class ExactResume(Callback):
         if states:  # loading twice is harmless: no batch has been drawn yet
             loaders = [dl for dl in _leaves(trainer.train_dataloader) if callable(getattr(dl, "load_state_dict", None))]
             if len(loaders) != len(states):
-                raise RuntimeError(f"the checkpoint has the positions of {len(states)} train loaders, but this run "
-                                   f"has {len(loaders)} resumable ones; resume with the same data settings.")
+                raise RuntimeError(
+                    f"the checkpoint has the positions of {len(states)} train loaders, but this run "
+                    f"has {len(loaders)} resumable ones; resume with the same data settings."
+                )
             for loader, state in zip(loaders, states):
                 loader.load_state_dict(state)
         if self._rng is not None:
@@ -148,8 +152,10 @@ def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> None:
     epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
     if not epochs or not batches:
         return
-    counted_complete = all(p["completed"] >= 1 and len({p["ready"], p["started"], p["processed"], p["completed"]}) == 1
-                           for p in (epochs["total"], epochs["current"]))
+    counted_complete = all(
+        p["completed"] >= 1 and len({p["ready"], p["started"], p["processed"], p["completed"]}) == 1
+        for p in (epochs["total"], epochs["current"])
+    )
     if not counted_complete or batches["current"]["completed"] == 0:
         return
     if batches["is_last_batch"]:  # the epoch did end: none of the next one's batches are done yet

