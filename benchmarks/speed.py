@@ -25,6 +25,7 @@ against SAM, the default delta-SAM and the loop oracle; ``--instance-sweep`` SAM
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -45,8 +46,9 @@ from torch import Tensor
 
 from lightning_deltasam.config import SAMConfig
 from lightning_deltasam.distributed import Reducer
-from lightning_deltasam.engine import Backend, SAMEngine
+from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.oracle import oracle_update
+from lightning_deltasam.parts import Backend
 from lightning_deltasam.probes import probe_plan
 
 PEERS = ("pt-sam", "ref-sam")
@@ -320,6 +322,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.methods not in ("gram", "instance", "variants"):
         methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
 
+    periods = [c.k if c.variant == "looksam" else c.interval for c in configs]
+    whole = math.lcm(*periods) if periods else 1
+    if args.steps % whole:
+        ap.error(
+            f"--steps={args.steps} with these methods must be a multiple of {whole} (whole LookSAM / interval periods)"
+        )
     names = list(methods)
     samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
@@ -347,9 +355,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in methods:
         if name not in ("adamw", "sam"):
             ratios[f"{name}/sam"] = med[name] / med["sam"]
+    # A variant that perturbs only some steps (LookSAM's k, every-k SAM) costs its mean over whole periods, not the
+    # median step (a plain one): its ratios use means, and --steps must hold whole periods (checked above).
+    mean = {name: statistics.fmean(s["total"] for s in v) for name, v in samples.items()}
     for name in (rule_name(c) for c in variant_configs(args.rho)):
-        if name in med:  # LookSAM and every-k SAM average under SAM's step: against AdamW too
-            ratios[f"{name}/adamw"] = med[name] / med["adamw"]
+        if name in mean:
+            ratios[f"{name}/sam"] = mean[name] / mean["sam"]
+            ratios[f"{name}/adamw"] = mean[name] / mean["adamw"]
+    if any(rule_name(c) in mean for c in variant_configs(args.rho)):
+        ratios["sam/adamw (means)"] = mean["sam"] / mean["adamw"]
     peers = [name for name in PEERS if name in samples]
     vs_peers: dict[str, Any] = {}
     if peers:
@@ -392,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result = {
         "step_seconds": med,
+        "step_seconds_mean": mean,
         "ratios": ratios,
         "engine_overhead_frac_of_sam_step": overhead,
         "engine_overhead_frac": {

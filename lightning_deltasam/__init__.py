@@ -10,8 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import SAMConfig
-from .engine import SAMEngine, StepStats
+from .engine import SAMEngine
 from .optim import DeltaSAM
+from .parts import StepStats
 
 if TYPE_CHECKING:
     from .callback import DeltaSAMCallback

@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Weighting
-from .engine import StepStats
 from .lightning_backend import EngineSlot, LightningBackend, grad_scaler, log_stats, module_step
+from .parts import StepStats
 from .probes import has_split, probe_plan
 
 

@@ -197,6 +197,21 @@ class SAMConfig:
                 "(LookSAM has its own k). Use interval=1 with a variant, or variant='sam'."
             )
 
+    def check_two_step(self) -> None:
+        """The two-step API (and a closure that runs backward itself) gives no per-instance losses: refuse what needs them."""
+        if self.m is not None:
+            raise ValueError(
+                f"m={self.m} needs per-instance losses and the model, which first_step()/second_step() and "
+                "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
+                "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None."
+            )
+        if self.reweighting:
+            raise ValueError(
+                "reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
+                "calls backward() itself do not give: use step(closure) with closure() returning the "
+                "per-instance losses, shape [B] (or reweight=None for SAM / ASAM)."
+            )
+
     @property
     def enabled(self) -> bool:
         """Whether the step perturbs at all (rho > 0)."""

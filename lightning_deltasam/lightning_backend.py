@@ -15,7 +15,8 @@ from torch.optim import Optimizer
 
 from .config import SAMConfig
 from .distributed import default_reducer
-from .engine import Backend, SAMEngine, StepStats
+from .engine import SAMEngine
+from .parts import Backend, StepStats
 from .probes import probe_plan
 
 

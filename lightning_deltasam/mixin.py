@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .config import CLIP_ALGORITHMS, ClipAlgorithm, SAMConfig, check_choice, check_int, check_number
-from .engine import StepStats
 from .lightning_backend import EngineSlot, LightningBackend, log_stats, module_step
+from .parts import StepStats
 
 _CHECKPOINT_KEY = "deltasam"
 

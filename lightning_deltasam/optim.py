@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .config import SAMConfig
-from .engine import Backend, SAMEngine, StepStats, check_per_sample_losses, make_backend
+from .engine import SAMEngine
+from .parts import Backend, StepStats, check_per_sample_losses, make_backend
 
 
 class DeltaSAM(Optimizer):

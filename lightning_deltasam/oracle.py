@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_map
 
 from .config import SAMConfig
 from .distributed import Reducer
-from .engine import Backend, SAMEngine
+from .engine import SAMEngine
+from .parts import Backend
 
 PerSampleLoss = Callable[[Any], Tensor]  # batch -> [B] losses, computed with the module's current parameters
 

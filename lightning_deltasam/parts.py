@@ -5,6 +5,7 @@ the :class:`Passes` (forwards) of one step, and the profiler ranges."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -213,6 +214,96 @@ def norm_of(norms: list[Tensor]) -> float:
     if not norms:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+class BufferPool:
+    """Copies of tensors in buffers kept across steps, by key (no allocation once shapes settle)."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, list[Tensor]] = {}
+
+    def saved(self, key: str, tensors: list[Tensor]) -> list[Tensor]:
+        """A copy of ``tensors`` in the pool's buffers for ``key``, reallocated only when shapes or dtypes change."""
+        store = self._stores.get(key)
+        if (
+            store is None
+            or len(store) != len(tensors)
+            or any(s.shape != t.shape or s.dtype != t.dtype or s.device != t.device for s, t in zip(store, tensors))
+        ):
+            store = [t.detach().clone() for t in tensors]
+            self._stores[key] = store
+        elif tensors:
+            torch._foreach_copy_(store, [t.detach() for t in tensors])
+        return store
+
+    @torch.no_grad()
+    def snapshot(self, params: list[Tensor], buffers: list[Tensor]) -> Snapshot:
+        """w and the running statistics as they are now, in the pool's buffers."""
+        with phase("backup"):
+            return Snapshot(params, self.saved("params", params), buffers, self.saved("buffers", buffers))
+
+
+class Guard:
+    """What keeps a bad batch from moving w: the finite check every rank agrees on, the skip, the base step and the
+    step count. ``rule`` is the ascent rule (its pending values are checked too and committed after the base step)."""
+
+    def __init__(self, rule: Any, param_groups: list[dict[str, Any]]) -> None:
+        self.rule, self.param_groups = rule, param_groups
+        self.steps = 0  # optimizer steps taken (skips included): the rule's step index
+        self.skipped_steps = 0
+        self._warned = False
+
+    def finish(
+        self,
+        params: list[Tensor],
+        stats: StepStats,
+        backend: Backend,
+        base_step: Callable[[], Any],
+        loss: Tensor | None,
+    ) -> StepStats:
+        """The base step on the descent gradient, unless it or ``loss`` (the descent loss) is non-finite (a skip)."""
+        with phase("finite_check"):
+            grads = [p.grad for p in params if p.grad is not None] + self.rule.pending_tensors()
+            total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
+            if loss is not None:  # NaN / inf in the loss stays NaN: one check, one sync
+                total = total + loss.detach().float().sum() * 0.0
+            finite = self.agree_finite(bool(torch.isfinite(total)), backend)
+        if not finite:
+            return self.skip_step(params, stats, backend, base_step, "the descent pass")
+        with phase("base_step"):
+            base_step()
+            self.rule.after_step(self.param_groups)  # WSAM's decoupled update; the rule's state is committed
+        self.steps += 1
+        return stats
+
+    def agree_finite(self, finite: bool, backend: Backend) -> bool:
+        """Whether every rank found its values finite (so all ranks skip together, whatever ``sync``)."""
+        if backend.world.world_size == 1:
+            return finite
+        device = self.param_groups[0]["params"][0].device
+        flag = backend.world.sum_(torch.tensor([0.0 if finite else 1.0], device=device))
+        return float(flag.item()) == 0.0
+
+    def skip_step(
+        self, params: list[Tensor], stats: StepStats, backend: Backend, base_step: Callable[[], Any], where: str
+    ) -> StepStats:
+        """A counted step that changes nothing (the base step runs without gradients); warned once."""
+        self.skipped_steps += 1
+        stats.skipped = True
+        if not self._warned:
+            warnings.warn(
+                f"delta-SAM skipped a step: non-finite loss or gradient in {where}. The weights were left "
+                "unchanged; skipped steps are counted in 'deltasam/skipped_steps' (warned once).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned = True
+        backend.skip(params, base_step)
+        self.rule.discard()
+        self.steps += 1
+        for p in params:
+            p.grad = None
+        return stats
 
 
 class LayerHooks:

@@ -427,7 +427,7 @@ def test_speed_variants_interface(tmp_path):
             "--model",
             "tiny",
             "--steps",
-            "2",
+            "20",
             "--batch-size",
             "8",
             "--methods",
@@ -448,6 +448,19 @@ def test_speed_variants_interface(tmp_path):
     names = {"gsam", "wsam", "looksam", "friendly", "sam-every2", "sam-every4"}
     assert names | {"adamw", "sam"} <= set(result["step_seconds"])
     assert {f"{n}/sam" for n in names} | {f"{n}/adamw" for n in names} <= set(result["ratios"])
+    # an intermittent variant costs its mean over whole periods (LookSAM: 2 SAM steps of 20), not its median step
+    mean, samples = result["step_seconds_mean"], result["step_seconds_samples"]
+    assert len(samples["looksam"]) == 20
+    assert result["ratios"]["looksam/adamw"] == pytest.approx(mean["looksam"] / mean["adamw"])
+    assert mean["looksam"] == pytest.approx(sum(samples["looksam"]) / 20, rel=1e-3)
+
+
+def test_speed_refuses_partial_periods(tmp_path):
+    """Timing LookSAM (k = 10) or every-4 SAM over part of a period would misstate its average step."""
+    import speed
+
+    with pytest.raises(SystemExit):
+        speed.main(["--model", "tiny", "--steps", "6", "--methods", "variants", "--out", str(tmp_path / "s.json")])
 
 
 def test_accuracy_per_optimizer_overrides_and_holdout(tmp_path):

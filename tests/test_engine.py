@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_deltasam import DeltaSAM, SAMConfig
 from lightning_deltasam.distributed import Reducer
-from lightning_deltasam.engine import Backend, SAMEngine
+from lightning_deltasam.engine import SAMEngine
+from lightning_deltasam.parts import Ascent, Backend, norm_of
 from lightning_deltasam.weighting import compute_weights
 from tests.helpers import make_data, make_net, per_sample_ce, reference_sam_update
 
@@ -46,17 +47,18 @@ def test_asam_matches_its_formula():
 
 
 def test_asam_perturbation_is_rho_T2_g_over_norm_Tg():
-    """The step's own ascent + perturb_ (what step runs) move w by eps = rho T^2 g / ||T g||."""
+    """The rule's direction + perturb_ (what the step runs) move w by eps = rho T^2 g / ||T g||."""
     torch.manual_seed(0)
     params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     grads = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     before = [p.clone() for p in params]
     engine = SAMEngine([{"params": params}], SAMConfig(rho=0.3, adaptive=True, eta=0.05))
-    direction, norm = engine.ascent(params, grads)
+    direction, norms = engine.rule.direction(params, grads, True, 0.05)
+    norm = norm_of(norms)
     t = [p.abs() + 0.05 for p in params]
     ref_norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
     assert norm == pytest.approx(float(ref_norm), rel=1e-6)
-    eps_norm = engine.perturb_(params, direction, norm)
+    eps_norm = engine.rule.perturb_(Ascent([(params, direction, 0.3, None)], norm))
     ref_eps = [0.3 * ti * ti * g / ref_norm for ti, g in zip(t, grads)]
     for p, b, e in zip(params, before, ref_eps):
         torch.testing.assert_close(p - b, e)

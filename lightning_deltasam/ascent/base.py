@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SAMConfig
+from ..config import SAMConfig, check_bool, check_number
 from ..parts import Ascent, norm_of, phase
 
 RULES: dict[str, type[SAM]] = {}
@@ -84,6 +84,31 @@ class SAM:
     def discard(self) -> None:
         """Forget this step's uncommitted values (a skipped or failed step)."""
         self.pending.clear()
+
+    # ---------------------------------------------------------------- per-group options and eps
+    def group_options(self, param_groups: list[dict[str, Any]], index: int) -> tuple[float, bool, float]:
+        """(rho, adaptive, eta) of ``param_groups[index]`` this step: the group's own values override the config's."""
+        group, cfg = param_groups[index], self.config
+        rho, adaptive, eta = group.get("rho", cfg.rho), group.get("adaptive", cfg.adaptive), group.get("eta", cfg.eta)
+        if (rho, adaptive, eta) != (cfg.rho, cfg.adaptive, cfg.eta):  # validated here: a schedule may write them
+            check_number(f"param_groups[{index}]['rho']", rho, minimum=0.0)
+            check_bool(f"param_groups[{index}]['adaptive']", adaptive)
+            check_number(f"param_groups[{index}]['eta']", eta, minimum=0.0)
+        return self.radius(group, float(rho)), adaptive, float(eta)
+
+    def enabled(self, param_groups: list[dict[str, Any]]) -> bool:
+        """Whether some group's rho (its own or the config's) is > 0."""
+        return any(self.group_options(param_groups, i)[0] > 0 for i in range(len(param_groups)))
+
+    def ascent_of(self, param_groups: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]) -> Ascent:
+        """eps from the (all-reduced) first-pass gradients ``grads`` of ``params``, with each group's options."""
+        along = dict(zip(params, self.gradient_at_w(params, grads)))  # the rule sees g at w
+        groups = []
+        for index, group in enumerate(param_groups):
+            with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
+            if with_grad:
+                groups.append((with_grad, [along[p] for p in with_grad], *self.group_options(param_groups, index)))
+        return self.ascent(groups)
 
     # ---------------------------------------------------------------- the SAM / ASAM direction
     @staticmethod

@@ -45,7 +45,7 @@ class PerInstanceRoute:
         route = self.route(engine, passes.module)
         rho_of = self.radii(engine)
         buffers = backend.buffers()
-        snapshot = Snapshot([], [], buffers, engine.saved("buffers", buffers))
+        snapshot = Snapshot([], [], buffers, engine.pool.saved("buffers", buffers))
         try:
             with passes.backend.no_sync(), phase("first_pass"):
                 with route.record(passes.batch_size):
@@ -57,8 +57,8 @@ class PerInstanceRoute:
                 squares = route.group_norms_sq()
                 total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
                 finite = bool(torch.isfinite(total.sum() + loss0.float()))
-            if not engine.agree_finite(finite, backend):
-                return engine.skip_step(params, stats, backend, base_step, "the first pass")
+            if not engine.guard.agree_finite(finite, backend):
+                return engine.guard.skip_step(params, stats, backend, base_step, "the first pass")
             with torch.no_grad(), phase("perturb"):
                 norm = total.sqrt()
                 inverse = torch.where(
@@ -77,13 +77,13 @@ class PerInstanceRoute:
             route.clear()
         with phase("statistics"):
             stats.loss_rise = float(loss1.float() - loss0.float())
-        return engine.finish(params, stats, backend, base_step, loss1)
+        return engine.guard.finish(params, stats, backend, base_step, loss1)
 
     def radii(self, engine: SAMEngine) -> dict[Tensor, float]:
         """Each trainable parameter's rho (its group's); an ASAM group is refused (its eps_i is not low-rank)."""
         rho_of: dict[Tensor, float] = {}
         for index, group in enumerate(engine.param_groups):
-            rho, adaptive, _ = engine.group_options(index)
+            rho, adaptive, _ = engine.rule.group_options(engine.param_groups, index)
             if adaptive:
                 raise ValueError(
                     f"param_groups[{index}]['adaptive']=True with m={self.config.m}: ASAM's per-instance perturbation is "
