@@ -172,7 +172,8 @@ def train_loss_by_epoch(run_dir: Path) -> list[float]:
 
 def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[str, Any]:
     """Per optimizer: the metric per seed, mean, std, mean wall seconds, and ``paired`` against each baseline
-    (the first optimizer and ``sam`` when run): mean per-seed difference and wins-losses on the shared seeds."""
+    (the first optimizer, ``sam`` and the first per-instance SAM column with m = 1, when run): mean per-seed difference
+    and wins-losses on the shared seeds."""
     out = {}
     for opt, by_seed in runs.items():
         values = [r[metric] for r in by_seed.values()]
@@ -183,7 +184,8 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
             "wall_s": statistics.fmean(r["wall_seconds"] for r in by_seed.values()),
             "steps": next(iter(by_seed.values()))["steps"],
         }
-    baselines = list(dict.fromkeys([next(iter(runs)), *(["sam"] if "sam" in runs else [])]))
+    per_instance = [o for o in runs if o.split("@")[0] == "instance_sam" and "@m=" not in o][:1]
+    baselines = list(dict.fromkeys([next(iter(runs)), *(["sam"] if "sam" in runs else []), *per_instance]))
     for opt, by_seed in runs.items():  # paired by seed: same data order and initialization, so seed noise cancels
         out[opt]["paired_vs"] = {}
         for base in baselines:

@@ -245,7 +245,13 @@ def method_configs(rho: float, probes: list[int]) -> list[SAMConfig]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
-    ap.add_argument("--steps", type=int, default=5, help="timed repeats per method (after one warm-up each)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed repeats per method (after one warm-up each); default 5, or 20 when LookSAM / every-k SAM are timed "
+        "(whole periods: their cost is the mean over a period)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument(
@@ -324,9 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     periods = [c.k if c.variant == "looksam" else c.interval for c in configs]
     whole = math.lcm(*periods) if periods else 1
+    if args.steps is None:
+        args.steps = 5 if whole == 1 else whole
     if args.steps % whole:
         ap.error(
-            f"--steps={args.steps} with these methods must be a multiple of {whole} (whole LookSAM / interval periods)"
+            f"--steps={args.steps}: LookSAM and every-k SAM cost their mean over whole periods, so with them the "
+            f"step count must be a multiple of {whole}; use --steps {whole} (the default) or --methods peers / gram / instance"
         )
     names = list(methods)
     samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
@@ -639,6 +648,15 @@ def print_table(result: dict[str, Any]) -> None:
         f"(* default delta-SAM; engine% = step time outside the model's forward/backward and AdamW; "
         f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)"
     )
+    ratios = result["ratios"]
+    intermittent = [n for n in med if f"{n}/adamw" in ratios and n not in ("sam", "deltasam")]
+    if intermittent:  # the variants' cost is their mean step over whole periods, not the median (a plain step)
+        print("mean step over whole periods (what a variant that skips perturbations costs on average):")
+        for name in intermittent:
+            print(
+                f"{name:40s} {result['step_seconds_mean'][name]:8.3f} {ratios[f'{name}/adamw']:7.2f} "
+                f"{ratios[f'{name}/sam']:6.2f}"
+            )
     vs = result.get("vs_peers") or {}
     for key, row in vs.items():
         if isinstance(row, dict):

@@ -61,9 +61,7 @@ def test_speed_interface(tmp_path):
     import speed
 
     out = tmp_path / "speed.json"
-    speed.main(
-        ["--model", "tiny", "--steps", "1", "--batch-size", "8", "--probes", "2", "--scaling", "4", "--out", str(out)]
-    )
+    speed.main(["--model", "tiny", "--batch-size", "8", "--probes", "2", "--scaling", "4", "--out", str(out)])
     result = json.loads(out.read_text())
     assert {"adamw", "sam", "deltasam", "oracle"} <= set(result["step_seconds"])
     assert {"sam/adamw", "deltasam/sam"} <= set(result["ratios"])
@@ -322,6 +320,17 @@ def test_accuracy_summary_pairs_seeds_against_adamw_and_sam():
     )
     assert "Also measured, val/f1 (same runs; standard error of one run 1.41 points):" in table
     assert "| sam | 0.7900 | 0.7500 | 0.8000 | **0.7800** | 0.0265 | +1.00, 2-1 | - | 10 |" in table
+    # per-instance SAM (m = 1) is a third baseline when run; an m = 4 column is not
+    runs["instance_sam@m=4"] = {1: run(0.90), 2: run(0.86), 3: run(0.88)}
+    runs["instance_sam@rho=0.01"] = {1: run(0.91), 2: run(0.84), 3: run(0.88)}
+    summary = accuracy.summarize(runs, "val/acc")
+    assert list(summary["deltasam"]["paired_vs"]) == ["adamw", "sam", "instance_sam@rho=0.01"]
+    assert summary["deltasam"]["paired_vs"]["instance_sam@rho=0.01"] == {
+        "mean_diff": pytest.approx(0.01 / 3),
+        "n": 3,
+        "wins": 2,
+        "losses": 1,
+    }
 
 
 def test_one_run_standard_error():
@@ -531,3 +540,40 @@ def test_loss_rise_pairs_each_optimizer_with_sam_of_its_setting_and_seed(tmp_pat
         rows["instance_sam"]["vs_sam"]["mean"] == pytest.approx(10 / 3)
         and rows["instance_sam"]["grad_norm_ratio"] == 3.0
     )
+
+
+def test_pooled_view_pairs_each_column_with_sam_and_gives_delta_sams_share(tmp_path):
+    """pooled.py: per setting m1 - SAM and delta - SAM (paired by seed, points), the share (delta - SAM)/(m1 - SAM),
+    and the sign counts over every setting and seed."""
+    import pooled
+
+    def setting(metric, sam, m1, delta, exact):
+        cols = {"adamw": [0.5] * 3, "sam": sam, "deltasam": delta, "deltasam_exact": exact}
+        cols["instance_sam@rho=0.01"], cols["instance_sam@rho=0.01@m=4"] = m1, [0.0] * 3
+        return {
+            "metric": metric,
+            "optimizers": {k: {"seeds": {str(i + 1): x for i, x in enumerate(v)}} for k, v in cols.items()},
+        }
+
+    a = tmp_path / "a.json"
+    a.write_text(
+        json.dumps(setting("val/acc", [0.80, 0.79, 0.80], [0.82, 0.80, 0.81], [0.81, 0.79, 0.805], [0.79] * 3))
+    )
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(setting("val/mcc", [0.20, 0.21, 0.22], [0.19, 0.21, 0.20], [0.22, 0.23, 0.22], [0.2] * 3)))
+    out = tmp_path / "pooled.json"
+    result = pooled.main([f"noisy={a}", f"cola={b}", "--out", str(out)])
+    noisy = result["settings"]["noisy"]
+    assert noisy["instance"] == "instance_sam@rho=0.01"
+    assert noisy["vs_sam"]["instance_sam@rho=0.01"]["mean"] == pytest.approx(4 / 3)
+    assert noisy["vs_sam"]["deltasam"]["diffs"] == pytest.approx([1.0, 0.0, 0.5])
+    assert noisy["share"]["deltasam"] == pytest.approx(0.5 / (4 / 3))
+    assert result["pooled"]["instance"] == {
+        "settings": 2,
+        "mean_of_setting_means": pytest.approx((4 / 3 - 1) / 2),
+        "wins": 3,
+        "losses": 2,
+        "settings_ahead": 1,
+    }
+    assert result["pooled"]["deltasam"]["wins"] == 4 and result["pooled"]["deltasam"]["losses"] == 0
+    assert "| noisy | val/acc | instance_sam@rho=0.01 | +1.33, 3-0 |" in out.with_suffix(".md").read_text()

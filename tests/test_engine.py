@@ -12,7 +12,7 @@ from torch import nn
 from lightning_deltasam import DeltaSAM, SAMConfig
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import SAMEngine
-from lightning_deltasam.parts import Ascent, Backend, norm_of
+from lightning_deltasam.parts import Ascent, Backend, make_backend, norm_of
 from lightning_deltasam.weighting import compute_weights
 from tests.helpers import make_data, make_net, per_sample_ce, reference_sam_update
 
@@ -303,3 +303,51 @@ def test_probe_noise_is_seeded_and_scaled():
     assert torch.equal(a, engine2.noise.draw(params)[0])
     assert float(a.std()) == pytest.approx(0.2, rel=0.1)  # sigma * |w|
     assert math.isfinite(float(a.sum()))
+
+
+def test_each_option_value_is_one_registered_part_in_a_small_file():
+    """variant=<name> is one ascent rule and estimator=<name> (uniform without reweight) one first-pass weighting,
+    each registered by name in a file of its own; a variant's file stays small (its mathematics and state only)."""
+    import inspect
+
+    from lightning_deltasam.ascent import RULES
+    from lightning_deltasam.config import ESTIMATORS, VARIANTS
+    from lightning_deltasam.firstpass import WEIGHTINGS, weighting_name
+
+    assert set(RULES) == set(VARIANTS)
+    assert set(WEIGHTINGS) == {"uniform", *ESTIMATORS}
+    for name, cls in [*RULES.items(), *WEIGHTINGS.items()]:
+        if name != "sam":  # SAM is the base class the variants override
+            assert len(inspect.getsource(inspect.getmodule(cls)).splitlines()) <= 80, name
+    assert weighting_name(SAMConfig()) == "uniform"
+    assert weighting_name(SAMConfig(reweight="delta")) == "probes"
+    assert weighting_name(SAMConfig(reweight="delta", estimator="sketch", score="gram")) == "sketch"
+    assert weighting_name(SAMConfig(rho=0.0, reweight="delta")) == "uniform"  # no perturbation, no weights
+
+
+def test_a_registered_weighting_is_the_one_the_step_runs(monkeypatch):
+    """Swapping the registry's class for estimator='probes' changes the step: eps follows instance 0's gradient
+    only, and the descent gradient is the mean loss's gradient at w + rho g_0/||g_0||."""
+    from lightning_deltasam.firstpass import WEIGHTINGS, Weighting
+    from lightning_deltasam.weighting import Weights
+
+    class FirstOnly(Weighting):
+        def weigh(self, passes, head, prepared):
+            losses = passes.losses("FirstOnly")
+            delta = torch.zeros_like(losses)
+            delta[0] = 1.0
+            passes.backend.backward((delta * losses).sum())
+            return losses, Weights(delta=delta, fallback=False)
+
+    monkeypatch.setitem(WEIGHTINGS, "probes", FirstOnly)
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    engine = SAMEngine([{"params": [w]}], SAMConfig(rho=0.1, reweight="delta"))
+    assert isinstance(engine.first.weighting, FirstOnly)
+    seen = []
+    engine.step(lambda: (x @ w - y) ** 2, make_backend(engine.config), lambda: seen.append(w.grad.clone()))
+    g0 = 2 * (x[0] @ w.detach() - y[0]) * x[0]
+    wp = w.detach() + 0.1 * g0 / g0.norm()
+    expected = (2 * (x @ wp - y)[:, None] * x).mean(0)
+    torch.testing.assert_close(seen[0], expected)
