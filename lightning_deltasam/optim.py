@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,6 +14,14 @@ from torch.optim import Optimizer
 from .config import SAMConfig
 from .engine import SAMEngine
 from .parts import Backend, StepStats, check_per_sample_losses, make_backend
+
+
+def _arguments(factory: Callable[..., Any]) -> set[str]:
+    """The keyword names ``factory`` accepts (empty when its signature cannot be read)."""
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 class DeltaSAM(Optimizer):
@@ -34,7 +43,8 @@ class DeltaSAM(Optimizer):
     the base optimizer's, so LR schedulers work unchanged. Pass ``module=`` so running statistics
     (BatchNorm) are updated by the first pass only (and, for ``estimator="exact"``/``"sketch"``, so its
     layers can be hooked). Every keyword that is not a SAM option goes to the
-    base optimizer.
+    base optimizer; ``base_kwargs`` go to it whatever their names (a base argument named like a SAM option,
+    e.g. RMSprop's ``alpha`` or Adadelta's ``rho``).
     """
 
     def __init__(
@@ -43,11 +53,23 @@ class DeltaSAM(Optimizer):
         base_optimizer: type[Optimizer] | Callable[..., Optimizer],
         *,
         module: nn.Module | None = None,
+        base_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer={base_optimizer!r} must be an optimizer class such as torch.optim.AdamW.")
-        config, base_kwargs = SAMConfig.split(kwargs)
+        try:
+            config, rest = SAMConfig.split(kwargs)
+        except ValueError as err:
+            shared = sorted(set(kwargs) & set(SAMConfig.option_names()) & _arguments(base_optimizer))
+            if not shared:
+                raise
+            name = getattr(base_optimizer, "__name__", repr(base_optimizer))
+            raise ValueError(
+                f"{err} ({', '.join(shared)} is also an argument of {name}: to give it to {name}, pass "
+                f"base_kwargs={{{shared[0]!r}: ...}}.)"
+            ) from err
+        base_kwargs = {**rest, **(base_kwargs or {})}
         if config.step_probe_scope == "head":
             raise ValueError(
                 "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "

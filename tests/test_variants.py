@@ -236,3 +236,15 @@ def test_every_option_is_in_the_yaml_and_the_readme_table():
     for name, default in fields.items():
         shown = rows[name].strip('`"')
         assert shown == str(default) or (isinstance(default, float) and float(shown) == default), (name, shown)
+
+
+def test_a_base_argument_named_like_a_variant_option_goes_through_base_kwargs():
+    """RMSprop's ``alpha`` is also GSAM's / LookSAM's: as a plain keyword it is SAM's (and refused for plain SAM,
+    the error naming base_kwargs); through ``base_kwargs`` it reaches RMSprop."""
+    net = make_net()
+    with pytest.raises(ValueError, match=r"alpha is also an argument of RMSprop.*base_kwargs=\{'alpha': \.\.\.\}"):
+        DeltaSAM(net.parameters(), torch.optim.RMSprop, lr=0.01, alpha=0.9)
+    opt = DeltaSAM(net.parameters(), torch.optim.RMSprop, lr=0.01, rho=0.05, base_kwargs={"alpha": 0.9})
+    assert opt.base_optimizer.defaults["alpha"] == 0.9 and opt.config.alpha is None
+    looksam = DeltaSAM(net.parameters(), torch.optim.RMSprop, variant="looksam", alpha=0.5, base_kwargs={"alpha": 0.8})
+    assert looksam.config.alpha == 0.5 and looksam.base_optimizer.defaults["alpha"] == 0.8
