@@ -56,6 +56,8 @@ class DeltaSAMCallback(Callback):
         seed: seed of the probe generator (identical on every rank).
         m: instances per perturbation: ``None`` the whole batch (SAM), ``1`` exact per-instance SAM, ``k``
             m-sharpness over consecutive groups of k; needs ``per_sample_loss`` (the module's layers are hooked).
+        match_rho: with ``m``, scale the radius each step to rho / (mean_i ||g_i|| / ||g_bar||), so that the mean
+            first-order loss rise is SAM's at rho (rho in SAM's units).
         variant: the ascent rule: ``"sam"`` (SAM / ASAM), ``"gsam"``, ``"wsam"``, ``"looksam"``, ``"friendly"``.
         interval: perturb every interval-th step (composer's SAM), a plain base step otherwise.
         alpha: GSAM's surrogate-gap weight (None: 0.4) or LookSAM's g_v weight (None: 0.7).
@@ -88,6 +90,7 @@ class DeltaSAMCallback(Callback):
         sync: Sync = "global",
         seed: int = 0,
         m: int | None = None,
+        match_rho: bool = False,
         variant: Variant = "sam",
         interval: int = 1,
         alpha: float | None = None,
@@ -118,6 +121,7 @@ class DeltaSAMCallback(Callback):
             sync=sync,
             seed=seed,
             m=m,
+            match_rho=match_rho,
             variant=variant,
             interval=interval,
             alpha=alpha,

@@ -71,7 +71,9 @@ class SAMConfig:
     backward, :mod:`~lightning_deltasam.gram`) or ``"sketch"`` (its rank-``sketch_rank`` sketch).
     The exact rule is ``score="gram", weights="linear", estimator="exact"``. ``m`` (None: the whole
     batch) is the number of consecutive instances that share one perturbation: ``m=1`` is exact
-    per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`).
+    per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`);
+    with ``match_rho`` its radius each step is rho / (mean_i ||g_i|| / ||g_bar||): rho in SAM's units, the mean
+    first-order loss rise SAM's at rho.
     ``variant`` picks the ascent rule (:mod:`~lightning_deltasam.ascent`) with its own options (``alpha``,
     ``min_rho``, ``gamma``, ``decouple``, ``k``, ``sigma``, ``lmbda``, named and defaulted as in pytorch_optimizer);
     ``interval=k`` perturbs only every k-th step (composer's SAM), a plain base step otherwise.
@@ -96,6 +98,7 @@ class SAMConfig:
     sync: Sync = "global"
     seed: int = 0
     m: int | None = None
+    match_rho: bool = False
     variant: Variant = "sam"
     interval: int = 1
     alpha: float | None = None
@@ -148,6 +151,12 @@ class SAMConfig:
                     "so the per-instance route cannot apply it. Use adaptive=False with m, or m=None for ASAM."
                 )
 
+        check_bool("match_rho", self.match_rho)
+        if self.match_rho and self.m is None:
+            raise ValueError(
+                "match_rho=True scales the radius of the per-instance route (option m); with m=None the step is SAM's "
+                "already. Set m (e.g. m=1) or match_rho=False."
+            )
         self._check_variant()
 
     def _check_variant(self) -> None:

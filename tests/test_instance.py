@@ -174,6 +174,43 @@ def test_grad_norm_ratio_is_logged_from_per_sample_gradients(name, m):
     assert opt.last_stats.as_log_dict(0)["deltasam/grad_norm_ratio"] > 1  # a per-instance adversary is the stronger one
 
 
+@pytest.mark.parametrize("name", ["bert", "mlp"])
+def test_match_rho_is_the_fixed_route_at_rho_over_the_ratio(name):
+    """match_rho=True at rho equals m=1 at the fixed radius rho / (mean_i ||g_i|| / ||g_bar||), the ratio from
+    torch.func's per-sample gradients; with m = B (one group, ratio 1) it is SAM at rho."""
+    model, loss_fn, batch = MODELS[name]()
+    g = per_sample_grads(model, loss_fn, batch)
+    rows = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1).double()
+    ratio = float(rows.norm(dim=1).mean() / rows.mean(0).norm())
+    want = loop_reference(model, loss_fn, batch, rho=RHO / ratio, m=1)
+    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=1, match_rho=True), want) < 1e-5
+    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=1), want) > 1e-3  # the radius did change
+    n = rows.shape[0]
+    sam = engine_update(model, loss_fn, batch, rho=RHO)
+    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=n, match_rho=True), sam) < 1e-5
+
+
+def test_match_rho_refusals():
+    """match_rho needs m; under DDP with sync='global' it needs the global ||g_bar||, which the route does not form."""
+    from lightning_deltasam.distributed import Reducer
+    from lightning_deltasam.engine import SAMEngine
+    from lightning_deltasam.parts import Backend
+
+    with pytest.raises(ValueError, match="match_rho=True scales the radius of the per-instance route"):
+        SAMConfig(match_rho=True)
+    model, loss_fn, batch = MODELS["mlp"]()
+
+    class TwoRanks(Reducer):
+        world_size = 2
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = SAMEngine([{"params": params}], SAMConfig(rho=RHO, m=1, match_rho=True))
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"match_rho=True under DDP with sync='global' \(2 ranks\)"):
+        engine.step(lambda: loss_fn(batch), Backend(TwoRanks()), lambda: None, module=model)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
 def test_bf16_autocast_is_close_to_float32():
     model, loss_fn, batch = MODELS["bert"]()
     want = engine_update(model, loss_fn, batch, rho=RHO, m=1)

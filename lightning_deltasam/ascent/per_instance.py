@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,12 @@ class PerInstanceRoute:
         ||G_g|| from what they kept. Second pass: the per-group corrections installed, a backward of the mean
         loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced."""
         cfg = self.config
+        if cfg.match_rho and backend.reducer.world_size > 1:
+            raise ValueError(
+                f"match_rho=True under DDP with sync='global' ({backend.reducer.world_size} ranks): the matched radius "
+                "needs the global batch gradient's norm, which the per-instance route does not form. Use a fixed rho "
+                "(rho_SAM / the logged deltasam/grad_norm_ratio), or sync='local' (each rank matches its own batch)."
+            )
         route = self.route(engine, passes.module)
         rho_of = self.radii(engine)
         buffers = backend.buffers()
@@ -59,16 +66,18 @@ class PerInstanceRoute:
                 finite = bool(torch.isfinite(total.sum() + loss0.float()))
             if not engine.guard.agree_finite(finite, backend):
                 return engine.guard.skip_step(params, stats, backend, base_step, "the first pass")
+            norm = total.sqrt()
+            with torch.no_grad(), phase("statistics"):
+                stats.grad_norm_ratio = ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
+            # match_rho: rho in SAM's units, the radius whose mean first-order loss rise equals SAM's at rho
+            factor = (1.0 / ratio if math.isfinite(ratio) and ratio > 0 else 0.0) if cfg.match_rho else 1.0
             with torch.no_grad(), phase("perturb"):
-                norm = total.sqrt()
                 inverse = torch.where(
                     norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
                 )
-                route.scale({p: rho_of[p] * inverse for p in squares})
-                eps_sq = sum(rho_of[p] ** 2 * sq for p, sq in squares.items()) * inverse.square()
+                route.scale({p: rho_of[p] * factor * inverse for p in squares})
+                eps_sq = sum((rho_of[p] * factor) ** 2 * sq for p, sq in squares.items()) * inverse.square()
                 stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
-            with torch.no_grad(), phase("statistics"):
-                stats.grad_norm_ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
             snapshot.keep_buffers()  # the first pass's statistics are the ones kept
             engine.zero_grad(params)
             with snapshot.restoring(), route.corrections(), phase("second_pass"):
