@@ -1,4 +1,4 @@
-"""Per-instance SAM, SAM and the delta-SAM rules across settings: the pooled view of issue 26.
+"""Per-instance SAM, SAM and the delta-SAM rules across settings: the pooled view.
 
 Reads the per-setting JSON files that ``accuracy.py`` writes (each with SAM, the delta-SAM rules and a per-instance
 SAM column, ``instance_sam@rho=...``, m = 1) and pairs every column with SAM by seed:
