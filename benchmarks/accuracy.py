@@ -170,6 +170,11 @@ def train_loss_by_epoch(run_dir: Path) -> list[float]:
     return [statistics.fmean(per_epoch[e]) for e in sorted(per_epoch)]
 
 
+def per_instance_column(labels: Any) -> str | None:
+    """The first per-instance SAM column with m = 1 (``instance_sam`` or ``instance_sam@rho=...``), if any."""
+    return next((o for o in labels if o.split("@")[0] == "instance_sam" and "@m=" not in o), None)
+
+
 def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[str, Any]:
     """Per optimizer: the metric per seed, mean, std, mean wall seconds, and ``paired`` against each baseline
     (the first optimizer, ``sam`` and the first per-instance SAM column with m = 1, when run): mean per-seed difference
@@ -184,8 +189,12 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], metric: str) -> dict[s
             "wall_s": statistics.fmean(r["wall_seconds"] for r in by_seed.values()),
             "steps": next(iter(by_seed.values()))["steps"],
         }
-    per_instance = [o for o in runs if o.split("@")[0] == "instance_sam" and "@m=" not in o][:1]
-    baselines = list(dict.fromkeys([next(iter(runs)), *(["sam"] if "sam" in runs else []), *per_instance]))
+    per_instance = per_instance_column(runs)
+    baselines = list(
+        dict.fromkeys(
+            [next(iter(runs)), *(["sam"] if "sam" in runs else []), *([per_instance] if per_instance else [])]
+        )
+    )
     for opt, by_seed in runs.items():  # paired by seed: same data order and initialization, so seed noise cancels
         out[opt]["paired_vs"] = {}
         for base in baselines:

@@ -21,12 +21,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from accuracy import per_instance_column
+
 RULES = ("deltasam", "deltasam_exact")
-
-
-def instance_label(optimizers: dict[str, Any]) -> str | None:
-    """The per-instance SAM column with m = 1 (``instance_sam`` or ``instance_sam@rho=...``), if any."""
-    return next((o for o in optimizers if o.split("@")[0] == "instance_sam" and "@m=" not in o), None)
 
 
 def paired(optimizers: dict[str, Any], column: str, base: str) -> list[float]:
@@ -38,7 +35,7 @@ def paired(optimizers: dict[str, Any], column: str, base: str) -> list[float]:
 def setting_view(result: dict[str, Any]) -> dict[str, Any]:
     """One setting: each column's paired difference from SAM, and delta-SAM's share of the per-instance gain."""
     opts = result["optimizers"]
-    m1 = instance_label(opts)
+    m1 = per_instance_column(opts)
     columns = [c for c in opts if c != "sam" and c != "adamw" and (c in RULES or c.split("@")[0] == "instance_sam")]
     view: dict[str, Any] = {"metric": result["metric"], "instance": m1, "vs_sam": {}}
     for c in columns:

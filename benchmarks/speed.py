@@ -361,17 +361,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "oracle" in med:
         ratios["oracle/sam"] = med["oracle"] / med["sam"]
+    by_mean = {rule_name(c) for c in variant_configs(args.rho)}  # costed by their mean over whole periods, below
     for name in methods:
-        if name not in ("adamw", "sam"):
+        if name not in ("adamw", "sam") and name not in by_mean:
             ratios[f"{name}/sam"] = med[name] / med["sam"]
     # A variant that perturbs only some steps (LookSAM's k, every-k SAM) costs its mean over whole periods, not the
     # median step (a plain one): its ratios use means, and --steps must hold whole periods (checked above).
     mean = {name: statistics.fmean(s["total"] for s in v) for name, v in samples.items()}
-    for name in (rule_name(c) for c in variant_configs(args.rho)):
-        if name in mean:
-            ratios[f"{name}/sam"] = mean[name] / mean["sam"]
-            ratios[f"{name}/adamw"] = mean[name] / mean["adamw"]
-    if any(rule_name(c) in mean for c in variant_configs(args.rho)):
+    for name in by_mean & set(mean):
+        ratios[f"{name}/sam"] = mean[name] / mean["sam"]
+        ratios[f"{name}/adamw"] = mean[name] / mean["adamw"]
+    if by_mean & set(mean):
         ratios["sam/adamw (means)"] = mean["sam"] / mean["adamw"]
     peers = [name for name in PEERS if name in samples]
     vs_peers: dict[str, Any] = {}
@@ -649,10 +649,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"SAM's: {100 * result['engine_overhead_frac_of_sam_step']:.1f}%)"
     )
     ratios = result["ratios"]
-    intermittent = [n for n in med if f"{n}/adamw" in ratios and n not in ("sam", "deltasam")]
-    if intermittent:  # the variants' cost is their mean step over whole periods, not the median (a plain step)
-        print("mean step over whole periods (what a variant that skips perturbations costs on average):")
-        for name in intermittent:
+    by_mean = [n for n in med if f"{n}/adamw" in ratios and n not in ("sam", "deltasam")]
+    if by_mean:  # the variants' cost is their mean step over whole periods (LookSAM's median is a plain step)
+        print("the variants' mean step over whole periods (what one that skips perturbations costs on average):")
+        for name in by_mean:
             print(
                 f"{name:40s} {result['step_seconds_mean'][name]:8.3f} {ratios[f'{name}/adamw']:7.2f} "
                 f"{ratios[f'{name}/sam']:6.2f}"

@@ -23,7 +23,7 @@ from .ascent.base import grads_of
 from .ascent.per_instance import PerInstanceRoute
 from .config import SAMConfig
 from .firstpass import FirstPass
-from .parts import Ascent, Backend, BufferPool, Guard, Passes, Pending, Snapshot, StepStats, phase
+from .parts import Ascent, Backend, BufferPool, Guard, Passes, Pending, Snapshot, StepStats, clear_grads, phase
 from .probes import HeadProbe, LossFn, ProbeNoise
 
 
@@ -188,10 +188,7 @@ class SAMEngine:
     def params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    @staticmethod
-    def zero_grad(params: list[Tensor]) -> None:
-        for p in params:
-            p.grad = None
+    zero_grad = staticmethod(clear_grads)
 
     def state_dict(self) -> dict[str, Any]:
         rule = self.rule.state_dict(self.params())

@@ -58,8 +58,7 @@ class Backend:
     def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
         """A step whose gradients are not finite: the base step runs with no gradient, so nothing changes
         but the step is counted (schedulers and step counters stay aligned with a normal step)."""
-        for p in params:
-            p.grad = None
+        clear_grads(params)
         base_step()
 
 
@@ -209,6 +208,12 @@ def make_backend(config: SAMConfig, buffers: Callable[[], list[Tensor]] | None =
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
 
 
+def clear_grads(params: list[Tensor]) -> None:
+    """``p.grad = None`` for each of ``params`` (frees the memory; the next backward allocates afresh)."""
+    for p in params:
+        p.grad = None
+
+
 def norm_of(norms: list[Tensor]) -> float:
     """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list."""
     if not norms:
@@ -301,8 +306,7 @@ class Guard:
         backend.skip(params, base_step)
         self.rule.discard()
         self.steps += 1
-        for p in params:
-            p.grad = None
+        clear_grads(params)
         return stats
 
 
