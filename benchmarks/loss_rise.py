@@ -9,7 +9,9 @@ it over each run, and pairs each optimizer with SAM of the same setting and seed
 A ratio below 1 means a weaker perturbation than SAM's at the same rho (each run on its own trajectory,
 so the pairing is by setting and seed, not by weights). Runs of the per-instance route also log
 ``deltasam/grad_norm_ratio`` (mean_i ||g_i|| / ||g_bar||): rho_SAM / ratio is the radius at which SAM's
-first-order loss rise matches it; its mean is reported too.
+first-order loss rise matches it; its mean is reported too. A per-instance run with ``match_rho=true`` at rho
+is paired with SAM at that rho (its rho is in SAM's units), so the table says whether the matched radius
+gives SAM's loss rise in fact, not only to first order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 RUNS = Path(__file__).resolve().parent / "results" / "runs"
+SAM_RHO = float(
+    OmegaConf.load(Path(__file__).resolve().parents[1] / "lightning_deltasam/glue/conf/optimizer/sam.yaml").rho
+)
 NAME = re.compile(r"^(?P<task>\w+?)-(?P<model>\w+?)-(?P<optimizer>[a-z_]+)-(?P<tag>.*?)-?seed(?P<seed>\d+)$")
 
 
@@ -53,11 +60,27 @@ def collect(runs: Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     return out
 
 
+def sam_setting(setting: str) -> str | None:
+    """The setting whose SAM runs a run pairs with: ``match_rho=true`` at rho is SAM at rho, else its own setting.
+
+    None for ``match_rho=true`` without a rho in the name (instance_sam's own rho, which no SAM run uses here).
+    """
+    if "-match-rhotrue" not in setting:
+        return setting
+    base = setting.replace("-match-rhotrue", "")
+    rho = re.search(r"-rho([0-9.]+)(?=-|$)", base)
+    if rho is None:
+        return None
+    return base.replace(rho[0], "") if float(rho[1]) == SAM_RHO else base
+
+
 def summarize(found: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
     """Per setting and optimizer: the mean loss rise per seed and its ratio to SAM's on the same seed."""
     result: dict[str, Any] = {}
     for setting, by_opt in found.items():
-        sam: dict[str, dict[str, float]] | None = by_opt.get("sam")
+        sam: dict[str, dict[str, float]] | None = by_opt.get("sam") or found.get(sam_setting(setting) or "", {}).get(
+            "sam"
+        )
         rows = {}
         for opt, by_seed in by_opt.items():
             row: dict[str, Any] = {"loss_rise": {s: m["deltasam/loss_rise"] for s, m in by_seed.items()}}

@@ -532,7 +532,15 @@ def test_loss_rise_pairs_each_optimizer_with_sam_of_its_setting_and_seed(tmp_pat
     record("cola-minilm-deltasam_exact-max-epochs3-seed1", [0.015, 0.015])
     record("cola-minilm-instance_sam-max-epochs3-seed1", [0.09, 0.11], ratio=3.0)
     record("cola-minilm-adamw-max-epochs3-seed1", [])
+    record("cola-minilm-instance_sam-max-epochs3-match-rhotrue-rho0.05-seed1", [0.03, 0.03], ratio=4.0)
+    record("cola-minilm-instance_sam-max-epochs3-match-rhotrue-rho0.02-seed1", [0.03, 0.03], ratio=4.0)
     result = loss_rise.main(["--runs", str(tmp_path)])
+    # match_rho at SAM's default rho pairs with the plain SAM runs; at another rho with SAM at that rho (none here)
+    assert result["cola-minilm-max-epochs3-match-rhotrue-rho0.05"]["instance_sam"]["vs_sam"]["mean"] == pytest.approx(
+        1.0
+    )
+    assert "vs_sam" not in result["cola-minilm-max-epochs3-match-rhotrue-rho0.02"]["instance_sam"]
+    assert loss_rise.sam_setting("cola-minilm-x-rho0.02-match-rhotrue") == "cola-minilm-x-rho0.02"
     rows = result["cola-minilm-max-epochs3"]
     assert set(rows) == {"sam", "deltasam_exact", "instance_sam"}  # AdamW logs no loss rise
     assert rows["deltasam_exact"]["vs_sam"]["mean"] == pytest.approx(0.5)
