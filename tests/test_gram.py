@@ -89,9 +89,7 @@ def reference_gram(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def captured(model: nn.Module, batch: dict, **kw) -> GramCapture:
     cap = GramCapture(model, [p for p in model.parameters() if p.requires_grad], **kw)
-    with cap.record():
-        losses = model(batch)
-    cap.backward(losses)
+    cap.first_pass(lambda: model(batch), None)
     return cap
 
 
@@ -148,9 +146,12 @@ def test_bf16_autocast_gram_is_close_to_float32():
     batch = make_batch(4)
     exact = captured(model, batch).gram()
     cap = GramCapture(model, list(model.parameters()))
-    with cap.record(), torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(batch)
-    cap.backward(losses)
+
+    def losses() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(batch)
+
+    cap.first_pass(losses, None)
     k = cap.gram()
     assert k.dtype == torch.float64 and rel(k, exact) < 0.1
 
@@ -172,17 +173,40 @@ def test_unsupported_module_is_refused_by_name_and_frozen_ones_are_skipped():
         GramCapture(attn, list(attn.parameters()))
 
 
-def test_tied_weights_are_refused():
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.dec = nn.Linear(4, 10, bias=False)
-            self.dec.weight = self.emb.weight
+class Tied(nn.Module):
+    """A tied LM head: the embedding's weight is also the output layer's (an nn.Linear sharing it)."""
 
+    def __init__(self, outside: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+        self.dec = nn.Linear(4, 10, bias=False)
+        self.dec.weight = self.emb.weight
+        self.outside = outside
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        h = torch.tanh(self.norm(self.emb(batch["input_ids"])))
+        logits = F.linear(h, self.emb.weight) if self.outside else self.dec(h)
+        return F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none").mean(1)
+
+
+def tied_batch() -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"input_ids": torch.randint(0, 10, (B, 5), generator=g), "targets": torch.randint(0, 10, (B, 5), generator=g)}
+
+
+def test_tied_weights_sum_their_uses_with_cross_terms():
     model = Tied()
-    with pytest.raises(UnsupportedModuleError, match="tied"):
-        GramCapture(model, list(model.parameters()))
+    batch = tied_batch()
+    assert rel(captured(model, batch).gram(), reference_gram(model, batch)) < 1e-5
+
+
+def test_a_weight_used_outside_its_module_is_refused_by_name():
+    model = Tied(outside=True)
+    model.dec = nn.Identity()  # the head is F.linear(h, emb.weight): no module holds that use
+    with pytest.raises(UnsupportedModuleError, match=r"emb\.weight is used outside the forward"):
+        captured(model, tied_batch())
 
 
 def test_a_module_called_twice_sums_both_uses():

@@ -384,17 +384,22 @@ def test_fp16_grad_scaler_trains_and_skips_overflow():
     assert trainer.precision_plugin.scaler.get_scale() < 2.0**10
 
 
-def test_frozen_batchnorm_statistics_come_from_the_first_pass_only():
+def test_batchnorm_in_training_mode_is_refused_and_in_eval_mode_is_exact():
     net = make_net(batchnorm=True)
     net[1].requires_grad_(False)
     x, y = make_data(n=16)
-    expected = make_net(batchnorm=True)
-    expected.load_state_dict(net.state_dict())
-    expected(x)  # one forward at w: the statistics the step must keep
     opt = DeltaSAM([p for p in net.parameters() if p.requires_grad], torch.optim.SGD, lr=0.1, module=net, rho=RHO, m=1)
-    opt.step(lambda: per_sample_ce(net, x, y))
-    assert torch.equal(net[1].running_mean, expected[1].running_mean)
-    assert int(net[1].num_batches_tracked) == 1
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(BatchNorm1d\).*batch's own statistics.*eval mode"):
+        opt.step(lambda: per_sample_ce(net, x, y))
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    net.eval()  # running statistics: every instance has its own gradient
+    net.double()
+    x = x.double()
+    ref = loop_reference(net, lambda b: per_sample_ce(net, *b), (x, y), RHO, 1)
+    got = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), rho=RHO, m=1)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-7, atol=1e-9)
 
 
 def test_resume_from_a_state_dict_continues_bitwise():

@@ -55,9 +55,7 @@ class PerInstanceRoute:
         snapshot = Snapshot([], [], buffers, engine.pool.saved("buffers", buffers))
         try:
             with passes.backend.no_sync(), phase("first_pass"):
-                with route.record(passes.batch_size):
-                    losses = passes.losses(f"m={cfg.m}")
-                route.backward(losses, scale=backend.loss_scale())
+                losses = route.first_pass(lambda: passes.losses(f"m={cfg.m}"), passes.batch_size, backend.loss_scale())
             loss0 = losses.detach().mean()
             stats = StepStats(loss=loss0, losses=losses.detach())
             with torch.no_grad(), phase("ascent_norm"):

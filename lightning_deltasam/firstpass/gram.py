@@ -27,10 +27,10 @@ class Gram(Weighting):
         cfg, reducer = self.config, passes.backend.reducer
         capture = self.capture(passes.module)
         try:
-            with capture.record(passes.batch_size):
-                losses = passes.losses(f"estimator={cfg.estimator!r}")
+            losses = capture.first_pass(
+                lambda: passes.losses(f"estimator={cfg.estimator!r}"), passes.batch_size, passes.backend.loss_scale()
+            )
             with phase("gram"):
-                capture.backward(losses, scale=passes.backend.loss_scale())
                 weights = compute_weights(gram_scores(capture.gram(), cfg, reducer), cfg, reducer)
                 for p, g in capture.weighted_grads(weights.delta).items():
                     p.grad = g

@@ -1,0 +1,91 @@
+"""Embeddings: ``nn.Embedding`` and subclasses whose forward is verified to be a lookup times a constant (Gemma's
+scaled word embedding, x sqrt(d)). Instance i's gradient touches only the rows of its tokens: a
+:class:`~.terms.Rows` term, never B x V x d. ``padding_idx`` rows get no gradient, as in autograd."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, ungrouped, wide
+from .terms import Rows, Term, lookup_delta
+
+
+class EmbeddingKind(Kind):
+    label = "Embedding"
+    roles = ("weight",)
+
+    def __init__(self, name: str, module: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__(name, module, params)
+        self.scale = 1.0  # out = scale * W[x]
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def check(self) -> None:
+        mod = self.module
+        assert isinstance(mod, nn.Embedding)
+        for option, value, why in (
+            ("scale_grad_by_freq", mod.scale_grad_by_freq, "it divides by counts over the whole batch"),
+            ("max_norm", mod.max_norm, "it renormalizes rows in place during the forward"),
+        ):
+            if value:
+                raise UnsupportedModuleError(
+                    f"{self.name} (Embedding) has {option}={value!r}: {why}, so no instance has a gradient of its own. "
+                    f"Construct it with {option}={False if option == 'scale_grad_by_freq' else None}, or freeze "
+                    f"{self.name}.weight (requires_grad=False)."
+                )
+        if type(mod).forward is not nn.Embedding.forward:
+            self.scale = self._probe_scale(mod)
+
+    def _probe_scale(self, mod: nn.Embedding) -> float:
+        """The constant c with forward(x) == c W[x], checked on random indices and two weights; else a refusal."""
+        gen = torch.Generator().manual_seed(0)
+        weight = mod.weight
+        idx = torch.randint(mod.num_embeddings, (2, 3), generator=gen).to(weight.device)
+        other = torch.randn(weight.shape, generator=gen, dtype=torch.float64).to(weight.device, weight.dtype)
+        tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+        scale = None
+        try:
+            with torch.no_grad():
+                for w in (weight, other):
+                    out = functional_call(mod, {"weight": w}, (idx,))
+                    ref = F.embedding(idx, w)
+                    if not isinstance(out, Tensor) or out.shape != ref.shape:
+                        raise ValueError("not a lookup")
+                    if scale is None:
+                        scale = float((out.double() * ref.double()).sum() / ref.double().square().sum())
+                    if not torch.allclose(out.double(), scale * ref.double(), rtol=tol, atol=tol * float(ref.abs().max())):
+                        raise ValueError("not a lookup")
+        except Exception as err:  # any failure: the forward is not a plain (scaled) lookup of its first argument
+            raise UnsupportedModuleError(
+                f"{self.name} ({type(mod).__name__}) overrides Embedding.forward and is not a lookup of its first "
+                f"argument times a constant ({type(err).__name__}: {err}): its per-instance gradients cannot be read. "
+                f"Freeze {self.name}.weight (requires_grad=False), or use a plain nn.Embedding."
+            ) from None
+        assert scale is not None
+        return scale
+
+    def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
+        weight = self.params["weight"]
+        mod = self.module
+        assert isinstance(mod, nn.Embedding)
+        idx = cat_tokens([c.x.reshape(bsz, -1) for c in calls], dim=1)
+        b = cat_tokens([wide(c.b).reshape(bsz, -1, mod.embedding_dim) for c in calls], dim=1)  # type: ignore[union-attr]
+        if mod.padding_idx is not None:
+            b = b.masked_fill((idx == mod.padding_idx).unsqueeze(-1), 0.0)
+        if self.scale != 1.0:
+            b = b * self.scale
+        return [(weight, Rows(grouped(idx, bsz, m), grouped(b, bsz, m), mod.num_embeddings))]
+
+    def correct(self, x: Tensor, out: Tensor, eps: dict[int, list[Term]], bsz: int, m: int, cache: dict) -> Tensor:
+        tokens = x[0].numel()
+        y = out.reshape(bsz, tokens, out.shape[-1])
+        idx = grouped(x.reshape(bsz, tokens), bsz, m)
+        for term in eps.get(id(self.params["weight"]), []):
+            delta = lookup_delta(term, idx)
+            y = y + (ungrouped(delta, bsz, m, tokens) * self.scale).to(y.dtype)
+        return y.reshape(out.shape)
