@@ -13,6 +13,7 @@ ProbeScale = Literal["relative", "absolute"]
 ProbeScope = Literal["auto", "all", "head"]
 Sync = Literal["global", "local"]
 Estimator = Literal["probes", "exact", "sketch"]
+Verify = Literal["auto", "always", "off"]
 ClipAlgorithm = Literal["norm", "value"]
 Variant = Literal["sam", "gsam", "wsam", "looksam", "friendly"]
 
@@ -24,6 +25,7 @@ PROBE_SCOPES: tuple[str, ...] = get_args(ProbeScope)
 SYNCS: tuple[str, ...] = get_args(Sync)
 CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+VERIFY: tuple[str, ...] = get_args(Verify)
 VARIANTS: tuple[str, ...] = get_args(Variant)  # each is a file in lightning_deltasam/ascent/
 EXACT_SCORES = ("gram", "gradnorm")  # the scores an exact / sketched per-instance Gram matrix gives
 
@@ -73,7 +75,9 @@ class SAMConfig:
     batch) is the number of consecutive instances that share one perturbation: ``m=1`` is exact
     per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`);
     with ``match_rho`` its radius each step is rho / (mean_i ||g_i|| / ||g_bar||): rho in SAM's units, the mean
-    first-order loss rise SAM's at rho.
+    first-order loss rise SAM's at rho. ``verify`` (``m`` and the Gram estimators) checks the per-instance
+    gradients against autograd: ``"auto"`` the rows on each new shape signature and two instances' gradients on the
+    first step, ``"always"`` both every step, ``"off"`` neither (:mod:`~lightning_deltasam.layers`).
     ``variant`` picks the ascent rule (:mod:`~lightning_deltasam.ascent`) with its own options (``alpha``,
     ``min_rho``, ``gamma``, ``decouple``, ``k``, ``sigma``, ``lmbda``, named and defaulted as in pytorch_optimizer);
     ``interval=k`` perturbs only every k-th step (composer's SAM), a plain base step otherwise.
@@ -99,6 +103,7 @@ class SAMConfig:
     seed: int = 0
     m: int | None = None
     match_rho: bool = False
+    verify: Verify = "auto"
     variant: Variant = "sam"
     interval: int = 1
     alpha: float | None = None
@@ -152,6 +157,7 @@ class SAMConfig:
                 )
 
         check_bool("match_rho", self.match_rho)
+        check_choice("verify", self.verify, VERIFY)
         if self.match_rho and self.m is None:
             raise ValueError(
                 "match_rho=True scales the radius of the per-instance route (option m); with m=None the step is SAM's "

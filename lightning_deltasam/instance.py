@@ -127,10 +127,12 @@ class InstancePerturbation:
                 h.remove()
             cache.clear()
 
-    def _hook(self, kind: Kind, cache: dict) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
+    def _hook(self, kind: Kind, cache: dict) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
         capture = self.capture
 
-        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
+        def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
+            if kind.busy:
+                return None
             _check_eager(capture.who, capture.way_out)
             x, y, shape = capture.batch_view(kind, kind.input_of(inputs), out)
             y = kind.correct(x, y, self.eps, self.batch_size, self.m, cache)

@@ -32,7 +32,7 @@ class PerInstanceRoute:
 
     def __init__(self, config: SAMConfig) -> None:
         self.config = config
-        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m))  # type: ignore[arg-type]
+        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m, config.verify))  # type: ignore[arg-type]
 
     def step(
         self, engine: SAMEngine, params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]

@@ -44,4 +44,4 @@ class Gram(Weighting):
 
     def _build(self, module: nn.Module, params: list[Tensor]) -> GramCapture:
         gen = self.noise.generator(params[0].device) if self.config.estimator == "sketch" else None
-        return GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen)  # type: ignore[arg-type]
+        return GramCapture(module, params, self.config.estimator, self.config.sketch_rank, gen, self.config.verify)  # type: ignore[arg-type]

@@ -69,6 +69,7 @@ class Kind:
 
     def __init__(self, name: str, module: nn.Module, params: dict[str, Tensor]) -> None:
         self.name, self.module, self.params = name, module, params
+        self.busy = False  # the kind is calling its own module (a probe): the hooks let that call through
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..config import Verify
 from .base import Call, Kind, UnsupportedModuleError
 from .conv import Conv2dKind
 from .embedding import EmbeddingKind
@@ -34,7 +34,6 @@ SUPPORTED_TEXT = (
     "Linear, transformers' Conv1D, Embedding (and verified scaled lookups), LayerNorm, RMSNorm (torch's and "
     "transformers'), Conv2d (groups=1)"
 )
-Verify = Literal["auto", "always", "off"]
 
 
 class _Rerun(Exception):
@@ -153,7 +152,7 @@ class LayerCapture:
 
     def _hook(self, kind: Kind) -> Callable:
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
-            if not self._recording or not torch.is_grad_enabled():
+            if not self._recording or not torch.is_grad_enabled() or kind.busy:
                 return None
             if torch._C._current_graph_task_id() != -1:
                 raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out))
@@ -207,9 +206,14 @@ class LayerCapture:
         check_rows = self.verify == "always" or (self.verify == "auto" and signature not in self._seen)
         check_grads = self.verify == "always" or (self.verify == "auto" and self._steps == 0)
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
-        grads = torch.autograd.grad(
-            total, [r.out for r in self.records], allow_unused=True, retain_graph=check_rows or check_grads
-        )
+        try:
+            grads = torch.autograd.grad(
+                total, [r.out for r in self.records], allow_unused=True, retain_graph=check_rows or check_grads
+            )
+        except RuntimeError as err:
+            if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
+                raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out)) from err
+            raise
         for r, g in zip(self.records, grads):
             b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32
             assert r.call is not None
@@ -324,8 +328,8 @@ class LayerCapture:
             assert r.call is not None
             if g is None or r.call.b is None:
                 continue
-            got = g.float().reshape(r.call.out.shape) / scale
-            want = r.call.b.float() * weights.float().view(-1, *([1] * (got.dim() - 1)))
+            got = g.double().reshape(r.call.out.shape) / scale
+            want = r.call.b.double() * weights.double().view(-1, *([1] * (got.dim() - 1)))
             err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
             if err > tol:
                 raise UnsupportedModuleError(
@@ -386,9 +390,10 @@ class LayerCapture:
 
 def _checkpointing_message(who: str, way_out: str) -> str:
     return (
-        f"{who} cannot run with gradient checkpointing: the recomputed forward in the backward bypasses the hooks it "
-        "reads. Turn it off (model.gradient_checkpointing_disable(), or no torch.utils.checkpoint in the forward), "
-        f"or {way_out}."
+        f"{who} cannot run with reentrant gradient checkpointing (torch.utils.checkpoint(use_reentrant=True), "
+        "transformers' gradient_checkpointing_enable()): the layers' outputs are not in the graph it reads. Use "
+        "use_reentrant=False, turn it off (model.gradient_checkpointing_disable()), or "
+        f"{way_out}."
     )
 
 

@@ -72,7 +72,11 @@ class NormKind(Kind):
 
     def _call(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-        return functional_call(self.module, params, (x,))
+        self.busy = True
+        try:
+            return functional_call(self.module, params, (x,))
+        finally:
+            self.busy = False
 
     def _parts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(c(x), xhat(x)) at the module's precision: c is the output at w = 0 (and b = 0), xhat its slope in w."""
