@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
@@ -76,3 +77,89 @@ def default_reducer(sync: str) -> Reducer:
     if sync == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return DistributedReducer()
     return Reducer()
+
+
+# ------------------------------------------------------------------ sharded parameters (FSDP1, FSDP2)
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds, sharing its storage: a DTensor's local shard (FSDP2), any other
+    tensor itself (FSDP1's flat parameters and their views are local already)."""
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():  # no autograd node: the very local tensor, not a differentiable copy
+            return tensor.to_local()
+    return tensor
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    return [local_tensor(t) for t in tensors]
+
+
+class Shards:
+    """How the trainable parameters are split over ranks. ``kind`` is ``None`` (every rank holds whole tensors:
+    one process, DDP), ``"fsdp2"`` (DTensors sharded by ``fully_shard``) or ``"fsdp1"`` (FSDP1's flat parameters,
+    or with ``use_orig_params=True`` views into them). Under sharding a norm or inner product is the sum over
+    ranks of local sums (:meth:`sum_`), and a backward's gradient is already the mean over ranks."""
+
+    def __init__(
+        self,
+        kind: str | None = None,
+        group: dist.ProcessGroup | None = None,
+        flat: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        self.kind, self.group, self.flat = kind, group, flat
+        self.device = device if device is not None else torch.device("cpu")  # where the collectives' tensors live
+        self.world_size = dist.get_world_size(group) if kind is not None else 1
+        self.rank = dist.get_rank(group) if kind is not None else 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind is not None
+
+    @property
+    def name(self) -> str:
+        """The strategy in words, for messages."""
+        if self.kind == "fsdp2":
+            return "FSDP2 (fully_shard, Lightning's ModelParallelStrategy)"
+        if self.kind == "fsdp1":
+            return "FSDP1 (FullyShardedDataParallel, Lightning's strategy='fsdp')"
+        return "unsharded parameters"
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` (local sums: squares, inner products) over the ranks that hold the shards, in place."""
+        if self.kind is not None and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+def shards_of(params: list[Tensor]) -> Shards:
+    """The :class:`Shards` of ``params`` (an optimizer's trainable parameters); refuses DeepSpeed's and mixed or
+    multi-dimensional sharding with a message naming what works."""
+    if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in params):
+        raise ValueError(
+            "DeepSpeed partitions the parameters (ZeRO) and steps the optimizer itself, without the closure SAM's "
+            "second pass needs: lightning_deltasam does not support DeepSpeed. Use DDP (strategy='ddp'), FSDP2 "
+            "(fully_shard, or Lightning's ModelParallelStrategy with configure_model) or FSDP1 "
+            "(FullyShardedDataParallel, strategy='fsdp') instead."
+        )
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    if dtensors:
+        if len(dtensors) != len(params):
+            raise ValueError(
+                f"{len(dtensors)} of the {len(params)} trainable parameters are DTensors (fully_shard) and the others "
+                "are not: their gradients would not be reduced over ranks. Apply fully_shard to the root module as "
+                "well, so every trainable parameter is sharded."
+            )
+        meshes = {id(p.device_mesh) for p in dtensors}
+        mesh = dtensors[0].device_mesh
+        if len(meshes) > 1 or mesh.ndim != 1 or any(not p.placements[0].is_shard() for p in dtensors):
+            raise ValueError(
+                "The trainable DTensors are not sharded over one 1-D device mesh (HSDP, tensor parallelism or a "
+                f"Replicate placement, e.g. {dtensors[0].placements}): lightning_deltasam supports FSDP2's plain "
+                "fully_shard over one mesh dimension. Use fully_shard(module) with a 1-D mesh, or DDP."
+            )
+        return Shards("fsdp2", mesh.get_group(), device=dtensors[0].device)
+    flattened = [p for p in params if getattr(p, "_fsdp_flattened", False)]
+    if flattened:
+        flat = any(getattr(p, "_is_flat_param", False) for p in flattened)  # FlatParameter's own mark
+        return Shards("fsdp1", None, flat=flat, device=flattened[0].device)
+    return Shards()

@@ -115,11 +115,12 @@ def instance_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: 
 
 
 def batched_route_supported(module: nn.Module) -> bool:
-    """Whether :func:`instance_update` can take ``module`` (every trainable layer Linear, Embedding or LayerNorm)."""
-    from .gram import GramCapture, UnsupportedModuleError
+    """Whether :func:`instance_update` can take ``module`` (every trainable layer of a kind in :mod:`.layers`)."""
+    from .instance import InstancePerturbation
+    from .layers import UnsupportedModuleError
 
     try:
-        GramCapture(module, [p for p in module.parameters() if p.requires_grad], purpose="m=1")
+        InstancePerturbation(module, [p for p in module.parameters() if p.requires_grad])
     except (UnsupportedModuleError, ValueError):
         return False
     return True

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SAMConfig
-from .distributed import Reducer, default_reducer
+from .distributed import Reducer, Shards, default_reducer, local_tensors
 from .probes import LossFn
 
 
@@ -54,6 +54,15 @@ class Backend:
     def loss_scale(self) -> float:
         """Factor the backward multiplies gradients by (a GradScaler's scale), 1 without one."""
         return 1.0
+
+    def unscale_ascent_(self, grads: list[Tensor]) -> None:
+        """The first-pass gradients divided by the loss scale, in place, before the rule forms eps from them (the
+        rules that keep g at w, GSAM, WSAM, FriendlySAM, need its true size). Nothing here: no scaler, or one that
+        the adapter's own step unscales (Lightning's ``16-mixed``)."""
+
+    def unscale_descent_(self) -> None:
+        """The descent pass's gradients in ``.grad`` divided by the loss scale, in place, before the rule combines
+        them with g (a GradScaler's ``unscale_``, which records its inf check). Nothing here, as above."""
 
     def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
         """A step whose gradients are not finite: the base step runs with no gradient, so nothing changes
@@ -125,16 +134,14 @@ class Snapshot:
     @torch.no_grad()
     def restore(self, buffers: bool = True) -> None:
         with phase("restore"):
-            if self.params:
-                torch._foreach_copy_(self.params, self.saved)
-            if buffers and self.buffers:
-                torch._foreach_copy_(self.buffers, self.saved_buffers)
+            copy_all_(self.params, self.saved)
+            if buffers:
+                copy_all_(self.buffers, self.saved_buffers)
 
     @torch.no_grad()
     def keep_buffers(self) -> None:
         """The running statistics as they are now (after the first pass) become the ones restored."""
-        if self.buffers:
-            torch._foreach_copy_(self.saved_buffers, self.buffers)
+        copy_all_(self.saved_buffers, self.buffers)
 
     @contextmanager
     def restoring_on_error(self) -> Iterator[None]:
@@ -208,14 +215,42 @@ def make_backend(config: SAMConfig, buffers: Callable[[], list[Tensor]] | None =
     return Backend(default_reducer(config.sync), buffers, world=default_reducer("global"))
 
 
+@torch.no_grad()
+def copy_all_(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all i: one fused kernel, or, where a tensor type lacks it (a tensor subclass,
+    e.g. a DTensor, raises there), one copy per tensor. Every copy that can be made is made before an error
+    propagates, so the restore guarantee does not rest on the fused kernel."""
+    if not dst:
+        return
+    try:
+        torch._foreach_copy_(dst, src)
+        return
+    except Exception:  # noqa: BLE001 - any failure of the fused kernel falls back to per-tensor copies
+        pass
+    error: Exception | None = None
+    for d, s in zip(dst, src):
+        try:
+            d.copy_(s)
+        except Exception as err:  # noqa: BLE001 - copy the rest, then raise the first failure
+            error = error or err
+    if error is not None:
+        raise error
+
+
 def clear_grads(params: list[Tensor]) -> None:
     """``p.grad = None`` for each of ``params`` (frees the memory; the next backward allocates afresh)."""
     for p in params:
         p.grad = None
 
 
-def norm_of(norms: list[Tensor]) -> float:
-    """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list."""
+def norm_of(norms: list[Tensor], shards: Shards | None = None) -> float:
+    """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list. Under
+    sharding (``shards``) the n_i are of this rank's shards: the squares are summed over ranks in one all-reduce
+    (every rank calls it, with or without tensors)."""
+    if shards is not None and shards.sharded:
+        device = norms[0].device if norms else torch.device("cpu")
+        square = torch.stack([n.double() for n in norms]).square().sum() if norms else torch.zeros((), device=device)
+        return float(shards.sum_(square.reshape(1).double()).sqrt())
     if not norms:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
@@ -237,8 +272,8 @@ class BufferPool:
         ):
             store = [t.detach().clone() for t in tensors]
             self._stores[key] = store
-        elif tensors:
-            torch._foreach_copy_(store, [t.detach() for t in tensors])
+        else:
+            copy_all_(store, [t.detach() for t in tensors])
         return store
 
     @torch.no_grad()
@@ -268,7 +303,7 @@ class Guard:
     ) -> StepStats:
         """The base step on the descent gradient, unless it or ``loss`` (the descent loss) is non-finite (a skip)."""
         with phase("finite_check"):
-            grads = [p.grad for p in params if p.grad is not None] + self.rule.pending_tensors()
+            grads = local_tensors([p.grad for p in params if p.grad is not None]) + self.rule.pending_tensors()
             total = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
             if loss is not None:  # NaN / inf in the loss stays NaN: one check, one sync
                 total = total + loss.detach().float().sum() * 0.0

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..config import SAMConfig, check_bool, check_number
+from ..distributed import Shards, local_tensors
 from ..parts import Ascent, norm_of, phase
 
 RULES: dict[str, type[SAM]] = {}
@@ -45,6 +46,7 @@ class SAM:
         self.config = config
         self.state: dict[Tensor, dict[str, Tensor]] = {}  # committed per-parameter state (checkpointed)
         self.pending: dict[str, Any] = {}  # this step's values, committed only when its base step runs
+        self.shards = Shards()  # set by the engine each step: how the parameters are split over ranks
 
     # ---------------------------------------------------------------- hooks (identity for SAM)
     def perturbs(self, step: int) -> bool:
@@ -106,8 +108,9 @@ class SAM:
         groups = []
         for index, group in enumerate(param_groups):
             with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
-            if with_grad:
-                groups.append((with_grad, [along[p] for p in with_grad], *self.group_options(param_groups, index)))
+            if with_grad:  # eps is formed on the local tensors (a shard of each under FSDP)
+                grads = [along[p] for p in with_grad]
+                groups.append((local_tensors(with_grad), grads, *self.group_options(param_groups, index)))
         return self.ascent(groups)
 
     # ---------------------------------------------------------------- the SAM / ASAM direction
@@ -133,7 +136,7 @@ class SAM:
             direction, tensor_norms = self.direction(params, grads, adaptive, eta)
             out.append((params, direction, rho, None if adaptive else tensor_norms))
             norms.extend(tensor_norms)
-        return Ascent(out, norm_of(norms))
+        return Ascent(out, norm_of(norms, self.shards))
 
     @torch.no_grad()
     def perturb_(self, ascent: Ascent) -> float:
@@ -148,7 +151,7 @@ class SAM:
                 return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
             squares = [
                 (rho / ascent.norm) ** 2
-                * norm_of(norms if norms is not None else list(torch._foreach_norm(direction))) ** 2
+                * norm_of(norms if norms is not None else list(torch._foreach_norm(direction)), self.shards) ** 2
                 for _, direction, rho, norms in ascent.groups
             ]
             return math.sqrt(sum(squares))
@@ -167,13 +170,24 @@ class SAM:
 
 
 def grads_of(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """(the parameters with a gradient, their gradients)."""
+    """(the parameters with a gradient, their gradients as the local tensors the step computes on: a DTensor
+    gradient's local shard under FSDP2, sharing its storage, so in-place changes reach ``.grad``)."""
     with_grad = [p for p in params if p.grad is not None]
-    return with_grad, [p.grad for p in with_grad]  # type: ignore[misc]
+    return with_grad, local_tensors([p.grad for p in with_grad])  # type: ignore[misc]
 
 
-def total_norm(tensors: list[Tensor]) -> Tensor:
-    """||(t_1, t_2, ...)||_2 as a 0-dim tensor (no host sync)."""
+def total_norm(tensors: list[Tensor], shards: Shards | None = None) -> Tensor:
+    """||(t_1, t_2, ...)||_2 as a 0-dim tensor (no host sync unsharded; under ``shards``, over every rank's shard)."""
+    if shards is not None and shards.sharded:
+        return global_sums([[(t, t) for t in tensors]], shards)[0].sqrt()
     if not tensors:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def global_sums(products: list[list[tuple[Tensor, Tensor]]], shards: Shards) -> Tensor:
+    """[sum over k of a_k . b_k for each list of pairs], each inner product summed over every rank's shard: one
+    all-reduce of this rank's local sums (every rank calls it, whatever its local tensors)."""
+    zero = torch.zeros((), dtype=torch.float64, device=shards.device)
+    local = [sum(((a.double() * b.double()).sum() for a, b in pairs), zero) for pairs in products]
+    return shards.sum_(torch.stack(local))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SAM, register, total_norm
+from .base import SAM, global_sums, register, total_norm
 
 EPS = 1e-12  # pytorch_optimizer's perturb_eps
 
@@ -30,10 +30,14 @@ class GSAM(SAM):
     @torch.no_grad()
     def descent_(self, params: list[Tensor]) -> None:
         both, g, gp = self.gradient_pair(params)
+        if self.shards.sharded:  # the three sums over every rank's shard: one all-reduce, which every rank joins
+            inner, new2, old2 = global_sums([list(zip(g, gp)), list(zip(gp, gp)), list(zip(g, g))], self.shards)
+            new, old = new2.sqrt(), old2.sqrt()
+        elif both:
+            inner = torch.stack([(a * b).sum() for a, b in zip(g, gp)]).sum()
+            new, old = total_norm(gp), total_norm(g)
         if not both:
             return
-        inner = torch.stack([(a * b).sum() for a, b in zip(g, gp)]).sum()
-        new, old = total_norm(gp), total_norm(g)
         cosine = inner / (new * old + EPS)
         vertical = torch._foreach_mul(gp, -(cosine * old / (new + EPS)))  # g - proj_{g_p} g
         torch._foreach_add_(vertical, g)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_tensors
 from .base import SAM, register
 
 
@@ -39,5 +40,5 @@ class WSAM(SAM):
         for group in param_groups:
             mine = [p for p in group["params"] if p in sharpness]
             if mine:
-                torch._foreach_add_(mine, [sharpness[p] for p in mine], alpha=-float(group["lr"]) * a)
+                torch._foreach_add_(local_tensors(mine), [sharpness[p] for p in mine], alpha=-float(group["lr"]) * a)
         super().after_step(param_groups)
