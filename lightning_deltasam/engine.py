@@ -22,6 +22,7 @@ from .ascent import make_rule
 from .ascent.base import grads_of
 from .ascent.per_instance import PerInstanceRoute
 from .config import SAMConfig
+from .distributed import Shards, local_tensors, shards_of
 from .firstpass import FirstPass
 from .parts import Ascent, Backend, BufferPool, Guard, Passes, Pending, Snapshot, StepStats, clear_grads, phase
 from .probes import HeadProbe, LossFn, ProbeNoise
@@ -38,6 +39,8 @@ class SAMEngine:
         self.pool = BufferPool()  # the snapshot's buffers, kept across steps
         self.guard = Guard(self.rule, param_groups)  # the finite check, the skip, the base step, the step count
         self._pending: Pending | None = None
+        self.shards = Shards()  # how the parameters are split over ranks (FSDP), found at each step's start
+        self._shards_key: tuple[int, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -80,8 +83,14 @@ class SAMEngine:
             return self.second_step(backend, base_step, loss)
         if self.config.m is not None:
             return self.per_instance.step(self, params, passes, backend, base_step)
-        snapshot = self.pool.snapshot(params, backend.buffers())
-        stats = self.first.run(passes, params, snapshot, head)
+        if head is not None and self.shards.sharded:
+            raise ValueError(
+                f"probe_scope={self.config.probe_scope!r} probes the module's head functionally, on whole weights, "
+                f"which {self.shards.name} does not hold on one rank: use probe_scope='all'."
+            )
+        local = local_tensors(params)
+        snapshot = self.pool.snapshot(local, backend.buffers())
+        stats = self.first.run(passes, local, snapshot, head)
         # an adapter's own SAM first pass is each rank's mean loss: the sum over ranks is W times the mean
         ascent = self._ascent(params, backend, per_rank_mean=first_pass is not None and not self.config.reweighting)
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
@@ -106,7 +115,11 @@ class SAMEngine:
         if plain:
             self._pending = Pending(StepStats(loss=None), None, plain=True)
         else:
-            self._ascend(self._ascent(params, None), True, backend, StepStats(loss=None), None)
+            self._ascend(self._ascent(params, backend, reduce=False), True, backend, StepStats(loss=None), None)
+        if not self._pending.skip:  # type: ignore[union-attr]
+            # the gradient at w is taken: the backward at w + eps starts from zero, whether or not the caller
+            # zeroes it. A skip leaves the non-finite gradient, so a GradScaler's inf check sees it.
+            self.zero_grad(params)
 
     def second_step(self, backend: Backend, base_step: Callable[[], Any], loss: Tensor | None = None) -> StepStats:
         """Second half: w restored bit for bit, the rule's descent gradient, the base step on it; skipped if it (or
@@ -120,6 +133,13 @@ class SAMEngine:
         params = self.params()
         if pending.skip:
             return self.guard.skip_step(params, pending.stats, backend, base_step, "the first pass")
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                "second_step() found no gradient in .grad: first_step() took the gradient at w, so run the "
+                "forward and backward at w + eps between first_step() and second_step(). w was restored and "
+                "no step was taken."
+            )
+        backend.unscale_descent_()
         (self.rule.plain_descent_ if pending.plain else self.rule.descent_)(params)
         return self.guard.finish(params, pending.stats, backend, base_step, loss)
 
@@ -136,6 +156,17 @@ class SAMEngine:
         whatever ``closure`` does. Returns the stats and the closure's value."""
         self.first_step(backend)
         loss = self._second_pass(closure)
+        if all(p.grad is None for p in self.params()) and self._pending is not None and not self._pending.skip:
+            self.restore_pending()
+            per_instance = isinstance(loss, Tensor) and loss.dim() >= 1 and loss.numel() > 1
+            returned = f"returned per-instance losses of shape {tuple(loss.shape)} and " if per_instance else ""
+            raise ValueError(
+                "step(closure): .grad held a gradient from a backward before step(closure), so the closure was "
+                "taken as a backward closure (davda54/sam: it runs forward and backward at w + eps and returns "
+                f"the loss), but it {returned}ran no backward. For per-instance losses call zero_grad() before "
+                "step(closure) (the optimizer then runs every backward); for a backward closure call "
+                "loss.backward() inside it. w was restored and no step was taken."
+            )
         return self.second_step(backend, base_step, loss.detach() if isinstance(loss, Tensor) else None), loss
 
     # ---------------------------------------------------------------- the phases every path runs
@@ -145,17 +176,23 @@ class SAMEngine:
         params = self.params()
         if not params:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
+        self._find_shards(params)
         self.rule.discard()
         if zero:
             self.zero_grad(params)
         return params, not self.perturbs()
 
-    def _ascent(self, params: list[Tensor], backend: Backend | None, per_rank_mean: bool = False) -> Ascent:
-        """The rule's eps from the first-pass gradient, summed over ranks in one coalesced all-reduce (averaged when
-        each rank's is a mean; as it is without ``backend``)."""
+    def _ascent(self, params: list[Tensor], backend: Backend, reduce: bool = True, per_rank_mean: bool = False) -> Ascent:
+        """The rule's eps from the first-pass gradient (unscaled), summed over ranks in one coalesced all-reduce
+        (averaged when each rank's is a mean; as it is without ``reduce``: the caller's backward reduced it).
+        Under FSDP the backward has already averaged each shard over ranks: the sum is W times that."""
         with torch.no_grad(), phase("ascent_norm"):
             with_grad, grads = grads_of(params)
-            if backend is not None:
+            backend.unscale_ascent_(grads)
+            if self.shards.sharded:
+                if reduce and not per_rank_mean and self.shards.world_size > 1:
+                    torch._foreach_mul_(grads, float(self.shards.world_size))
+            elif reduce:
                 backend.reducer.sum_coalesced_(grads)
                 if per_rank_mean and backend.reducer.world_size > 1:
                     torch._foreach_div_(grads, float(backend.reducer.world_size))
@@ -166,7 +203,7 @@ class SAMEngine:
         if not self.guard.agree_finite(math.isfinite(ascent.norm) and finite, backend):
             self._pending = Pending(stats, None, skip=True)
             return
-        snapshot = snapshot or self.pool.snapshot(self.params(), backend.buffers())
+        snapshot = snapshot or self.pool.snapshot(local_tensors(self.params()), backend.buffers())
         with snapshot.restoring_on_error():
             stats.eps_norm = self.rule.perturb_(ascent)
         self._pending = Pending(stats, snapshot)
@@ -180,6 +217,43 @@ class SAMEngine:
         except BaseException:
             self.restore_pending()
             raise
+
+    def _find_shards(self, params: list[Tensor]) -> None:
+        """How ``params`` are sharded (found once per parameter set); refuses what sharding does not support,
+        naming the strategy and what works instead."""
+        key = tuple(id(p) for p in params)
+        if key == self._shards_key:
+            return
+        shards, cfg = shards_of(params), self.config
+        if shards.sharded:
+            refused = None
+            if cfg.per_instance:
+                refused = (
+                    f"m={cfg.m}: the per-instance route hooks each layer on its whole weight",
+                    "Use m=None (SAM, or delta-SAM with estimator='probes'), or DDP for m",
+                )
+            elif cfg.uses_gram:
+                refused = (
+                    f"estimator={cfg.estimator!r}: the Gram rule forms per-instance gradients from whole layer weights",
+                    "Use estimator='probes' (delta-SAM's probe rule), or DDP for the Gram rule",
+                )
+            elif cfg.sync == "local":
+                refused = (
+                    "sync='local': FSDP reduces every gradient over ranks inside the backward, so no rank holds its "
+                    "own gradient to perturb along",
+                    "Use sync='global'",
+                )
+            elif cfg.variant == "looksam" and shards.flat:
+                refused = (
+                    "variant='looksam': LookSAM normalizes each parameter tensor, and FSDP1 with "
+                    "use_orig_params=False gives the optimizer flat parameters (many tensors in one)",
+                    "Use FullyShardedDataParallel(..., use_orig_params=True), or FSDP2",
+                )
+            if refused is not None:
+                raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
+        self.shards, self._shards_key = shards, key
+        self.rule.shards = shards
+        self.noise.rank = shards.rank if shards.sharded else None  # sharded probes: each rank its own stream
 
     def perturbs(self) -> bool:
         """Whether this step perturbs: the rule's schedule (LookSAM's k, ``interval``) and some rho > 0."""

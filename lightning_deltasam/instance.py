@@ -95,7 +95,7 @@ class InstancePerturbation:
         """||sum_i g_i||^2 over every covered parameter (the batch gradient's, unreduced), from the same pieces: a
         diagnostic (the radius at which SAM's first-order loss rise matches this route's)."""
         total = torch.zeros((), dtype=torch.float64)
-        for pid, terms in self.capture.terms(self.m).items():
+        for pid, terms in self._terms().items():
             p = self.capture.params[pid]
             grad = sum(materialize(t, as_matrix(p)) for t in terms)
             total = total + grad.double().square().sum().cpu()  # type: ignore[union-attr]
@@ -112,6 +112,7 @@ class InstancePerturbation:
         """Set c_g (``{parameter: [G]}``; a parameter absent is not perturbed): eps_g = c_g G_g, as terms."""
         terms = self._terms()
         self.eps = {id(p): [t.scaled(cp) for t in terms.get(id(p), [])] for p, cp in c.items()}
+        self.capture.release()  # inputs and output gradients not in eps's terms are freed before the second pass
 
     # ----------------------------------------------------------- second pass
     @contextmanager

@@ -41,6 +41,7 @@ class ProbeNoise:
         self.config = config
         self._generators: dict[str, torch.Generator] = {}
         self._pending: dict[str, Tensor] = {}
+        self.rank: int | None = None  # set under sharding (FSDP): each rank draws its shard's noise from its own stream
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The generator for ``device``'s type: seeded identically on every rank (or restored from a checkpoint)."""
@@ -57,7 +58,14 @@ class ProbeNoise:
         cfg = self.config
         device = params[0].device
         numels = [p.numel() for p in params]
-        flat = torch.randn(sum(numels), generator=self.generator(device), device=device, dtype=torch.float32)
+        generator = self.generator(device)
+        if self.rank is not None:
+            # Sharded parameters: rank r's elements are other elements than rank 0's, so they must not get the same
+            # numbers. A seed drawn from the shared stream (which stays identical on every rank, and checkpointed)
+            # plus the rank starts this draw's own stream: independent noise, the same distribution.
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+            generator = torch.Generator(device=device).manual_seed(seed + self.rank)
+        flat = torch.randn(sum(numels), generator=generator, device=device, dtype=torch.float32)
         noise = [
             z.view_as(p) if z.dtype == p.dtype else z.view_as(p).to(p.dtype) for z, p in zip(flat.split(numels), params)
         ]

@@ -46,12 +46,12 @@ def wide(t: Tensor) -> Tensor:
 
 
 class Call:
-    """One recorded call of a layer: its input ``x`` and output ``out`` as [B, ...] (after broadcasting or
-    un-flattening rows), the output's gradient ``b`` once the first pass's backward has run."""
+    """One recorded call of a layer: its input ``x`` as [B, ...] (after broadcasting or un-flattening rows), its
+    output's shape read the same way, and the output's gradient ``b`` once the first pass's backward has run."""
 
-    def __init__(self, x: Tensor, out: Tensor) -> None:
-        self.x, self.out, self.b = x, out, None
-        self.b: Tensor | None
+    def __init__(self, x: Tensor, shape: tuple[int, ...]) -> None:
+        self.x, self.shape = x, shape
+        self.b: Tensor | None = None
 
 
 class Kind:

@@ -44,7 +44,9 @@ class _Record:
     """A call as recorded in the forward: the layer, the raw input and output, and whether it was broadcast."""
 
     def __init__(self, kind: Kind, inputs: tuple, x: Tensor, out: Tensor, expanded: int | None) -> None:
-        self.kind, self.x, self.out, self.expanded = kind, x, out, expanded
+        self.kind, self.x, self.expanded = kind, x, expanded
+        self.out: Tensor | None = out  # in the graph until the backward has read its gradient
+        self.dtype = out.dtype
         self.stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
         self.versions = (x._version, out._version)
         self.call: Call | None = None
@@ -196,6 +198,7 @@ class LayerCapture:
         bsz = self.batch_size = self._hint = int(losses.numel())
         self._interpret(bsz)
         for r in self.records:
+            assert r.out is not None
             if (r.x._version, r.out._version) != r.versions:
                 raise RuntimeError(
                     f"the input or output of {r.kind.name} was modified in place after its forward: {self.who} "
@@ -217,7 +220,7 @@ class LayerCapture:
         for r, g in zip(self.records, grads):
             b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32
             assert r.call is not None
-            r.call.b = None if b is None else b.reshape(r.call.out.shape)
+            r.call.b = None if b is None else b.reshape(r.call.shape)
         if check_rows:
             self._check_rows(losses, scale)
             self._seen.add(signature)
@@ -225,14 +228,13 @@ class LayerCapture:
             self._check_grads(losses, scale)
         self._steps += 1
         for r in self.records:
-            r.out = r.out.detach()  # the graph can go
-            assert r.call is not None
-            r.call.out = r.call.out.detach()
+            r.out = None  # the outputs and the graph can go
 
     def _interpret(self, bsz: int) -> None:
         """Each call as [B, ...] rows: batch-first, broadcast (expanded in the forward), or flattened [B k, d] rows."""
         for r in self.records:
             x, out = r.x, r.out
+            assert out is not None
             if r.expanded is not None:
                 if r.expanded != bsz:
                     raise _Rerun
@@ -254,7 +256,7 @@ class LayerCapture:
                     )
             elif isinstance(r.kind, EmbeddingKind) and x.dim() == 1:
                 x = x.unsqueeze(1)  # a batch of single tokens
-            r.call = Call(x, out)
+            r.call = Call(x, tuple(out.shape))
 
     def batch_view(self, kind: Kind, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
         """A second-pass call as [B, ...] rows, read as the first pass read it: (x, out, the shape to give the
@@ -280,7 +282,7 @@ class LayerCapture:
         """Every use of a covered parameter in the graph is inside a recorded call of a layer holding it."""
         inside: dict[int, set] = {}  # node -> the kinds whose recorded call contains it
         for r in self.records:
-            stack, seen = [r.out.grad_fn], set()
+            stack, seen = [r.out.grad_fn if r.out is not None else None], set()
             while stack:
                 node = stack.pop()
                 if node is None or node in seen or node in r.stops:
@@ -312,7 +314,7 @@ class LayerCapture:
                     )
 
     def _tolerance(self) -> float:
-        dtypes = {r.out.dtype for r in self.records}
+        dtypes = {r.dtype for r in self.records}
         return 1e-7 if dtypes == {torch.float64} else 2e-3 if dtypes <= {torch.float32, torch.float64} else 5e-2
 
     def _check_rows(self, losses: Tensor, scale: float) -> None:
@@ -328,7 +330,7 @@ class LayerCapture:
             assert r.call is not None
             if g is None or r.call.b is None:
                 continue
-            got = g.double().reshape(r.call.out.shape) / scale
+            got = g.double().reshape(r.call.shape) / scale
             want = r.call.b.double() * weights.double().view(-1, *([1] * (got.dim() - 1)))
             err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
             if err > tol:
@@ -382,9 +384,13 @@ class LayerCapture:
             self._terms[(m, dense)] = out
         return self._terms[(m, dense)]
 
-    def clear(self) -> None:
+    def release(self) -> None:
+        """Drop the recorded calls and the cached terms (a caller keeps the terms it still needs); B stays known."""
         self.records = []
         self._terms = {}
+
+    def clear(self) -> None:
+        self.release()
         self.batch_size = None
 
 
