@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Weighting
-from .lightning_backend import EngineSlot, LightningBackend, grad_scaler, log_stats, module_step
+from .lightning_backend import EngineSlot, LightningBackend, check_strategy, grad_scaler, log_stats, module_step
 from .parts import StepStats
 from .probes import has_split, probe_plan
 
@@ -168,6 +168,7 @@ class DeltaSAMCallback(Callback):
                 "or DeltaSAMMixin, which supports '16-mixed'."
             )
         _refuse_accumulation(trainer)
+        check_strategy(trainer, self.config, "DeltaSAMCallback")
 
     # ----------------------------------------------------------- wrap / unwrap
     @override

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 
 class Reducer:
@@ -149,7 +149,7 @@ def shards_of(params: list[Tensor]) -> Shards:
                 "are not: their gradients would not be reduced over ranks. Apply fully_shard to the root module as "
                 "well, so every trainable parameter is sharded."
             )
-        meshes = {id(p.device_mesh) for p in dtensors}
+        meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist())) for p in dtensors}
         mesh = dtensors[0].device_mesh
         if len(meshes) > 1 or mesh.ndim != 1 or any(not p.placements[0].is_shard() for p in dtensors):
             raise ValueError(

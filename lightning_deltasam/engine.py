@@ -182,7 +182,9 @@ class SAMEngine:
             self.zero_grad(params)
         return params, not self.perturbs()
 
-    def _ascent(self, params: list[Tensor], backend: Backend, reduce: bool = True, per_rank_mean: bool = False) -> Ascent:
+    def _ascent(
+        self, params: list[Tensor], backend: Backend, reduce: bool = True, per_rank_mean: bool = False
+    ) -> Ascent:
         """The rule's eps from the first-pass gradient (unscaled), summed over ranks in one coalesced all-reduce
         (averaged when each rank's is a mean; as it is without ``reduce``: the caller's backward reduced it).
         Under FSDP the backward has already averaged each shard over ranks: the sum is W times that."""

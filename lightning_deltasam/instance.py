@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .layers import Kind, LayerCapture, LowRank, Term, Verify
 from .layers.capture import _check_eager
-from .layers.terms import as_matrix, materialize, pair_sum
+from .layers.terms import as_matrix, pair_sum, sum_norm_sq
 
 
 class InstancePerturbation:
@@ -96,9 +96,7 @@ class InstancePerturbation:
         diagnostic (the radius at which SAM's first-order loss rise matches this route's)."""
         total = torch.zeros((), dtype=torch.float64)
         for pid, terms in self._terms().items():
-            p = self.capture.params[pid]
-            grad = sum(materialize(t, as_matrix(p)) for t in terms)
-            total = total + grad.double().square().sum().cpu()  # type: ignore[union-attr]
+            total = total + sum_norm_sq(terms, as_matrix(self.capture.params[pid])).cpu()
         return total
 
     def group_sizes(self) -> Tensor:

@@ -68,6 +68,34 @@ class LightningBackend(Backend):
         base_step()
 
 
+def check_strategy(trainer: pl.Trainer, config: SAMConfig, adapter: str) -> None:
+    """Refuse, before the first step, a strategy the step cannot be right under, naming what works instead:
+    DeepSpeed always; under FSDP (``strategy="fsdp"``, ``ModelParallelStrategy``) what needs whole weights."""
+    strategy = type(trainer.strategy).__name__
+    if "DeepSpeed" in strategy:
+        raise ValueError(
+            f"{adapter} cannot run under {strategy}: DeepSpeed partitions the parameters (ZeRO) and steps the "
+            "optimizer itself, without the closure SAM's second pass needs. Use strategy='ddp', strategy='fsdp' "
+            "(FSDP1) or ModelParallelStrategy with configure_model (FSDP2)."
+        )
+    if strategy not in ("FSDPStrategy", "ModelParallelStrategy"):
+        return
+    refused = None
+    if config.per_instance:
+        refused = f"m={config.m} hooks each layer on its whole weight. Use m=None, or strategy='ddp' for m"
+    elif config.uses_gram:
+        refused = (
+            f"estimator={config.estimator!r} forms per-instance gradients from whole layer weights. Use "
+            "estimator='probes', or strategy='ddp' for the Gram rule"
+        )
+    elif config.sync == "local":
+        refused = "sync='local' needs each rank's own gradient, which FSDP reduces in the backward. Use sync='global'"
+    elif config.step_probe_scope == "head":
+        refused = "probe_scope='head' probes the head on whole weights. Use probe_scope='all'"
+    if refused is not None:
+        raise ValueError(f"{adapter} under {strategy} (sharded parameters): {refused}.")
+
+
 # ------------------------------------------------------------- glue shared by the mixin and the callback
 class EngineSlot:
     """The adapter's :class:`SAMEngine`, created on the first step; checkpoint state may arrive before it exists."""

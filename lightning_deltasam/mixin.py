@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .config import CLIP_ALGORITHMS, ClipAlgorithm, SAMConfig, check_choice, check_int, check_number
-from .lightning_backend import EngineSlot, LightningBackend, log_stats, module_step
+from .lightning_backend import EngineSlot, LightningBackend, check_strategy, log_stats, module_step
 from .parts import StepStats
 
 _CHECKPOINT_KEY = "deltasam"
@@ -84,6 +84,8 @@ class DeltaSAMMixin(_MixinBase):
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
             raise ValueError(f"DeltaSAMMixin supports one optimizer; configure_optimizers returned {len(optimizer)}.")
+        if self._deltasam_slot.engine is None:  # the first step: refuse a strategy the step cannot be right under
+            check_strategy(self.trainer, self.deltasam_config, "DeltaSAMMixin")
         engine = self._deltasam_slot.for_optimizer(optimizer.optimizer)
         backend = LightningBackend(
             self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers())

@@ -191,3 +191,17 @@ def global_sums(products: list[list[tuple[Tensor, Tensor]]], shards: Shards) -> 
     zero = torch.zeros((), dtype=torch.float64, device=shards.device)
     local = [sum(((a.double() * b.double()).sum() for a, b in pairs), zero) for pairs in products]
     return shards.sum_(torch.stack(local))
+
+
+def per_tensor_sums(
+    params: list[Tensor], pairs: dict[Tensor, list[tuple[Tensor, Tensor]]], k: int, shards: Shards
+) -> dict[int, Tensor]:
+    """id(p) -> the k inner products of ``pairs[p]``, each summed over every rank's shard in one all-reduce (zeros
+    where this rank holds no gradient of ``p``). Laid out by ``params``, the same list on every rank, so every
+    rank joins the same collective."""
+    local = torch.zeros(len(params), k, dtype=torch.float64, device=shards.device)
+    by_id = {id(p): v for p, v in pairs.items()}
+    for i, p in enumerate(params):
+        for j, (a, b) in enumerate(by_id.get(id(p), [])):
+            local[i, j] = (a.double() * b.double()).sum()
+    return {id(p): row for p, row in zip(params, shards.sum_(local))}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SAM, grads_of, register
+from .base import SAM, grads_of, per_tensor_sums, register
 
 EPS = 1e-12  # pytorch_optimizer's perturb_eps
 
@@ -49,37 +49,25 @@ class LookSAM(SAM):
         alpha = 0.7 if self.config.alpha is None else self.config.alpha
         torch._foreach_add_(grads, torch._foreach_mul(gv, scales), alpha=alpha)
 
-    # ------------------------------------------------------------ sharded (FSDP): per-tensor sums over ranks
-    def _tensor_sums(self, params: list[Tensor], pairs: dict[Tensor, list[tuple[Tensor, Tensor]]]) -> Tensor:
-        """[len(params), 3]: for each parameter the inner products of its three ``pairs[p]``, summed over every
-        rank's shard in one all-reduce (zeros where this rank holds no gradient of ``p``). Indexed by ``params``,
-        the same list on every rank, so every rank joins the same collective."""
-        local = torch.zeros(len(params), 3, dtype=torch.float64, device=self.shards.device)
-        for i, p in enumerate(params):
-            for j, (a, b) in enumerate(pairs.get(p, [])):
-                local[i, j] = (a.double() * b.double()).sum()
-        return self.shards.sum_(local)
-
     def _sharded_descent(self, params: list[Tensor], both: list[Tensor], g: list[Tensor], gp: list[Tensor]) -> None:
-        """:meth:`descent_` with each tensor's norms and cosine over every rank's shard."""
-        sums = self._tensor_sums(params, {p: [(a, a), (b, b), (a, b)] for p, a, b in zip(both, g, gp)})
-        index = {p: i for i, p in enumerate(params)}
+        """:meth:`descent_` with each tensor's norms and inner product over every rank's shard."""
+        sums = per_tensor_sums(params, {p: [(a, a), (b, b), (a, b)] for p, a, b in zip(both, g, gp)}, 3, self.shards)
         gv = {}
         for p, a, b in zip(both, g, gp):
-            g2, gp2, dot = sums[index[p]]
-            norm, norm_p = g2.sqrt().clamp_min(EPS), gp2.sqrt().clamp_min(EPS)
-            cosine = dot / (norm * norm_p)
-            gv[p] = b - a * (gp2.sqrt() * cosine / norm).to(a.dtype)
+            g2, gp2, dot = sums[id(p)]
+            cosine = dot / (g2.sqrt().clamp_min(EPS) * gp2.sqrt().clamp_min(EPS))
+            gv[p] = b - a * (gp2.sqrt() * cosine / g2.sqrt().clamp_min(EPS)).to(a.dtype)
         self.pending["gv"] = gv
 
     def _sharded_plain_descent(self, params: list[Tensor], with_grad: list[Tensor], grads: list[Tensor]) -> None:
         """:meth:`plain_descent_` with each tensor's norms over every rank's shard."""
         gvs = {p: self.state[p]["gv"] for p in with_grad}
-        sums = self._tensor_sums(params, {p: [(g, g), (gvs[p], gvs[p])] for p, g in zip(with_grad, grads)})
-        index = {p: i for i, p in enumerate(params)}
+        sums = per_tensor_sums(
+            params, {p: [(g, g), (gvs[p], gvs[p])] for p, g in zip(with_grad, grads)}, 2, self.shards
+        )
         alpha = 0.7 if self.config.alpha is None else self.config.alpha
         for p, grad in zip(with_grad, grads):
-            g2, gv2, _ = sums[index[p]]
+            g2, gv2 = sums[id(p)]
             grad.add_(gvs[p] * (g2.sqrt() / (gv2.sqrt() + 1e-8)).to(grad.dtype), alpha=alpha)
 
     def after_step(self, param_groups: list[dict[str, Any]]) -> None:

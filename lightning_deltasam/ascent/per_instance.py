@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ..engine import SAMEngine
 
 
+RATIO_EVERY = 10  # steps between two grad_norm_ratio diagnostics (every step with match_rho, which needs it)
+
+
 def norm_ratio(group_norms: Tensor, sizes: Tensor, batch_sq: Tensor) -> float:
     """mean_i ||G_g(i)||/|g(i)| / ||g_bar||: the factor by which the per-group first-order loss rise (rho ||G_g||
     per group) exceeds SAM's (rho ||g_bar|| on average), so rho_SAM / ratio is the radius that matches SAM's."""
@@ -65,8 +68,10 @@ class PerInstanceRoute:
             if not engine.guard.agree_finite(finite, backend):
                 return engine.guard.skip_step(params, stats, backend, base_step, "the first pass")
             norm = total.sqrt()
-            with torch.no_grad(), phase("statistics"):
-                stats.grad_norm_ratio = ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
+            ratio = float("nan")
+            if cfg.match_rho or engine.steps % RATIO_EVERY == 0:  # a weight-gradient GEMM per layer: not every step
+                with torch.no_grad(), phase("statistics"):
+                    stats.grad_norm_ratio = ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
             # match_rho: rho in SAM's units, the radius whose mean first-order loss rise equals SAM's at rho
             factor = (1.0 / ratio if math.isfinite(ratio) and ratio > 0 else 0.0) if cfg.match_rho else 1.0
             with torch.no_grad(), phase("perturb"):

@@ -131,6 +131,19 @@ def materialize(t: Term, shape: tuple[int, int], weights: Tensor | None = None) 
     return out.index_add_(0, t.index.flatten(), right)
 
 
+def sum_norm_sq(terms: list[Term], shape: tuple[int, int]) -> Tensor:
+    """||sum_g (sum of terms)_g||^2 in float64: Embedding rows over the distinct tokens only (never V x d)."""
+    if all(isinstance(t, Rows) for t in terms):
+        index = torch.cat([t.index.flatten() for t in terms])  # type: ignore[union-attr]
+        right = torch.cat([t.right.flatten(0, 1) for t in terms])  # type: ignore[union-attr]
+        uniq, inverse = torch.unique(index, return_inverse=True)
+        rows = torch.zeros(uniq.numel(), right.shape[-1], dtype=right.dtype, device=right.device)
+        total = rows.index_add_(0, inverse, right)
+    else:
+        total = sum(materialize(t, shape) for t in terms)  # type: ignore[assignment]
+    return torch.linalg.vector_norm(total, dtype=torch.float64).square()
+
+
 def matmul_delta(t: Term, x: Tensor, contract: int, cache: dict | None = None) -> Tensor:
     """[G, M, out]: x (grouped [G, M, K]) times the perturbation, for a layer y = x W^T (``contract=1``: x meets W's
     columns) or y = x W (``contract=0``: x meets W's rows, transformers' Conv1D)."""
