@@ -76,11 +76,18 @@ class DeltaSAMMixin(_MixinBase):
             f"{type(self).__name__} must define per_sample_loss(batch) returning a [B] tensor of losses."
         )
 
+    @torch.compiler.disable
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.deltasam_step(batch)
 
+    @torch.compiler.disable
     def deltasam_step(self, batch: Any) -> Tensor:
-        """One SAM / delta-SAM step on ``batch``: both passes, the optimizer and the schedulers; returns the loss at w."""
+        """One SAM / delta-SAM step on ``batch``: both passes, the optimizer and the schedulers; returns the loss at w.
+
+        Under ``trainer.fit(torch.compile(module))`` the step itself runs eagerly (it steps an optimizer, logs and
+        syncs, which torch.compile cannot trace) and ``per_sample_loss`` is compiled instead: the forward and
+        backward of every pass run compiled."""
+        self._deltasam_compile()
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
             raise ValueError(f"DeltaSAMMixin supports one optimizer; configure_optimizers returned {len(optimizer)}.")
@@ -116,6 +123,17 @@ class DeltaSAMMixin(_MixinBase):
         return stats.loss
 
     # ------------------------------------------------------------ internals
+    def _deltasam_compile(self) -> None:
+        """Compile ``per_sample_loss`` (and the head split's forward) with the compiler Lightning took from
+        ``torch.compile(module)``, once; nothing when the module was not compiled."""
+        ctx = getattr(self, "_compiler_ctx", None)
+        if not ctx or "per_sample_loss" in self.__dict__:
+            return
+        for name in ("per_sample_loss", "per_sample_features"):
+            method = getattr(self, name, None)
+            if callable(method):
+                setattr(self, name, ctx["dynamo_ctx"](method))
+
     def _step_schedulers(self, interval: str) -> None:
         for config in self.trainer.lr_scheduler_configs:
             if config.interval != interval:

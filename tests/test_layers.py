@@ -310,3 +310,27 @@ def test_verify_off_skips_the_checks_and_auto_checks_each_new_shape_once() -> No
     off = GramCapture(model, list(model.parameters()), verify="off")
     off.capture._check_rows = off.capture._check_grads = None  # type: ignore[assignment,method-assign]
     off.first_pass(lambda: model(token_batch()), None)  # not called: would raise
+
+
+class OwnLinear(nn.Linear):
+    """Falcon's Linear: its own forward, the same function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+def test_a_linear_subclass_is_taken_only_when_its_forward_is_f_linear() -> None:
+    model = Tokens("layer")
+    model.fc = OwnLinear(D, 12)
+    model.double()
+    batch = token_batch()
+    ref = loop_reference(model, lambda b: model(b), batch, RHO, 1)
+    assert rel(engine_update(model, lambda b: model(b), batch, rho=RHO, m=1, verify="always"), ref) < 1e-9
+    model.fc = ScaledLinear(D, 12).double()
+    with pytest.raises(UnsupportedModuleError, match=r"fc \(ScaledLinear\) overrides Linear.forward"):
+        GramCapture(model, list(model.parameters()))

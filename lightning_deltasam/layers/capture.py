@@ -314,8 +314,9 @@ class LayerCapture:
                     )
 
     def _tolerance(self) -> float:
-        dtypes = {r.dtype for r in self.records}
-        return 1e-7 if dtypes == {torch.float64} else 2e-3 if dtypes <= {torch.float32, torch.float64} else 5e-2
+        """Relative tolerance of the checks: a real mismatch is O(1); float64 models often compute parts in float32
+        (transformers' RMSNorm), so float64 is not assumed to be exact."""
+        return 1e-4 if {r.dtype for r in self.records} <= {torch.float32, torch.float64} else 5e-2
 
     def _check_rows(self, losses: Tensor, scale: float) -> None:
         """Each call's rows are the instances: weighting instance i's loss by r_i scales exactly row i's gradient."""

@@ -5,9 +5,11 @@ dense [out, in] matrix per group when that costs fewer FLOPs."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from .base import Call, Kind, cat_tokens, grouped, per_instance, ungrouped, wide
+from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, ungrouped, wide
 from .terms import Full, LowRank, Term, matmul_delta
 
 
@@ -31,7 +33,41 @@ class LinearKind(Kind):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return type(module).forward is nn.Linear.forward or _is_conv1d(module)
+        return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+    def check(self) -> None:
+        """A Linear subclass with its own forward (Falcon's) is taken once it is verified to be F.linear."""
+        mod = self.module
+        if not isinstance(mod, nn.Linear) or type(mod).forward is nn.Linear.forward:
+            return
+        gen = torch.Generator().manual_seed(0)
+        w = mod.weight
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(shape, generator=gen, dtype=torch.float64).to(w.device, w.dtype)
+
+        x, weight = rand(2, 3, mod.in_features), rand(*w.shape)
+        params = {"weight": weight}
+        if isinstance(mod.bias, Tensor):
+            params["bias"] = rand(*mod.bias.shape)
+        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 3e-2
+        self.busy = True
+        try:
+            with torch.no_grad():
+                got = functional_call(mod, params, (x,))
+            ok = isinstance(got, Tensor) and torch.allclose(
+                got.double(), F.linear(x, weight, params.get("bias")).double(), rtol=tol, atol=tol
+            )
+        except Exception:
+            ok = False
+        finally:
+            self.busy = False
+        if not ok:
+            raise UnsupportedModuleError(
+                f"{self.name} ({type(mod).__name__}) overrides Linear.forward and is not F.linear(x, weight, bias): its "
+                "per-instance gradients cannot be read. Freeze its parameters (requires_grad=False), or use plain SAM "
+                "(m=None) / a probe rule."
+            )
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
         a = cat_tokens([wide(c.x).reshape(bsz, -1, c.x.shape[-1]) for c in calls], dim=1)
