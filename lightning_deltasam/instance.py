@@ -118,7 +118,7 @@ class InstancePerturbation:
         """Forward hooks that make each layer compute instance i's output at w + eps_g (the weights stay at w)."""
         cache: dict = {}  # x A^T of layers called on one input (query, key, value), the input held alive
         kinds = [k for k in self.capture.kinds if any(self.eps.get(id(p)) for p in k.params.values())]
-        handles = [k.module.register_forward_hook(self._hook(k, cache)) for k in kinds]
+        handles = [h for k in kinds for h in k.register(self._hook(k, cache))]
         try:
             yield self
         finally:

@@ -129,6 +129,7 @@ MODELS = {
     "conv2d": lambda: (Convs().eval(), image_batch()),
     "tied-head": lambda: (Tied(), tied_batch()),
     "conv1d": gpt2_conv1d,
+    "computed-positions": lambda: (MaskPositions(), token_batch()),  # indices read where the forward looks them up
     "checkpoint-non-reentrant": lambda: (Checkpointed(False), token_batch()),  # the recomputation is corrected too
 }
 
@@ -215,17 +216,22 @@ class Checkpointed(Tokens):
         return F.cross_entropy(self.head(self.norm2(h).mean(1)), batch["labels"], reduction="none")
 
 
-class NotALookup(nn.Embedding):
-    """BioGPT-style learned positions: the forward takes the attention mask, not indices."""
+class MaskLookup(nn.Embedding):
+    """BioGPT / OPT / BART learned positions: the forward takes the attention mask and computes the indices."""
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         return super().forward((torch.cumsum(mask, 1) * mask).long() + 1)
 
 
+class TwoLookups(nn.Embedding):
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(mask) + super().forward(mask + 1)
+
+
 class MaskPositions(Tokens):
-    def __init__(self) -> None:
+    def __init__(self, kind: type[nn.Embedding] = MaskLookup) -> None:
         super().__init__("layer")
-        self.pos = NotALookup(16, D)
+        self.pos = kind(16, D)
 
     def forward(self, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -246,7 +252,7 @@ REFUSED = {
     "pairs-as-2B-rows": (lambda: (Pairs(), token_batch()), r"tok|fc"),
     "scale-grad-by-freq": (lambda: (_frozen_embedding(scale_grad_by_freq=True), token_batch()), "scale_grad_by_freq"),
     "max-norm": (lambda: (_frozen_embedding(max_norm=1.0), token_batch()), "max_norm"),
-    "embedding-not-a-lookup": (lambda: (MaskPositions(), token_batch()), r"pos \(NotALookup\).*not a lookup"),
+    "embedding-not-a-lookup": (lambda: (MaskPositions(TwoLookups), token_batch()), r"pos \(TwoLookups\).*2 lookups"),
     "checkpoint-reentrant": (lambda: (Checkpointed(True), token_batch()), "reentrant gradient checkpointing"),
     "weight-outside-its-module": (lambda: (_outside(), tied_batch()), r"emb\.weight is used outside"),
 }

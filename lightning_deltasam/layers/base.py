@@ -3,10 +3,12 @@ interface the Gram capture and the per-instance route call (:class:`Kind`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .terms import Term
 
@@ -79,6 +81,10 @@ class Kind:
     def input_of(self, inputs: tuple) -> Tensor:
         """The tensor whose leading size says which instance a row belongs to."""
         return inputs[0]
+
+    def register(self, hook: Callable[[nn.Module, tuple, Tensor], Tensor | None]) -> list[RemovableHandle]:
+        """Install ``hook(module, inputs, out)`` as the module's forward hook (a kind may wrap the forward too)."""
+        return [self.module.register_forward_hook(hook)]
 
     def check(self) -> None:
         """Refuse a configuration of the module whose per-instance gradients this kind cannot form."""

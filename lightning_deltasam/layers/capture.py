@@ -36,6 +36,9 @@ SUPPORTED_TEXT = (
 )
 
 
+_ROW_KINDS = (LinearKind, NormKind)  # per-row kinds whose 2-D input may be rows flattened to [B k, d] (OPT)
+
+
 class _Rerun(Exception):
     """The forward ran before B was known and a shared call (leading size 1) was not expanded: run it again."""
 
@@ -143,7 +146,7 @@ class LayerCapture:
                     f"the batch norms in eval mode (running statistics), or {self.way_out}."
                 )
         self._hint = batch_size if batch_size is not None else self._hint
-        handles = [k.module.register_forward_hook(self._hook(k)) for k in self.kinds]
+        handles = [h for k in self.kinds for h in k.register(self._hook(k))]
         self._recording = True
         try:
             yield self
@@ -242,7 +245,7 @@ class LayerCapture:
                 raise _Rerun
             elif x.dim() == 0 or x.shape[0] != bsz:
                 lead = x.shape[0] if x.dim() else 0
-                if isinstance(r.kind, LinearKind) and x.dim() == 2 and lead % bsz == 0 and out.shape[0] == lead:
+                if isinstance(r.kind, _ROW_KINDS) and x.dim() == 2 and lead % bsz == 0 and out.shape[0] == lead:
                     r.rows = lead // bsz  # [B k, d] rows, instance-major: mapped back, then checked like any call
                     x, out = x.reshape(bsz, r.rows, x.shape[-1]), out.reshape(bsz, r.rows, out.shape[-1])
                 else:
@@ -269,7 +272,7 @@ class LayerCapture:
         if x.dim() > 0 and x.shape[0] == bsz:
             return (x.unsqueeze(1) if isinstance(kind, EmbeddingKind) and x.dim() == 1 else x), out, tuple(out.shape)
         lead = x.shape[0] if x.dim() else 0
-        if isinstance(kind, LinearKind) and x.dim() == 2 and lead % bsz == 0:
+        if isinstance(kind, _ROW_KINDS) and x.dim() == 2 and lead % bsz == 0:
             k = lead // bsz
             return x.reshape(bsz, k, x.shape[-1]), out.reshape(bsz, k, out.shape[-1]), tuple(out.shape)
         raise ValueError(

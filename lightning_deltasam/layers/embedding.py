@@ -4,10 +4,15 @@ scaled word embedding, x sqrt(d)). Instance i's gradient touches only the rows o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, ungrouped, wide
 from .terms import Rows, Term, lookup_delta
@@ -20,6 +25,7 @@ class EmbeddingKind(Kind):
     def __init__(self, name: str, module: nn.Module, params: dict[str, Tensor]) -> None:
         super().__init__(name, module, params)
         self.scale = 1.0  # out = scale * W[x]
+        self.computed = False  # the forward computes its own indices (OPT/BART/BioGPT positions): read them inside
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -39,7 +45,44 @@ class EmbeddingKind(Kind):
                     f"{self.name}.weight (requires_grad=False)."
                 )
         if type(mod).forward is not nn.Embedding.forward:
-            self.scale = self._probe_scale(mod)
+            try:
+                self.scale = self._probe_scale(mod)
+            except UnsupportedModuleError:
+                self.computed = True  # checked at every call instead: out must be W[the indices it looked up]
+
+    def register(self, hook: Callable[[nn.Module, tuple, Tensor], Tensor | None]) -> list[RemovableHandle]:
+        """For a forward that computes its own indices, the indices F.embedding receives on the module's weight
+        (read by a torch-function mode while that forward runs) are the call's input."""
+        if not self.computed:
+            return super().register(hook)
+        mod = self.module
+        assert isinstance(mod, nn.Embedding)
+        seen: list[Tensor] = []
+        mode = _Lookups(mod.weight, seen)
+
+        def enter(module: nn.Module, inputs: tuple) -> None:
+            seen.clear()
+            mode.__enter__()
+
+        def leave(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
+            mode.__exit__(None, None, None)
+            if self.busy:
+                return None
+            if len(seen) != 1 or not isinstance(out, Tensor) or out.shape != (*seen[0].shape, mod.embedding_dim):
+                raise UnsupportedModuleError(self._not_a_lookup(f"{len(seen)} lookups of its weight"))
+            with torch.no_grad():
+                if not torch.equal(out, F.embedding(seen[0], mod.weight)):
+                    raise UnsupportedModuleError(self._not_a_lookup("its output is not the rows it looked up"))
+            return hook(module, (seen[0],), out)
+
+        return [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+
+    def _not_a_lookup(self, why: str) -> str:
+        return (
+            f"{self.name} ({type(self.module).__name__}) overrides Embedding.forward and is not a lookup of its first "
+            f"argument times a constant, nor of indices it computes ({why}): its per-instance gradients cannot be "
+            f"read. Freeze {self.name}.weight (requires_grad=False), or use a plain nn.Embedding."
+        )
 
     def _probe_scale(self, mod: nn.Embedding) -> float:
         """The constant c with forward(x) == c W[x], checked on random indices and two weights; else a refusal."""
@@ -61,11 +104,7 @@ class EmbeddingKind(Kind):
                     if not torch.allclose(out.double(), scale * ref.double(), rtol=tol, atol=tol * float(ref.abs().max())):
                         raise ValueError("not a lookup")
         except Exception as err:  # any failure: the forward is not a plain (scaled) lookup of its first argument
-            raise UnsupportedModuleError(
-                f"{self.name} ({type(mod).__name__}) overrides Embedding.forward and is not a lookup of its first "
-                f"argument times a constant ({type(err).__name__}: {err}): its per-instance gradients cannot be read. "
-                f"Freeze {self.name}.weight (requires_grad=False), or use a plain nn.Embedding."
-            ) from None
+            raise UnsupportedModuleError(self._not_a_lookup(f"{type(err).__name__}: {err}")) from None
         assert scale is not None
         return scale
 
@@ -89,3 +128,17 @@ class EmbeddingKind(Kind):
             delta = lookup_delta(term, idx)
             y = y + (ungrouped(delta, bsz, m, tokens) * self.scale).to(y.dtype)
         return y.reshape(out.shape)
+
+
+class _Lookups(TorchFunctionMode):
+    """Keeps the indices of every ``F.embedding`` call on ``weight`` while active."""
+
+    def __init__(self, weight: Tensor, seen: list[Tensor]) -> None:
+        super().__init__()
+        self.weight, self.seen = weight, seen
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding and len(args) > 1 and args[1] is self.weight:
+            self.seen.append(args[0])
+        return func(*args, **kwargs)
