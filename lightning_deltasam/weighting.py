@@ -63,7 +63,7 @@ def _gram_coefficients(d: Tensor, probe_std: float, ridge: float, reducer: Reduc
     """delta = (K + lambda I)^-1 diag(K)^1/2 with K = D^T D / (K sigma^2), on the global batch."""
     d_all, offset = reducer.gather_cat(d, dim=1)
     gram = d_all.t() @ d_all / (d_all.shape[0] * probe_std**2)
-    return solve_gram(gram, gram.diagonal().clamp_min(0).mean(), ridge).narrow(0, offset, d.shape[1])
+    return solve_gram(gram, gram.diagonal().clamp_min(0).mean(), ridge).to(d.dtype).narrow(0, offset, d.shape[1])
 
 
 def solve_gram(gram: Tensor, diag_mean: Tensor, ridge: float) -> Tensor:
@@ -76,7 +76,7 @@ def solve_gram(gram: Tensor, diag_mean: Tensor, ridge: float) -> Tensor:
         coef = torch.linalg.solve(k + lam * eye, diag.sqrt())
     except RuntimeError:  # singular despite the ridge (e.g. all-zero gradients): no usable scores
         coef = torch.full_like(diag, float("nan"))
-    return coef.to(gram.dtype if gram.dtype != torch.float64 else torch.float32)
+    return coef
 
 
 def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
@@ -88,7 +88,7 @@ def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
     """
     diag = gram.diagonal().clamp_min(0)
     if config.score == "gradnorm":
-        return diag.sqrt().float()
+        return diag.sqrt()
     total = reducer.sum_(
         torch.stack([diag.sum(), torch.tensor(float(diag.numel()), dtype=diag.dtype, device=diag.device)])
     )
@@ -116,7 +116,7 @@ def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weig
     ``softmax``: delta = softmax(s / (tau * mean|s|)); ``linear``: delta proportional to max(s, 0).
     With ``mix`` > 0 the result is mix * uniform + (1 - mix) * delta.
     """
-    s = scores.float()
+    s = scores if scores.dtype == torch.float64 else scores.float()  # float64 scores (a float64 model's) stay
     n = s.numel()
     # One collective for every normalizer this rule needs: [count, non-finite count, sum|s|, sum max(s,0)].
     finite = torch.isfinite(s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..config import SAMConfig
@@ -31,7 +32,10 @@ class Gram(Weighting):
                 lambda: passes.losses(f"estimator={cfg.estimator!r}"), passes.batch_size, passes.backend.loss_scale()
             )
             with phase("gram"):
-                weights = compute_weights(gram_scores(capture.gram(), cfg, reducer), cfg, reducer)
+                scores = gram_scores(capture.gram(), cfg, reducer)  # float64; float32 unless the model is float64
+                if any(p.dtype != torch.float64 for p in self.params()):
+                    scores = scores.float()
+                weights = compute_weights(scores, cfg, reducer)
                 for p, g in capture.weighted_grads(weights.delta).items():
                     p.grad = g
         finally:
