@@ -182,14 +182,24 @@ class LayerCapture:
             try:
                 with self.record(known):
                     losses = run()
+            except Exception as err:
+                expanded = sorted({r.kind.name for r in self.records if r.expanded is not None})
+                if not expanded:
+                    raise
+                if attempt == 0 and batch_size is None:
+                    known = self._hint = None  # the last step's B may not be this batch's: learn B first
+                    continue
+                raise UnsupportedModuleError(
+                    f"the forward failed once the calls of {', '.join(expanded)} (leading size 1, read as shared by the "
+                    f"batch) were expanded to the batch's {known} rows so that each instance gets its own gradient "
+                    f"({type(err).__name__}: {err}). {self.who} cannot read them; freeze their parameters "
+                    f"(requires_grad=False), or {self.way_out}."
+                ) from err
+            try:
                 self.backward(losses, scale)
                 return losses
             except _Rerun:
                 known = self.batch_size
-            except Exception:
-                if attempt or batch_size is not None or self._hint is None:
-                    raise
-                known = self._hint = None  # the last step's B broke this batch's forward: learn B first
         raise RuntimeError("unreachable")
 
     # --------------------------------------------------------------- backward
