@@ -22,7 +22,7 @@ from .ascent import make_rule
 from .ascent.base import grads_of
 from .ascent.per_instance import PerInstanceRoute
 from .config import SAMConfig
-from .distributed import Shards, local_tensors, shards_of
+from .distributed import Shards, local_tensors, sharding_refusal, shards_of
 from .firstpass import FirstPass
 from .parts import Ascent, Backend, BufferPool, Guard, Passes, Pending, Snapshot, StepStats, clear_grads, phase
 from .probes import HeadProbe, LossFn, ProbeNoise
@@ -82,7 +82,10 @@ class SAMEngine:
             self._pending = Pending(StepStats(loss=loss, losses=losses), None, plain=True)
             return self.second_step(backend, base_step, loss)
         if self.config.m is not None:
-            return self.per_instance.step(self, params, passes, backend, base_step)
+            radii = self.per_instance.radii(self.param_groups, self.rule.group_options)
+            return self.per_instance.step(
+                params, passes, backend, base_step, radii=radii, guard=self.guard, pool=self.pool
+            )
         if head is not None and self.shards.sharded:
             raise ValueError(
                 f"probe_scope={self.config.probe_scope!r} probes the module's head functionally, on whole weights, "
@@ -226,33 +229,10 @@ class SAMEngine:
         key = tuple(id(p) for p in params)
         if key == self._shards_key:
             return
-        shards, cfg = shards_of(params), self.config
-        if shards.sharded:
-            refused = None
-            if cfg.per_instance:
-                refused = (
-                    f"m={cfg.m}: the per-instance route hooks each layer on its whole weight",
-                    "Use m=None (SAM, or delta-SAM with estimator='probes'), or DDP for m",
-                )
-            elif cfg.uses_gram:
-                refused = (
-                    f"estimator={cfg.estimator!r}: the Gram rule forms per-instance gradients from whole layer weights",
-                    "Use estimator='probes' (delta-SAM's probe rule), or DDP for the Gram rule",
-                )
-            elif cfg.sync == "local":
-                refused = (
-                    "sync='local': FSDP reduces every gradient over ranks inside the backward, so no rank holds its "
-                    "own gradient to perturb along",
-                    "Use sync='global'",
-                )
-            elif cfg.variant == "looksam" and shards.flat:
-                refused = (
-                    "variant='looksam': LookSAM normalizes each parameter tensor, and FSDP1 with "
-                    "use_orig_params=False gives the optimizer flat parameters (many tensors in one)",
-                    "Use FullyShardedDataParallel(..., use_orig_params=True), or FSDP2",
-                )
-            if refused is not None:
-                raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
+        shards = shards_of(params)
+        refused = sharding_refusal(self.config, flat=shards.flat) if shards.sharded else None
+        if refused is not None:
+            raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
         self.shards, self._shards_key = shards, key
         self.rule.shards = shards
         self.noise.rank = shards.rank if shards.sharded else None  # sharded probes: each rank its own stream

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Kind, LayerCapture, LowRank, Term, Verify
-from .layers.capture import _check_eager
+from .layers.capture import check_eager
 from .layers.terms import as_matrix, pair_sum, sum_norm_sq
 
 
@@ -132,7 +132,7 @@ class InstancePerturbation:
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
             if kind.busy:
                 return None
-            _check_eager(capture.who, capture.way_out)
+            check_eager(capture.who, capture.way_out)
             x, y, shape = capture.batch_view(kind, kind.input_of(inputs), out)
             y = kind.correct(x, y, self.eps, self.batch_size, self.m, cache)
             return y if shape is None else y.reshape(shape)

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import SAMConfig
 from ..instance import InstancePerturbation
-from ..parts import Backend, LayerHooks, Passes, Snapshot, StepStats, phase
+from ..parts import Backend, BufferPool, Guard, LayerHooks, Passes, Snapshot, StepStats, clear_grads, phase
 
-if TYPE_CHECKING:
-    from ..engine import SAMEngine
 
 
 RATIO_EVERY = 10  # steps between two grad_norm_ratio diagnostics (every step with match_rho, which needs it)
@@ -38,13 +36,22 @@ class PerInstanceRoute:
         self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m, config.verify))  # type: ignore[arg-type]
 
     def step(
-        self, engine: SAMEngine, params: list[Tensor], passes: Passes, backend: Backend, base_step: Callable[[], Any]
+        self,
+        params: list[Tensor],
+        passes: Passes,
+        backend: Backend,
+        base_step: Callable[[], Any],
+        *,
+        radii: dict[Tensor, float],
+        guard: Guard,
+        pool: BufferPool,
     ) -> StepStats:
         """``m`` set: each group of m instances descends from its own w + eps_g, all in one batched second pass.
 
         First pass: a forward with hooks and one backward to the layers' outputs (no parameter gradient);
         ||G_g|| from what they kept. Second pass: the per-group corrections installed, a backward of the mean
-        loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced."""
+        loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced. The core hands it what
+        it needs: each parameter's radius (:meth:`radii`), the guard (finite check, skip, base step) and its buffers."""
         cfg = self.config
         if cfg.match_rho and backend.reducer.world_size > 1:
             raise ValueError(
@@ -52,10 +59,10 @@ class PerInstanceRoute:
                 "needs the global batch gradient's norm, which the per-instance route does not form. Use a fixed rho "
                 "(rho_SAM / the logged deltasam/grad_norm_ratio), or sync='local' (each rank matches its own batch)."
             )
-        route = self.route(engine, passes.module)
-        rho_of = self.radii(engine)
+        route = self.route(passes.module, params)
+        rho_of = radii
         buffers = backend.buffers()
-        snapshot = Snapshot([], [], buffers, engine.pool.saved("buffers", buffers))
+        snapshot = Snapshot([], [], buffers, pool.saved("buffers", buffers))
         try:
             with passes.backend.no_sync(), phase("first_pass"):
                 losses = route.first_pass(lambda: passes.losses(f"m={cfg.m}"), passes.batch_size, backend.loss_scale())
@@ -65,11 +72,11 @@ class PerInstanceRoute:
                 squares = route.group_norms_sq()
                 total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
                 finite = bool(torch.isfinite(total.sum() + loss0.float()))
-            if not engine.guard.agree_finite(finite, backend):
-                return engine.guard.skip_step(params, stats, backend, base_step, "the first pass")
+            if not guard.agree_finite(finite, backend):
+                return guard.skip_step(params, stats, backend, base_step, "the first pass")
             norm = total.sqrt()
             ratio = float("nan")
-            if cfg.match_rho or engine.steps % RATIO_EVERY == 0:  # a weight-gradient GEMM per layer: not every step
+            if cfg.match_rho or guard.steps % RATIO_EVERY == 0:  # a weight-gradient GEMM per layer: not every step
                 with torch.no_grad(), phase("statistics"):
                     stats.grad_norm_ratio = ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
             # match_rho: rho in SAM's units, the radius whose mean first-order loss rise equals SAM's at rho
@@ -82,20 +89,21 @@ class PerInstanceRoute:
                 eps_sq = sum((rho_of[p] * factor) ** 2 * sq for p, sq in squares.items()) * inverse.square()
                 stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
             snapshot.keep_buffers()  # the first pass's statistics are the ones kept
-            engine.zero_grad(params)
+            clear_grads(params)
             with snapshot.restoring(), route.corrections(), phase("second_pass"):
                 loss1, _ = passes.descent()
         finally:
             route.clear()
         with phase("statistics"):
             stats.loss_rise = float(loss1.float() - loss0.float())
-        return engine.guard.finish(params, stats, backend, base_step, loss1)
+        return guard.finish(params, stats, backend, base_step, loss1)
 
-    def radii(self, engine: SAMEngine) -> dict[Tensor, float]:
-        """Each trainable parameter's rho (its group's); an ASAM group is refused (its eps_i is not low-rank)."""
+    def radii(self, param_groups: list[dict[str, Any]], group_options: Callable[..., Any]) -> dict[Tensor, float]:
+        """Each trainable parameter's rho (its group's, from the rule's ``group_options``); an ASAM group is refused
+        (its eps_i is not low-rank)."""
         rho_of: dict[Tensor, float] = {}
-        for index, group in enumerate(engine.param_groups):
-            rho, adaptive, _ = engine.rule.group_options(engine.param_groups, index)
+        for index, group in enumerate(param_groups):
+            rho, adaptive, _ = group_options(param_groups, index)
             if adaptive:
                 raise ValueError(
                     f"param_groups[{index}]['adaptive']=True with m={self.config.m}: ASAM's per-instance perturbation is "
@@ -104,6 +112,6 @@ class PerInstanceRoute:
             rho_of.update((p, rho) for p in group["params"] if p.requires_grad)
         return rho_of
 
-    def route(self, engine: SAMEngine, module: nn.Module | None) -> InstancePerturbation:
+    def route(self, module: nn.Module | None, params: list[Tensor]) -> InstancePerturbation:
         """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
-        return self._hooks.get(module, engine.params(), f"m={self.config.m}")
+        return self._hooks.get(module, params, f"m={self.config.m}")

@@ -161,7 +161,7 @@ class LayerCapture:
                 return None
             if torch._C._current_graph_task_id() != -1:
                 raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out))
-            _check_eager(self.who, self.way_out)
+            check_eager(self.who, self.way_out)
             x = kind.input_of(inputs)
             if not isinstance(x, Tensor) or not isinstance(out, Tensor):
                 raise UnsupportedModuleError(f"{kind.name} was called without a tensor input and output: {self.who} cannot read it.")
@@ -439,7 +439,7 @@ def check_not_compiled(module: nn.Module, who: str, way_out: str) -> None:
         )
 
 
-def _check_eager(who: str, way_out: str) -> None:
+def check_eager(who: str, way_out: str) -> None:
     """The same error from inside a hook that runs while torch.compile traces (a compiled function calling the layer)."""
     if torch.compiler.is_compiling():
         raise ValueError(
