@@ -1,4 +1,5 @@
-"""Collective operations the step needs, behind one small interface (identity on one process)."""
+"""Collective operations the step needs, behind one small interface (identity on one process), and how the
+parameters are split over ranks (FSDP1, FSDP2: :class:`Shards`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
+
+try:  # FSDP2's sharded tensor; absent from torch builds without torch.distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - such builds have no sharding to find
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stand-in: no tensor is an instance."""
+
+
+from .config import SAMConfig
 
 
 class Reducer:
@@ -163,3 +173,36 @@ def shards_of(params: list[Tensor]) -> Shards:
         flat = any(getattr(p, "_is_flat_param", False) for p in flattened)  # FlatParameter's own mark
         return Shards("fsdp1", None, flat=flat, device=flattened[0].device)
     return Shards()
+
+
+def sharding_refusal(config: SAMConfig, flat: bool = False) -> tuple[str, str] | None:
+    """(what cannot be right, what works instead) when ``config`` needs what sharded parameters do not give;
+    None when it can run sharded. ``flat``: FSDP1's flat parameters (use_orig_params=False)."""
+    if config.per_instance:
+        return (
+            f"m={config.m}: the per-instance route hooks each layer on its whole weight",
+            "Use m=None (SAM, or delta-SAM with estimator='probes'), or DDP for m",
+        )
+    if config.uses_gram:
+        return (
+            f"estimator={config.estimator!r}: the Gram rule forms per-instance gradients from whole layer weights",
+            "Use estimator='probes' (delta-SAM's probe rule), or DDP for the Gram rule",
+        )
+    if config.sync == "local":
+        return (
+            "sync='local': FSDP reduces every gradient over ranks inside the backward, so no rank holds its own "
+            "gradient to perturb along",
+            "Use sync='global'",
+        )
+    if config.step_probe_scope == "head":
+        return (
+            "probe_scope='head': the head is probed functionally, on whole weights",
+            "Use probe_scope='all'",
+        )
+    if config.variant == "looksam" and flat:
+        return (
+            "variant='looksam': LookSAM normalizes each parameter tensor, and FSDP1 with use_orig_params=False "
+            "gives the optimizer flat parameters (many tensors in one)",
+            "Use FullyShardedDataParallel(..., use_orig_params=True), or FSDP2",
+        )
+    return None

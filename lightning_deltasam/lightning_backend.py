@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .config import SAMConfig
-from .distributed import default_reducer
+from .distributed import default_reducer, sharding_refusal
 from .engine import SAMEngine
 from .parts import Backend, StepStats
 from .probes import probe_plan
@@ -80,20 +80,9 @@ def check_strategy(trainer: pl.Trainer, config: SAMConfig, adapter: str) -> None
         )
     if strategy not in ("FSDPStrategy", "ModelParallelStrategy"):
         return
-    refused = None
-    if config.per_instance:
-        refused = f"m={config.m} hooks each layer on its whole weight. Use m=None, or strategy='ddp' for m"
-    elif config.uses_gram:
-        refused = (
-            f"estimator={config.estimator!r} forms per-instance gradients from whole layer weights. Use "
-            "estimator='probes', or strategy='ddp' for the Gram rule"
-        )
-    elif config.sync == "local":
-        refused = "sync='local' needs each rank's own gradient, which FSDP reduces in the backward. Use sync='global'"
-    elif config.step_probe_scope == "head":
-        refused = "probe_scope='head' probes the head on whole weights. Use probe_scope='all'"
+    refused = sharding_refusal(config)
     if refused is not None:
-        raise ValueError(f"{adapter} under {strategy} (sharded parameters): {refused}.")
+        raise ValueError(f"{adapter} under {strategy} (sharded parameters): {refused[0]}. {refused[1]}.")
 
 
 # ------------------------------------------------------------- glue shared by the mixin and the callback

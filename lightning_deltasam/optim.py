@@ -46,7 +46,10 @@ class DeltaSAM(Optimizer):
     ``group["rho"]``). All of it runs the one :class:`SAMEngine`. ``param_groups`` and ``state`` are
     the base optimizer's, so LR schedulers work unchanged. Pass ``module=`` so running statistics
     (BatchNorm) are updated by the first pass only (and, for ``estimator="exact"``/``"sketch"``, so its
-    layers can be hooked). Every keyword that is not a SAM option goes to the
+    layers can be hooked). Pass ``grad_scaler=`` (a ``torch.amp.GradScaler``) to train under one:
+    both passes are unscaled and either pass's overflow lowers the scale (docs: Distributed and sharded
+    training, for the recipes). Under FSDP2 / FSDP1 the step works on each rank's shards, with norms
+    over all of them. Every keyword that is not a SAM option goes to the
     base optimizer; ``base_kwargs`` go to it whatever their names (a base argument named like a SAM option,
     e.g. RMSprop's ``alpha`` or Adadelta's ``rho``).
     """
@@ -134,9 +137,10 @@ class DeltaSAM(Optimizer):
                 "or call first_step() / second_step() around your own second backward."
             )
         backend = self._backend(scaled)
+        new_gradient = self._has_new_gradient()  # a refusal here changed nothing: the gradient stays the caller's
         try:
             with self._norm_check():
-                if self._has_new_gradient():
+                if new_gradient:
                     stats, out = self.engine.closure_step(closure, backend, self.base_optimizer.step)
                 else:
                     with torch.enable_grad():
@@ -162,11 +166,13 @@ class DeltaSAM(Optimizer):
         empty afterwards whatever ``zero_grad`` says (kept for davda54/sam's signature), so the second backward
         never adds to it; a non-finite gradient is left there instead, so a GradScaler's inf check sees it, and
         the step becomes a skip."""
-        if not self._has_new_gradient(two_step=True):
-            raise RuntimeError(
-                "first_step() found no gradient from a backward since the last step in .grad (only what the last "
-                "step left, or nothing): run loss.backward() at w first. Nothing was changed."
-            )
+        if self.engine._pending is None:  # (twice in a row: the engine says so)
+            self.config.check_two_step()
+            if not self._has_new_gradient(two_step=True):
+                raise RuntimeError(
+                    "first_step() found no gradient from a backward since the last step in .grad (only what the "
+                    "last step left, or nothing): run loss.backward() at w first. Nothing was changed."
+                )
         self.engine.first_step(self._backend(scaled=True))
 
     @torch.no_grad()

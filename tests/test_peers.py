@@ -147,6 +147,8 @@ def test_each_group_gets_its_own_radius():
     expected = [0.05 * grads[0] / norm, 0.2 * grads[1] / norm, 0.5 * t * t * grads[2] / norm]
     for p, p0, e in zip((a, b, c), before, expected):
         torch.testing.assert_close(p.detach() - p0, e, atol=1e-6, rtol=1e-5)
+    for p, g in zip((a, b, c), grads):  # first_step took the gradient at w: this stands for the one at w + eps
+        p.grad = g.clone()
     opt.second_step()  # lr 0: the restore is exact, bit for bit
     for p, p0 in zip((a, b, c), before):
         assert torch.equal(p.detach(), p0)
@@ -159,6 +161,7 @@ def test_group_rho_schedule_and_validation():
     opt.param_groups[0]["rho"] = 0.3  # a rho schedule writes the group's value
     _mean_loss(net, x, y).backward()
     opt.first_step()
+    _mean_loss(net, x, y).backward()  # the backward at w + eps (first_step took the gradient at w)
     opt.second_step(zero_grad=True)
     assert opt.last_stats.eps_norm == pytest.approx(0.3, rel=1e-5)
     opt.param_groups[0]["rho"] = -1.0
@@ -224,7 +227,10 @@ def test_two_step_order_is_enforced():
     opt.first_step()
     with pytest.raises(RuntimeError, match="first_step"):
         opt.first_step()
-    opt.second_step()
+    with pytest.raises(RuntimeError, match="found no gradient"):  # no backward at w + eps: refused, w restored
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="second_step"):  # and that step is over
+        opt.second_step()
 
 
 def test_backward_closure_keeps_the_exact_restore_and_skips_non_finite_steps():
