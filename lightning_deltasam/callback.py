@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Weighting
+from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Verify, Weighting
 from .lightning_backend import EngineSlot, LightningBackend, check_strategy, grad_scaler, log_stats, module_step
 from .parts import StepStats
 from .probes import has_split, probe_plan
@@ -58,6 +58,8 @@ class DeltaSAMCallback(Callback):
             m-sharpness over consecutive groups of k; needs ``per_sample_loss`` (the module's layers are hooked).
         match_rho: with ``m``, scale the radius each step to rho / (mean_i ||g_i|| / ||g_bar||), so that the mean
             first-order loss rise is SAM's at rho (rho in SAM's units).
+        verify: with ``m`` or the Gram estimators, check the per-instance gradients against autograd: ``"auto"``
+            (rows on each new shape signature, gradients on the first step), ``"always"`` or ``"off"``.
         variant: the ascent rule: ``"sam"`` (SAM / ASAM), ``"gsam"``, ``"wsam"``, ``"looksam"``, ``"friendly"``.
         interval: perturb every interval-th step (composer's SAM), a plain base step otherwise.
         alpha: GSAM's surrogate-gap weight (None: 0.4) or LookSAM's g_v weight (None: 0.7).
@@ -91,6 +93,7 @@ class DeltaSAMCallback(Callback):
         seed: int = 0,
         m: int | None = None,
         match_rho: bool = False,
+        verify: Verify = "auto",
         variant: Variant = "sam",
         interval: int = 1,
         alpha: float | None = None,
@@ -122,6 +125,7 @@ class DeltaSAMCallback(Callback):
             seed=seed,
             m=m,
             match_rho=match_rho,
+            verify=verify,
             variant=variant,
             interval=interval,
             alpha=alpha,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LayerCapture, LowRank, Rows, Term, UnsupportedModuleError, Verify
-from .layers.capture import check_not_compiled, compiled_part
+from .layers.compiled import check_not_compiled, compiled_part
 from .layers.terms import Full, as_matrix, gram_pair, materialize
 
 GramMode = Literal["exact", "sketch"]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Kind, LayerCapture, LowRank, Term, Verify
-from .layers.capture import check_eager
+from .layers.compiled import check_eager
 from .layers.terms import as_matrix, pair_sum, sum_norm_sq
 
 

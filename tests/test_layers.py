@@ -296,47 +296,25 @@ def test_hf_gradient_checkpointing_is_refused_before_the_first_step() -> None:
         GramCapture(model, list(model.parameters()))
 
 
-def test_verify_off_skips_the_checks_and_auto_checks_each_new_shape_once() -> None:
-    model = Tokens("layer").double()
-    cap = GramCapture(model, list(model.parameters()))
+def test_verify_off_skips_the_checks_and_auto_checks_each_new_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_deltasam.layers import capture as capture_module
+
     calls = {"rows": 0, "grads": 0}
     for what in calls:
-        original = getattr(cap.capture, f"_check_{what}")
+        original = getattr(capture_module, f"check_{what}")
 
         def counted(*a, _what=what, _original=original):
             calls[_what] += 1
             return _original(*a)
 
-        setattr(cap.capture, f"_check_{what}", counted)
+        monkeypatch.setattr(capture_module, f"check_{what}", counted)
+    model = Tokens("layer").double()
+    cap = GramCapture(model, list(model.parameters()))
     for n, t in [(5, 6), (5, 6), (5, 7), (5, 6)]:
         batch = token_batch(n=n, t=t)
         cap.first_pass(lambda b=batch: model(b), None)
         cap.clear()
     assert calls == {"rows": 2, "grads": 1}
     off = GramCapture(model, list(model.parameters()), verify="off")
-    off.capture._check_rows = off.capture._check_grads = None  # type: ignore[assignment,method-assign]
-    off.first_pass(lambda: model(token_batch()), None)  # not called: would raise
-
-
-class OwnLinear(nn.Linear):
-    """Falcon's Linear: its own forward, the same function."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.T + self.bias
-
-
-class ScaledLinear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 2.0 * super().forward(x)
-
-
-def test_a_linear_subclass_is_taken_only_when_its_forward_is_f_linear() -> None:
-    model = Tokens("layer")
-    model.fc = OwnLinear(D, 12)
-    model.double()
-    batch = token_batch()
-    ref = loop_reference(model, lambda b: model(b), batch, RHO, 1)
-    assert rel(engine_update(model, lambda b: model(b), batch, rho=RHO, m=1, verify="always"), ref) < 1e-9
-    model.fc = ScaledLinear(D, 12).double()
-    with pytest.raises(UnsupportedModuleError, match=r"fc \(ScaledLinear\) overrides Linear.forward"):
-        GramCapture(model, list(model.parameters()))
+    off.first_pass(lambda: model(token_batch()), None)
+    assert calls == {"rows": 2, "grads": 1}

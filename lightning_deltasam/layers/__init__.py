@@ -2,7 +2,8 @@
 kind), and the capture that records a forward's calls and checks that they account for the whole batch."""
 
 from .base import Call, Kind, UnsupportedModuleError
-from .capture import KINDS, SUPPORTED_TEXT, LayerCapture, Verify, check_not_compiled, compiled_part
+from .capture import KINDS, SUPPORTED_TEXT, LayerCapture, Verify
+from .compiled import check_not_compiled, compiled_part
 from .terms import Full, LowRank, Rows, Term
 
 __all__ = [

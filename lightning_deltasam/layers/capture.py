@@ -19,15 +19,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import Verify
 from .base import Call, Kind, UnsupportedModuleError
+from .checks import check_grads, check_rows, check_uses
+from .compiled import check_eager, check_not_compiled
 from .conv import Conv2dKind
 from .embedding import EmbeddingKind
 from .linear import LinearKind
-from .norm import NormKind
-from .terms import Term, as_matrix, materialize
+from .norm import BATCH_NORMS, NormKind
+from .terms import Term
 
 KINDS: tuple[type[Kind], ...] = (LinearKind, EmbeddingKind, NormKind, Conv2dKind)
 SUPPORTED_TEXT = (
@@ -118,7 +119,7 @@ class LayerCapture:
                 f"{who} needs every optimized parameter inside the module it hooks."
             )
         self.params = {id(p): p for p in params if id(p) in self.owners}
-        self.batch_norms = [(n or type(module).__name__, s) for n, s in module.named_modules() if isinstance(s, _BatchNorm)]
+        self.batch_norms = [(n or type(module).__name__, s) for n, s in module.named_modules() if isinstance(s, BATCH_NORMS)]
         self.names: dict[int, str] = {}
         for kind in self.kinds:
             for role, p in kind.params.items():
@@ -159,8 +160,6 @@ class LayerCapture:
         def hook(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor | None:
             if not self._recording or not torch.is_grad_enabled() or kind.busy:
                 return None
-            if torch._C._current_graph_task_id() != -1:
-                raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out))
             check_eager(self.who, self.way_out)
             x = kind.input_of(inputs)
             if not isinstance(x, Tensor) or not isinstance(out, Tensor):
@@ -217,14 +216,14 @@ class LayerCapture:
                     f"the input or output of {r.kind.name} was modified in place after its forward: {self.who} "
                     f"cannot read its gradient; avoid the in-place op or {self.way_out}."
                 )
-        self._check_uses(losses)
+        check_uses(self, losses)
         signature = (bsz, *((id(r.kind), tuple(r.x.shape), r.rows) for r in self.records))
-        check_rows = self.verify == "always" or (self.verify == "auto" and signature not in self._seen)
-        check_grads = self.verify == "always" or (self.verify == "auto" and self._steps == 0)
+        rows_due = self.verify == "always" or (self.verify == "auto" and signature not in self._seen)
+        grads_due = self.verify == "always" or (self.verify == "auto" and self._steps == 0)
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
         try:
             grads = torch.autograd.grad(
-                total, [r.out for r in self.records], allow_unused=True, retain_graph=check_rows or check_grads
+                total, [r.out for r in self.records], allow_unused=True, retain_graph=rows_due or grads_due
             )
         except RuntimeError as err:
             if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
@@ -234,11 +233,11 @@ class LayerCapture:
             b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32
             assert r.call is not None
             r.call.b = None if b is None else b.reshape(r.call.shape)
-        if check_rows:
-            self._check_rows(losses, scale)
+        if rows_due:
+            check_rows(self, losses, scale)
             self._seen.add(signature)
-        if check_grads:
-            self._check_grads(losses, scale)
+        if grads_due:
+            check_grads(self, losses, scale)
         self._steps += 1
         for r in self.records:
             r.out = None  # the outputs and the graph can go
@@ -290,96 +289,6 @@ class LayerCapture:
             f"pass of a batch of {bsz}: {self.who} needs the same batch-first calls in both passes."
         )
 
-    # ----------------------------------------------------------------- checks
-    def _check_uses(self, losses: Tensor) -> None:
-        """Every use of a covered parameter in the graph is inside a recorded call of a layer holding it."""
-        inside: dict[int, set] = {}  # node -> the kinds whose recorded call contains it
-        for r in self.records:
-            stack, seen = [r.out.grad_fn if r.out is not None else None], set()
-            while stack:
-                node = stack.pop()
-                if node is None or node in seen or node in r.stops:
-                    continue
-                seen.add(node)
-                inside.setdefault(id(node), set()).add(id(r.kind))
-                stack.extend(n for n, _ in node.next_functions if n is not None and not hasattr(n, "variable"))
-        stack, seen = [losses.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for nxt, _ in node.next_functions:
-                if nxt is None:
-                    continue
-                var = getattr(nxt, "variable", None)
-                if var is None:
-                    stack.append(nxt)
-                    continue
-                pid = id(var)
-                if pid in self.owners and not inside.get(id(node), set()) & {id(k) for k in self.owners[pid]}:
-                    raise UnsupportedModuleError(
-                        f"{self.names[pid]} is used outside the forward of the module that holds it (by "
-                        f"{type(node).__name__}: e.g. an output layer F.linear(h, emb.weight), or weight[:T]): {self.who} "
-                        "would miss that use's share of each instance's gradient. Use it through a module (for a tied "
-                        "head: an nn.Linear whose weight is the embedding's), freeze it (requires_grad=False), or "
-                        f"{self.way_out}."
-                    )
-
-    def _tolerance(self) -> float:
-        """Relative tolerance of the checks: a real mismatch is O(1); float64 models often compute parts in float32
-        (transformers' RMSNorm), so float64 is not assumed to be exact."""
-        return 1e-4 if {r.dtype for r in self.records} <= {torch.float32, torch.float64} else 5e-2
-
-    def _check_rows(self, losses: Tensor, scale: float) -> None:
-        """Each call's rows are the instances: weighting instance i's loss by r_i scales exactly row i's gradient."""
-        bsz = losses.numel()
-        gen = torch.Generator().manual_seed(1234)
-        weights = (1.0 + torch.rand(bsz, generator=gen, dtype=torch.float64)).to(losses.device, losses.dtype)
-        grads = torch.autograd.grad(
-            (losses * weights).sum() * scale, [r.out for r in self.records], allow_unused=True, retain_graph=True
-        )
-        tol = self._tolerance()
-        for r, g in zip(self.records, grads):
-            assert r.call is not None
-            if g is None or r.call.b is None:
-                continue
-            got = g.double().reshape(r.call.shape) / scale
-            want = r.call.b.double() * weights.double().view(-1, *([1] * (got.dim() - 1)))
-            err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
-            if err > tol:
-                raise UnsupportedModuleError(
-                    f"the rows of {r.kind.name}'s input (shape {tuple(r.x.shape)}) are not the batch's {bsz} instances "
-                    f"(checked: {err:.1e} off): its first size equals the batch size, but it is shared by the batch "
-                    "(positions arange(T) or a [T, T] table with T == B), or rows are mixed across instances later in the "
-                    "forward. Give shared inputs a leading size of 1 "
-                    f"(positions of shape [1, T]), pad to a length other than the batch size, or {self.way_out}."
-                )
-
-    def _check_grads(self, losses: Tensor, scale: float) -> None:
-        """Two instances' per-instance gradients from the terms against autograd's, parameter by parameter."""
-        bsz = losses.numel()
-        terms = self.terms(1)
-        params = list(self.params.values())
-        tol = self._tolerance()
-        for i in sorted({0, bsz - 1}):
-            auto = torch.autograd.grad(losses[i] * scale, params, allow_unused=True, retain_graph=True)
-            onehot = torch.zeros(bsz, dtype=torch.float64, device=losses.device)
-            onehot[i] = 1.0
-            refs = [torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() / scale for p, g in zip(params, auto)]
-            floor = 1e-3 * sum(float(r.square().sum()) for r in refs) ** 0.5  # a parameter's gradient
-            for p, ref in zip(params, refs):  # below 1e-3 of the whole is compared on that scale (roundoff)
-                mine = torch.zeros_like(ref)
-                for term in terms.get(id(p), []):
-                    mine += materialize(term, as_matrix(p), onehot).double().reshape(p.shape)
-                err = float((mine - ref).norm()) / max(float(ref.norm()), floor, 1e-30)
-                if err > tol:
-                    raise UnsupportedModuleError(
-                        f"{self.who}: the per-instance gradient of {self.names[id(p)]} differs from autograd's by "
-                        f"{err:.1e} (relative, instance {i}): its layer is used in a way its kind does not model. "
-                        f"Freeze it (requires_grad=False), or {self.way_out}."
-                    )
-
     # ------------------------------------------------------------------ terms
     def terms(self, m: int, dense: bool = False) -> dict[int, list[Term]]:
         """{id(param): its terms} for groups of ``m`` consecutive instances (formed once per m and forward);
@@ -415,34 +324,3 @@ def _checkpointing_message(who: str, way_out: str) -> str:
         "use_reentrant=False, turn it off (model.gradient_checkpointing_disable()), or "
         f"{way_out}."
     )
-
-
-def compiled_part(module: nn.Module) -> str | None:
-    """The name of ``module`` or of a submodule compiled with ``torch.compile`` (or ``Module.compile()``), else None."""
-    if getattr(module, "_compiler_ctx", None) is not None:  # Lightning's trainer.fit(torch.compile(module))
-        return type(module).__name__
-    for name, sub in module.named_modules():
-        if type(sub).__name__ == "OptimizedModule" or getattr(sub, "_compiled_call_impl", None) is not None:
-            return name or type(module).__name__
-    return None
-
-
-def check_not_compiled(module: nn.Module, who: str, way_out: str) -> None:
-    """A clear error when ``module`` (or a part of it) is compiled: a compiled graph bypasses the forward hooks
-    that read each layer's inputs and outputs, so the result would be silently wrong."""
-    part = compiled_part(module)
-    if part is not None:
-        raise ValueError(
-            f"{who} cannot run on a module compiled with torch.compile ({part} is compiled): the compiled graph "
-            "bypasses the per-layer hooks it reads. Run the step on the uncompiled module (for "
-            f"compiled = torch.compile(model), pass model, i.e. compiled._orig_mod), or {way_out}."
-        )
-
-
-def check_eager(who: str, way_out: str) -> None:
-    """The same error from inside a hook that runs while torch.compile traces (a compiled function calling the layer)."""
-    if torch.compiler.is_compiling():
-        raise ValueError(
-            f"{who} cannot run inside a torch.compile region: the compiled graph bypasses the per-layer "
-            f"hooks it reads. Call the model eagerly in the loss, or {way_out}."
-        )

@@ -13,7 +13,17 @@ from torch.func import functional_call
 from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, per_instance, wide
 from .terms import Full, Term
 
-_BATCH_STATISTICS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
+BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
+# normalizations over other axes than a token's features: not this kind (a trainable one is refused by name)
+_OTHER_AXES = (*BATCH_NORMS, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 class NormKind(Kind):
@@ -26,7 +36,7 @@ class NormKind(Kind):
         weight = getattr(module, "weight", None)
         return (
             "Norm" in type(module).__name__
-            and not isinstance(module, _BATCH_STATISTICS)
+            and not isinstance(module, _OTHER_AXES)
             and isinstance(weight, Tensor)
             and weight.dim() >= 1
         )
