@@ -79,3 +79,39 @@ def test_the_verdicts_tell_outcomes_apart():
     inst = per_instance_reference(model, loss, (x, y), 0.05, 1)
     assert rel_error(sam, inst) > 1e-3  # the references tell SAM and per-instance SAM apart
     assert rel_error(inst, inst) == 0.0
+
+
+@pytest.mark.parametrize("name", ["llama-lm-tied", "gemma", "gpt2-lm-tied", "t5", "vit", "resnet"])
+def test_every_parameter_trains_with_m1_equal_to_the_loop_over_three_steps(name):
+    """Llama (RMSNorm, tied head), Gemma (scaled embedding, 1 + w norms), GPT-2 (Conv1D, tied head), T5 (its
+    shared embedding and RMSNorm; the relative-attention tables, computed once for the batch, frozen), ViT (Conv2d
+    patches) and a ResNet (BatchNorm in eval mode): three SGD steps of m=1 against three steps on the loop."""
+    import torch
+
+    from lightning_deltasam import DeltaSAM
+    from tests.architectures import per_instance_reference, trainable
+
+    def build():  # the builders are seeded: each call gives the same weights, with its own loss closure
+        model, batch, loss = ZOO[name]()
+        if name == "t5":
+            for key, p in model.named_parameters():
+                p.requires_grad_("relative_attention_bias" not in key)
+        return model, batch, loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, batch, loss = build()
+        twin, _, twin_loss = build()
+        start = {k: v.detach().clone() for k, v in trainable(model).items()}
+        opt = DeltaSAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, lr=0.5, module=model, m=1)
+        for _ in range(3):
+            opt.step(lambda: loss(batch))
+            grads = per_instance_reference(twin, twin_loss, batch, 0.05, 1)
+            with torch.no_grad():
+                for p, g in zip(trainable(twin).values(), grads.values()):
+                    p.sub_(0.5 * g)
+    mine, ref = trainable(model), trainable(twin)
+    num = sum(float((mine[k] - ref[k]).double().square().sum()) for k in ref)
+    den = sum(float((ref[k] - start[k]).double().square().sum()) for k in ref)
+    assert (num / den) ** 0.5 < TOLERANCE  # relative to how far the loop moved the weights
+    assert all(not torch.equal(mine[k], start[k]) for k in mine)  # every trainable parameter moved
