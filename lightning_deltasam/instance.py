@@ -75,7 +75,7 @@ class InstancePerturbation:
         return self.capture.batch_size
 
     def _terms(self) -> dict[int, list[Term]]:
-        return self.capture.terms(self.m, dense=True)
+        return self.capture.terms(self.m, dense=True, consume=True)
 
     def group_norms_sq(self) -> dict[Tensor, Tensor]:
         """{parameter: [G] ||G_g||^2 restricted to it}: each group's squared gradient norm, parameter by parameter."""

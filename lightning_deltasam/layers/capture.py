@@ -290,9 +290,11 @@ class LayerCapture:
         )
 
     # ------------------------------------------------------------------ terms
-    def terms(self, m: int, dense: bool = False) -> dict[int, list[Term]]:
+    def terms(self, m: int, dense: bool = False, consume: bool = False) -> dict[int, list[Term]]:
         """{id(param): its terms} for groups of ``m`` consecutive instances (formed once per m and forward);
-        ``dense``: a Linear's G_g may be formed as a matrix where that costs fewer FLOPs (not for tied weights)."""
+        ``dense``: a Linear's G_g may be formed as a matrix where that costs fewer FLOPs (not for tied weights);
+        ``consume``: each layer's recorded inputs and output gradients are dropped once its terms are formed (the
+        memory peak is then one layer's, not every layer's; no other terms can be formed from this forward)."""
         if (m, dense) not in self._terms:
             bsz = self.batch_size
             assert bsz is not None
@@ -304,6 +306,10 @@ class LayerCapture:
                 tied = any(id(p) in self.tied for p in kind.params.values())
                 for p, term in kind.terms(calls, bsz, m, dense and not tied):  # type: ignore[arg-type]
                     out.setdefault(id(p), []).append(term)
+                if consume:
+                    for r in self.records:
+                        if r.kind is kind:
+                            r.x, r.call = None, None  # type: ignore[assignment]
             self._terms[(m, dense)] = out
         return self._terms[(m, dense)]
 
