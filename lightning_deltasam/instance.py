@@ -108,9 +108,9 @@ class InstancePerturbation:
 
     def scale(self, c: dict[Tensor, Tensor]) -> None:
         """Set c_g (``{parameter: [G]}``; a parameter absent is not perturbed): eps_g = c_g G_g, as terms."""
-        terms = self._terms()
-        self.eps = {id(p): [t.scaled(cp) for t in terms.get(id(p), [])] for p, cp in c.items()}
-        self.capture.release()  # inputs and output gradients not in eps's terms are freed before the second pass
+        terms = self._terms()  # scaled in place (their output-gradient side): no second copy of every layer's terms
+        self.eps = {id(p): [t.scale_(cp) for t in terms.get(id(p), [])] for p, cp in c.items()}
+        self.capture.release()
 
     # ----------------------------------------------------------- second pass
     @contextmanager

@@ -71,6 +71,22 @@ class Tokens(nn.Module):
         return F.cross_entropy(self.head(self.norm2(h).mean(1)), batch["labels"], reduction="none")
 
 
+class Summed(nn.Module):
+    """Outputs added together: autograd hands every addend one gradient tensor (the capture must not share it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.tok, self.tok2 = nn.Embedding(V, D), nn.Embedding(V, D)
+        self.fc1, self.fc2 = nn.Linear(D, 12), nn.Linear(D, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        h = self.tok(batch["input_ids"]) + self.tok2(batch["input_ids"])
+        h = torch.tanh(self.fc1(h) + self.fc2(h))
+        return F.cross_entropy(self.head(h.mean(1)), batch["labels"], reduction="none")
+
+
 class Convs(nn.Module):
     """ViT-style patch embedding (kernel = stride) and a ResNet-style 3x3 block with a frozen BatchNorm (eval)."""
 
@@ -128,6 +144,7 @@ MODELS = {
     "positions-first": lambda: (Tokens("layer", positions_first=True), token_batch()),
     "conv2d": lambda: (Convs().eval(), image_batch()),
     "tied-head": lambda: (Tied(), tied_batch()),
+    "summed-outputs": lambda: (Summed(), token_batch()),
     "conv1d": gpt2_conv1d,
     "computed-positions": lambda: (MaskPositions(), token_batch()),  # indices read where the forward looks them up
     "checkpoint-non-reentrant": lambda: (Checkpointed(False), token_batch()),  # the recomputation is corrected too

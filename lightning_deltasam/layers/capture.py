@@ -199,6 +199,7 @@ class LayerCapture:
                 return losses
             except _Rerun:
                 known = self.batch_size
+                del losses  # this forward's graph goes before the next one is built
         raise RuntimeError("unreachable")
 
     # --------------------------------------------------------------- backward
@@ -229,8 +230,13 @@ class LayerCapture:
             if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
                 raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out)) from err
             raise
+        storages: set[int] = set()
         for r, g in zip(self.records, grads):
             b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32
+            if b is not None:  # autograd hands one tensor to both inputs of an add: each call owns its own
+                ptr = b.untyped_storage().data_ptr()
+                b = b.clone() if ptr in storages else b
+                storages.add(ptr)
             assert r.call is not None
             r.call.b = None if b is None else b.reshape(r.call.shape)
         if rows_due:

@@ -81,7 +81,7 @@ class LinearKind(Kind):
             if dense and n * (d_in + d_out) > d_in * d_out:  # the dense G_g costs fewer FLOPs
                 out.append((weight, Full(torch.bmm(left.transpose(1, 2), right))))
             else:
-                out.append((weight, LowRank(left, right)))
+                out.append((weight, LowRank(left, right, grad_left=self.contract == 1)))
         if bias is not None:
             out.append((bias, Full(b.sum(1, keepdim=True))))
         return out
