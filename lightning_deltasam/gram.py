@@ -95,8 +95,8 @@ class GramCapture:
             if len(terms) == 1:
                 part = self._gram_one(terms[0], cache)
             else:  # a tied weight: every pair of its uses, cross terms included
-                part = sum(gram_pair(t, u).double() for t in terms for u in terms)
-            k = k.to(part.device) + part.double()  # type: ignore[union-attr]
+                part = torch.stack([gram_pair(t, u).double() for t in terms for u in terms]).sum(0)
+            k = k.to(part.device) + part.double()
         return k
 
     def _gram_one(self, term: Term, cache: dict) -> Tensor:

@@ -193,7 +193,10 @@ class Tied(nn.Module):
 
 def tied_batch() -> dict:
     g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 10, (B, 5), generator=g), "targets": torch.randint(0, 10, (B, 5), generator=g)}
+    return {
+        "input_ids": torch.randint(0, 10, (B, 5), generator=g),
+        "targets": torch.randint(0, 10, (B, 5), generator=g),
+    }
 
 
 def test_tied_weights_sum_their_uses_with_cross_terms():

@@ -114,7 +114,10 @@ def token_batch(n: int = 5, t: int = 6, seed: int = 0) -> dict:
 
 def image_batch(n: int = 5) -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {
+        "x": torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
 
 
 def gpt2_conv1d() -> tuple[nn.Module, dict]:
@@ -265,7 +268,10 @@ def _frozen_embedding(**kw) -> nn.Module:
 REFUSED = {
     "positions-1d-at-T-equal-B": (lambda: (Positional(), _positional_batch()), r"positions\.weight|not the batch's"),
     "table-at-T-equal-B": (lambda: (Table(), token_batch(n=6, t=6)), r"bias.*not the batch's"),
-    "table-at-T-other": (lambda: (Table(), token_batch(n=5, t=6)), r"bias \(Embedding\) was called on an input of shape"),
+    "table-at-T-other": (
+        lambda: (Table(), token_batch(n=5, t=6)),
+        r"bias \(Embedding\) was called on an input of shape",
+    ),
     "pairs-as-2B-rows": (lambda: (Pairs(), token_batch()), r"tok|fc"),
     "scale-grad-by-freq": (lambda: (_frozen_embedding(scale_grad_by_freq=True), token_batch()), "scale_grad_by_freq"),
     "max-norm": (lambda: (_frozen_embedding(max_norm=1.0), token_batch()), "max_norm"),
@@ -294,7 +300,11 @@ def test_what_cannot_be_exact_is_refused_by_name_with_w_untouched(name: str, how
     build, match = REFUSED[name]
     model, batch = build()
     model.double()
-    options = {"m=1": {"m": 1}, "m=2": {"m": 2}, "exact": {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"}}[how]
+    options = {
+        "m=1": {"m": 1},
+        "m=2": {"m": 2},
+        "exact": {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+    }[how]
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     with pytest.raises(UnsupportedModuleError, match=match):
@@ -305,11 +315,15 @@ def test_what_cannot_be_exact_is_refused_by_name_with_w_untouched(name: str, how
 
 def test_hf_gradient_checkpointing_is_refused_before_the_first_step() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    cfg = transformers.BertConfig(
+        vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+    )
     model = transformers.BertModel(cfg)
     model.gradient_checkpointing_enable()
     model.train()
-    with pytest.raises(UnsupportedModuleError, match="reentrant gradient checkpointing.*gradient_checkpointing_disable"):
+    with pytest.raises(
+        UnsupportedModuleError, match="reentrant gradient checkpointing.*gradient_checkpointing_disable"
+    ):
         GramCapture(model, list(model.parameters()))
 
 

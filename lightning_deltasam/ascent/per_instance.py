@@ -15,8 +15,6 @@ from ..config import SAMConfig
 from ..instance import InstancePerturbation
 from ..parts import Backend, BufferPool, Guard, LayerHooks, Passes, Snapshot, StepStats, clear_grads, phase
 
-
-
 RATIO_EVERY = 10  # steps between two grad_norm_ratio diagnostics (every step with match_rho, which needs it)
 
 

@@ -55,6 +55,12 @@ class Call:
         self.x, self.shape = x, shape
         self.b: Tensor | None = None
 
+    @property
+    def grad(self) -> Tensor:
+        """The output gradient (the capture hands kinds only calls that have one)."""
+        assert self.b is not None
+        return self.b
+
 
 class Kind:
     """A layer kind: recognises its modules, states each instance's share of its parameters' gradients as

@@ -119,7 +119,9 @@ class LayerCapture:
                 f"{who} needs every optimized parameter inside the module it hooks."
             )
         self.params = {id(p): p for p in params if id(p) in self.owners}
-        self.batch_norms = [(n or type(module).__name__, s) for n, s in module.named_modules() if isinstance(s, BATCH_NORMS)]
+        self.batch_norms = [
+            (n or type(module).__name__, s) for n, s in module.named_modules() if isinstance(s, BATCH_NORMS)
+        ]
         self.names: dict[int, str] = {}
         for kind in self.kinds:
             for role, p in kind.params.items():
@@ -163,7 +165,9 @@ class LayerCapture:
             check_eager(self.who, self.way_out)
             x = kind.input_of(inputs)
             if not isinstance(x, Tensor) or not isinstance(out, Tensor):
-                raise UnsupportedModuleError(f"{kind.name} was called without a tensor input and output: {self.who} cannot read it.")
+                raise UnsupportedModuleError(
+                    f"{kind.name} was called without a tensor input and output: {self.who} cannot read it."
+                )
             hint, expanded, replaced = self._hint, None, None
             if _shared(kind, x, hint) and hint is not None and hint > 1:
                 x, replaced = _broadcast(kind, x, out, hint)
@@ -224,7 +228,7 @@ class LayerCapture:
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
         try:
             grads = torch.autograd.grad(
-                total, [r.out for r in self.records], allow_unused=True, retain_graph=rows_due or grads_due
+                total, self.outputs(), allow_unused=True, retain_graph=rows_due or grads_due
             )
         except RuntimeError as err:
             if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
@@ -310,7 +314,7 @@ class LayerCapture:
                 if not calls:
                     continue
                 tied = any(id(p) in self.tied for p in kind.params.values())
-                for p, term in kind.terms(calls, bsz, m, dense and not tied):  # type: ignore[arg-type]
+                for p, term in kind.terms(calls, bsz, m, dense and not tied):
                     out.setdefault(id(p), []).append(term)
                 if consume:
                     for r in self.records:
@@ -318,6 +322,12 @@ class LayerCapture:
                             r.x, r.call = None, None  # type: ignore[assignment]
             self._terms[(m, dense)] = out
         return self._terms[(m, dense)]
+
+    def outputs(self) -> list[Tensor]:
+        """The recorded calls' outputs, in the graph (before the first backward has read them)."""
+        outs = [r.out for r in self.records]
+        assert all(o is not None for o in outs), "the outputs were released by the first backward"
+        return outs  # type: ignore[return-value]
 
     def release(self) -> None:
         """Drop the recorded calls and the cached terms (a caller keeps the terms it still needs); B stays known."""

@@ -51,10 +51,12 @@ def check_uses(capture: LayerCapture, losses: Tensor) -> None:
                     f"{capture.way_out}."
                 )
 
+
 def tolerance(capture: LayerCapture) -> float:
     """Relative tolerance of the checks: a real mismatch is O(1); float64 models often compute parts in float32
     (transformers' RMSNorm), so float64 is not assumed to be exact."""
     return 1e-4 if {r.dtype for r in capture.records} <= {torch.float32, torch.float64} else 5e-2
+
 
 def check_rows(capture: LayerCapture, losses: Tensor, scale: float) -> None:
     """Each call's rows are the instances: weighting instance i's loss by r_i scales exactly row i's gradient."""
@@ -62,7 +64,7 @@ def check_rows(capture: LayerCapture, losses: Tensor, scale: float) -> None:
     gen = torch.Generator().manual_seed(1234)
     weights = (1.0 + torch.rand(bsz, generator=gen, dtype=torch.float64)).to(losses.device, losses.dtype)
     grads = torch.autograd.grad(
-        (losses * weights).sum() * scale, [r.out for r in capture.records], allow_unused=True, retain_graph=True
+        (losses * weights).sum() * scale, capture.outputs(), allow_unused=True, retain_graph=True
     )
     tol = tolerance(capture)
     for r, g in zip(capture.records, grads):
@@ -81,6 +83,7 @@ def check_rows(capture: LayerCapture, losses: Tensor, scale: float) -> None:
                 f"(positions of shape [1, T]), pad to a length other than the batch size, or {capture.way_out}."
             )
 
+
 def check_grads(capture: LayerCapture, losses: Tensor, scale: float) -> None:
     """Two instances' per-instance gradients from the terms against autograd's, parameter by parameter."""
     bsz = losses.numel()
@@ -91,7 +94,9 @@ def check_grads(capture: LayerCapture, losses: Tensor, scale: float) -> None:
         auto = torch.autograd.grad(losses[i] * scale, params, allow_unused=True, retain_graph=True)
         onehot = torch.zeros(bsz, dtype=torch.float64, device=losses.device)
         onehot[i] = 1.0
-        refs = [torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() / scale for p, g in zip(params, auto)]
+        refs = [
+            torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() / scale for p, g in zip(params, auto)
+        ]
         floor = 1e-3 * sum(float(r.square().sum()) for r in refs) ** 0.5  # a parameter's gradient
         for p, ref in zip(params, refs):  # below 1e-3 of the whole is compared on that scale (roundoff)
             mine = torch.zeros_like(ref)

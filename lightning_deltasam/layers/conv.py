@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, per_instance, ungrouped, wide
+from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, ungrouped, wide
 from .terms import Full, LowRank, Term, matmul_delta
 
 
@@ -40,7 +40,7 @@ class Conv2dKind(Kind):
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
         a = cat_tokens([wide(self._patches(c.x)) for c in calls], dim=1)
-        b = cat_tokens([wide(c.b).reshape(bsz, c.b.shape[1], -1).transpose(1, 2) for c in calls], dim=1)  # type: ignore[union-attr]
+        b = cat_tokens([wide(c.grad).reshape(bsz, c.grad.shape[1], -1).transpose(1, 2) for c in calls], dim=1)
         a, b = grouped(a, bsz, m), grouped(b, bsz, m).contiguous()
         out: list[tuple[Tensor, Term]] = []
         weight, bias = self.params.get("weight"), self.params.get("bias")

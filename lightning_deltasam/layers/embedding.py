@@ -14,7 +14,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, ungrouped, wide
+from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, ungrouped, wide
 from .terms import Rows, Term, lookup_delta
 
 
@@ -101,7 +101,9 @@ class EmbeddingKind(Kind):
                         raise ValueError("not a lookup")
                     if scale is None:
                         scale = float((out.double() * ref.double()).sum() / ref.double().square().sum())
-                    if not torch.allclose(out.double(), scale * ref.double(), rtol=tol, atol=tol * float(ref.abs().max())):
+                    if not torch.allclose(
+                        out.double(), scale * ref.double(), rtol=tol, atol=tol * float(ref.abs().max())
+                    ):
                         raise ValueError("not a lookup")
         except Exception as err:  # any failure: the forward is not a plain (scaled) lookup of its first argument
             raise UnsupportedModuleError(self._not_a_lookup(f"{type(err).__name__}: {err}")) from None
@@ -113,7 +115,7 @@ class EmbeddingKind(Kind):
         mod = self.module
         assert isinstance(mod, nn.Embedding)
         idx = cat_tokens([c.x.reshape(bsz, -1) for c in calls], dim=1)
-        b = cat_tokens([wide(c.b).reshape(bsz, -1, mod.embedding_dim) for c in calls], dim=1)  # type: ignore[union-attr]
+        b = cat_tokens([wide(c.grad).reshape(bsz, -1, mod.embedding_dim) for c in calls], dim=1)
         if mod.padding_idx is not None:
             b = b.masked_fill((idx == mod.padding_idx).unsqueeze(-1), 0.0)
         if self.scale != 1.0:

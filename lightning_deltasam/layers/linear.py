@@ -71,7 +71,7 @@ class LinearKind(Kind):
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
         a = cat_tokens([wide(c.x).reshape(bsz, -1, c.x.shape[-1]) for c in calls], dim=1)
-        b = cat_tokens([wide(c.b).reshape(bsz, -1, c.b.shape[-1]) for c in calls], dim=1)  # type: ignore[union-attr]
+        b = cat_tokens([wide(c.grad).reshape(bsz, -1, c.grad.shape[-1]) for c in calls], dim=1)
         a, b = grouped(a, bsz, m), grouped(b, bsz, m).contiguous()
         out: list[tuple[Tensor, Term]] = []
         weight, bias = self.params.get("weight"), self.params.get("bias")
@@ -107,4 +107,3 @@ class LinearKind(Kind):
 
 def _dtype(term: Term) -> torch.dtype:
     return term.value.dtype if isinstance(term, Full) else term.right.dtype
-

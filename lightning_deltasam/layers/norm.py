@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import Call, Kind, cat_tokens, UnsupportedModuleError, grouped, per_instance, wide
+from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, wide
 from .terms import Full, Term
 
 BATCH_NORMS = (
@@ -23,7 +23,14 @@ BATCH_NORMS = (
     nn.LazyBatchNorm3d,
 )
 # normalizations over other axes than a token's features: not this kind (a trainable one is refused by name)
-_OTHER_AXES = (*BATCH_NORMS, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LocalResponseNorm)
+_OTHER_AXES = (
+    *BATCH_NORMS,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
 
 
 class NormKind(Kind):
@@ -43,10 +50,10 @@ class NormKind(Kind):
 
     def check(self) -> None:
         mod = self.module
-        self.shape = tuple(getattr(mod, "normalized_shape", None) or mod.weight.shape)  # type: ignore[union-attr]
+        weight = self._weight()
+        self.shape = tuple(getattr(mod, "normalized_shape", None) or weight.shape)
         if type(mod).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward):
             return
-        weight = mod.weight  # type: ignore[union-attr]
         bias = getattr(mod, "bias", None)
         if isinstance(bias, Tensor) and bias.shape != weight.shape:
             raise UnsupportedModuleError(f"{self.name}: bias shape {tuple(bias.shape)} is not the weight's.")
@@ -80,6 +87,11 @@ class NormKind(Kind):
                 "parameters (requires_grad=False), or use plain SAM (m=None) / a probe rule."
             )
 
+    def _weight(self) -> Tensor:
+        weight = getattr(self.module, "weight", None)
+        assert isinstance(weight, Tensor)
+        return weight
+
     def _call(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
         self.busy = True
@@ -95,7 +107,7 @@ class NormKind(Kind):
             return torch.zeros((), dtype=x.dtype, device=x.device), F.layer_norm(x, self.shape, eps=mod.eps)  # type: ignore[arg-type]
         if type(mod).forward is nn.RMSNorm.forward:
             return torch.zeros((), dtype=x.dtype, device=x.device), F.rms_norm(x, self.shape, eps=mod.eps)  # type: ignore[arg-type]
-        weight = mod.weight  # type: ignore[union-attr]
+        weight = self._weight()
         bias = getattr(mod, "bias", None)
         zero = torch.zeros_like(weight)
         b0 = torch.zeros_like(bias) if isinstance(bias, Tensor) else None
@@ -104,13 +116,15 @@ class NormKind(Kind):
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
         feat = int(torch.Size(self.shape).numel())
-        b = cat_tokens([wide(c.b).reshape(bsz, -1, feat) for c in calls], dim=1)  # type: ignore[union-attr]
+        b = cat_tokens([wide(c.grad).reshape(bsz, -1, feat) for c in calls], dim=1)
         out: list[tuple[Tensor, Term]] = []
         weight, bias = self.params.get("weight"), self.params.get("bias")
         if weight is not None:
             with torch.no_grad():
                 own = type(self.module).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward)  # widen before, not after
-                xhat = cat_tokens([wide(self._parts(wide(c.x) if own else c.x)[1]).reshape(bsz, -1, feat) for c in calls], 1)
+                xhat = cat_tokens(
+                    [wide(self._parts(wide(c.x) if own else c.x)[1]).reshape(bsz, -1, feat) for c in calls], 1
+                )
             out.append((weight, Full(grouped((xhat * b).sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
         if bias is not None:
             out.append((bias, Full(grouped(b.sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
