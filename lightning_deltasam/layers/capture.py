@@ -227,9 +227,7 @@ class LayerCapture:
         grads_due = self.verify == "always" or (self.verify == "auto" and self._steps == 0)
         total = losses.sum() * scale if scale != 1.0 else losses.sum()
         try:
-            grads = torch.autograd.grad(
-                total, self.outputs(), allow_unused=True, retain_graph=rows_due or grads_due
-            )
+            grads = torch.autograd.grad(total, self.outputs(), allow_unused=True, retain_graph=rows_due or grads_due)
         except RuntimeError as err:
             if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
                 raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out)) from err
