@@ -85,8 +85,8 @@ def test_the_verdicts_tell_outcomes_apart():
 def test_every_parameter_trains_with_m1_equal_to_the_loop_over_three_steps(name):
     """Llama (RMSNorm, tied head), Gemma (scaled embedding, 1 + w norms), GPT-2 (Conv1D, tied head), T5 (its
     shared embedding and RMSNorm; the relative-attention tables, computed once for the batch, frozen), ViT (Conv2d
-    patches; its raw cls_token and position_embeddings, no layer kind, frozen) and a ResNet (Conv2d; BatchNorm in
-    eval mode, its affine frozen): three SGD steps of m=1 against three steps on the loop."""
+    patches; its raw cls_token and position_embeddings, no layer kind, frozen) and a ResNet (Conv2d; its BatchNorm
+    affine frozen: transformers' ResNet modifies that output in place, refused by name): three SGD steps of m=1 against three steps on the loop."""
     import torch
 
     from lightning_deltasam import DeltaSAM
@@ -97,7 +97,7 @@ def test_every_parameter_trains_with_m1_equal_to_the_loop_over_three_steps(name)
         frozen = {"t5": ("relative_attention_bias",), "vit": ("cls_token", "position_embeddings")}.get(name, ())
         for key, p in model.named_parameters():
             p.requires_grad_(not any(part in key for part in frozen))
-        for sub in model.modules():  # BatchNorm's affine is no layer kind: frozen (its statistics: eval mode)
+        for sub in model.modules():  # transformers' ResNet adds the residual onto the BatchNorm's output in place
             if isinstance(sub, torch.nn.BatchNorm2d):
                 sub.requires_grad_(False)
         return model, batch, loss

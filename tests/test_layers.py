@@ -90,12 +90,14 @@ class Summed(nn.Module):
 class Convs(nn.Module):
     """ViT-style patch embedding (kernel = stride) and a ResNet-style 3x3 block with a frozen BatchNorm (eval)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bn_trainable: bool = False) -> None:
         super().__init__()
         torch.manual_seed(5)
         self.patch = nn.Conv2d(3, 6, kernel_size=2, stride=2)
         self.conv = nn.Conv2d(6, 6, kernel_size=3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(6).requires_grad_(False)
+        self.bn = nn.BatchNorm2d(6).requires_grad_(bn_trainable)
+        self.bn.running_mean.uniform_(-0.5, 0.5)  # statistics other than the initial ones
+        self.bn.running_var.uniform_(0.5, 2.0)
         self.head = nn.Linear(6, 3)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -146,6 +148,7 @@ MODELS = {
     "flattened-rows": lambda: (Tokens("layer", rows=True), token_batch()),
     "positions-first": lambda: (Tokens("layer", positions_first=True), token_batch()),
     "conv2d": lambda: (Convs().eval(), image_batch()),
+    "batchnorm-eval": lambda: (Convs(bn_trainable=True).eval(), image_batch()),  # running statistics
     "tied-head": lambda: (Tied(), tied_batch()),
     "summed-outputs": lambda: (Summed(), token_batch()),
     "conv1d": gpt2_conv1d,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import Verify
 from .base import Call, Kind, UnsupportedModuleError
+from .batchnorm import BatchNormKind
 from .checks import check_grads, check_rows, check_uses
 from .compiled import check_eager, check_not_compiled
 from .conv import Conv2dKind
@@ -30,10 +31,10 @@ from .linear import LinearKind
 from .norm import BATCH_NORMS, NormKind
 from .terms import Term
 
-KINDS: tuple[type[Kind], ...] = (LinearKind, EmbeddingKind, NormKind, Conv2dKind)
+KINDS: tuple[type[Kind], ...] = (LinearKind, EmbeddingKind, NormKind, Conv2dKind, BatchNormKind)
 SUPPORTED_TEXT = (
     "Linear, transformers' Conv1D, Embedding (and verified scaled lookups), LayerNorm, RMSNorm (torch's and "
-    "transformers'), Conv2d (groups=1)"
+    "transformers'), Conv2d (groups=1), BatchNorm in eval mode"
 )
 
 
