@@ -12,7 +12,6 @@ layer kind states its share of group g's gradient G_g as one of three terms; a p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,19 +24,12 @@ class LowRank:
     right: Tensor  # [G, N, C]
     grad_left: bool = True  # which side is the output gradient (the capture's own tensor); the other is the input
 
-    def scaled(self, c: Tensor) -> LowRank:
-        return LowRank(*self._sides(c, lambda t, f: t * f), self.grad_left)
-
     def scale_(self, c: Tensor) -> LowRank:
-        """In place, on the output-gradient side only: the input side may be the caller's tensor, and stays shared
-        by the layers that read it (query, key, value)."""
-        self._sides(c, lambda t, f: t.mul_(f))
+        """Times c_g, in place, on the output-gradient side only: the input side may be the caller's tensor, and
+        stays shared by the layers that read it (query, key, value)."""
+        side = self.left if self.grad_left else self.right
+        side.mul_(c.view(-1, 1, 1).to(side.dtype))
         return self
-
-    def _sides(self, c: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        if self.grad_left:
-            return op(self.left, c.view(-1, 1, 1).to(self.left.dtype)), self.right
-        return self.left, op(self.right, c.view(-1, 1, 1).to(self.right.dtype))
 
 
 @dataclass
@@ -45,9 +37,6 @@ class Rows:
     index: Tensor  # [G, N] row indices
     right: Tensor  # [G, N, C]
     rows: int  # R
-
-    def scaled(self, c: Tensor) -> Rows:
-        return Rows(self.index, self.right * c.view(-1, 1, 1).to(self.right.dtype), self.rows)
 
     def scale_(self, c: Tensor) -> Rows:
         self.right.mul_(c.view(-1, 1, 1).to(self.right.dtype))
@@ -57,9 +46,6 @@ class Rows:
 @dataclass
 class Full:
     value: Tensor  # [G, R, C]
-
-    def scaled(self, c: Tensor) -> Full:
-        return Full(self.value * c.view(-1, 1, 1).to(self.value.dtype))
 
     def scale_(self, c: Tensor) -> Full:
         self.value.mul_(c.view(-1, 1, 1).to(self.value.dtype))
