@@ -133,3 +133,12 @@ def emit(result: dict[str, Any], out: str | None, print_table: Any) -> dict[str,
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -27,6 +27,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import status_mb  # type: ignore[import-not-found]  # noqa: E402
+
 from lightning_deltasam import DeltaSAM  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -68,14 +70,6 @@ class Classifier(nn.Module):
         return F.cross_entropy(self.head(h.mean(1)), batch["labels"], reduction="none")
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(model: str, method: str, length: int, batch_size: int, steps: int) -> dict[str, float]:
     """One measurement in this process: median step seconds and peak MB over the timed steps."""
     torch.manual_seed(0)
@@ -95,7 +89,7 @@ def child(model: str, method: str, length: int, batch_size: int, steps: int) -> 
         t = time.perf_counter()
         opt.step(lambda: net(batch))
         times.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(times), "peak_mb": _status_mb("VmHWM"), "times": times}  # type: ignore[dict-item]
+    return {"step_s": statistics.median(times), "peak_mb": status_mb("VmHWM"), "times": times}  # type: ignore[dict-item]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

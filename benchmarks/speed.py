@@ -40,6 +40,7 @@ from common import (  # type: ignore[import-not-found]
     gram_configs,
     instance_configs,
     rule_name,
+    status_mb,
     variant_configs,
 )
 from torch import Tensor
@@ -584,15 +585,6 @@ def memory_of(args: argparse.Namespace, name: str) -> dict[str, float]:
     return _child(args, "--memory-of", name)
 
 
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     """One method's peak resident memory over two steps (Linux): the high-water mark is reset once the
     model and batch are loaded (``/proc/self/clear_refs``), so loading's own peak does not count."""
@@ -605,10 +597,10 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     method = make_method(args.memory_of, module, args.rho)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     for _ in range(2):
         method.step(batch)
-    out = {"peak_mb": _status_mb("VmHWM") - base, "baseline_mb": base}
+    out = {"peak_mb": status_mb("VmHWM") - base, "baseline_mb": base}
     print(json.dumps(out))
     return out
 

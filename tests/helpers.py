@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -122,3 +128,15 @@ class PlainClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_workers(worker: str, out: Path, cases: dict, port: int, timeout: int) -> None:
+    """``tests/<worker>`` on 2 processes under torchrun (one thread each), writing its results under ``out``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += [str(ROOT / "tests" / worker), str(out), json.dumps(cases)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]

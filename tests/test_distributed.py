@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +10,7 @@ import torch
 
 from lightning_deltasam import DeltaSAM
 from lightning_deltasam.gram import GramCapture
-from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce
+from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce, run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 8  # per-rank batch; one process uses 2B on the same samples
@@ -99,19 +95,7 @@ CASES = {
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cases = {k: {**v, "steps": STEPS, "batch": B} for k, v in CASES.items()}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29517",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        str(out),
-        json.dumps(cases),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_workers("ddp_worker.py", out, cases, port=29517, timeout=300)
     results = {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in CASES}
     results["hook_calls"] = {name: int((out / f"{name}.rank0.hook").read_text()) for name in CASES}
     return results

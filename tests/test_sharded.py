@@ -6,16 +6,13 @@ One ``torchrun`` runs every case (tests/fsdp_worker.py); the one-process referen
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.fsdp_worker import batches, make_mlp, train
+from tests.helpers import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -74,19 +71,7 @@ CASES["fsdp1_orig-probes"] = {
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     cases = {k: {**v, "steps": STEPS} for k, v in CASES.items()}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29523",
-        str(ROOT / "tests" / "fsdp_worker.py"),
-        str(out),
-        json.dumps(cases),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_workers("fsdp_worker.py", out, cases, port=29523, timeout=600)
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .terms import Term
+from .terms import Full, Term
 
 
 class UnsupportedModuleError(TypeError):
@@ -30,6 +30,11 @@ def grouped(t: Tensor, bsz: int, m: int) -> Tensor:
 def ungrouped(t: Tensor, bsz: int, m: int, tokens: int) -> Tensor:
     """[G, m T, *rest] -> [B, T, *rest]: the inverse of :func:`grouped`."""
     return t if m == 1 else t.reshape(-1, tokens, *t.shape[2:])[:bsz]
+
+
+def group_sum(t: Tensor, bsz: int, m: int) -> Full:
+    """A per-instance [B, N, F] summed over each group's instances and tokens: a Full term [G, 1, F]."""
+    return Full(grouped(t.sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))
 
 
 def per_instance(v: Tensor, bsz: int, m: int) -> Tensor:
@@ -94,6 +99,13 @@ class Kind:
 
     def check(self) -> None:
         """Refuse a configuration of the module whose per-instance gradients this kind cannot form."""
+
+    def refusal(self, why: str) -> UnsupportedModuleError:
+        """The error for this module: ``why``, and the two ways out."""
+        return UnsupportedModuleError(
+            f"{self.name} ({type(self.module).__name__}) {why}. Freeze its parameters (requires_grad=False), or use "
+            "plain SAM (m=None) / a probe rule."
+        )
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:
         """(parameter, its share of every group's gradient) for each trainable parameter; ``dense``: a Full term may

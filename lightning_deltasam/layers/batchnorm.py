@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, wide
+from .base import Call, Kind, cat_tokens, group_sum, per_instance, wide
 from .terms import Full, Term
 
 
@@ -24,10 +24,9 @@ class BatchNormKind(Kind):
         mod = self.module
         assert isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
         if not mod.track_running_stats:
-            raise UnsupportedModuleError(
-                f"{self.name} ({type(mod).__name__}) has track_running_stats=False: it always normalizes with the "
-                "batch's statistics, so no instance has a gradient of its own. Freeze its parameters "
-                "(requires_grad=False), or use plain SAM (m=None) / a probe rule."
+            raise self.refusal(
+                "has track_running_stats=False: it always normalizes with the batch's statistics, so no instance has "
+                "a gradient of its own"
             )
 
     def _xhat(self, x: Tensor) -> Tensor:
@@ -48,9 +47,9 @@ class BatchNormKind(Kind):
         if weight is not None:
             with torch.no_grad():
                 xhat = cat_tokens([self._by_channel(wide(self._xhat(c.x)), bsz) for c in calls], dim=1)
-            out.append((weight, Full(grouped((xhat * b).sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
+            out.append((weight, group_sum(xhat * b, bsz, m)))
         if bias is not None:
-            out.append((bias, Full(grouped(b.sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
+            out.append((bias, group_sum(b, bsz, m)))
         return out
 
     def correct(self, x: Tensor, out: Tensor, eps: dict[int, list[Term]], bsz: int, m: int, cache: dict) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, ungrouped, wide
+from .base import Call, Kind, cat_tokens, grouped, per_instance, ungrouped, wide
 from .terms import Full, LowRank, Term, matmul_delta
 
 
@@ -23,10 +23,9 @@ class Conv2dKind(Kind):
         mod = self.module
         assert isinstance(mod, nn.Conv2d)
         if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-            raise UnsupportedModuleError(
-                f"{self.name} (Conv2d) has groups={mod.groups}, padding_mode={mod.padding_mode!r}, padding={mod.padding!r}: "
-                "per-instance gradients are formed for groups=1 with numeric zero padding only. Freeze its parameters "
-                "(requires_grad=False), or use plain SAM (m=None) / a probe rule."
+            raise self.refusal(
+                f"has groups={mod.groups}, padding_mode={mod.padding_mode!r}, padding={mod.padding!r}: per-instance "
+                "gradients are formed for groups=1 with numeric zero padding only"
             )
 
     def _patches(self, x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, ungrouped, wide
+from .base import Call, Kind, cat_tokens, grouped, per_instance, ungrouped, wide
 from .terms import Full, LowRank, Term, matmul_delta
 
 
@@ -63,10 +63,8 @@ class LinearKind(Kind):
         finally:
             self.busy = False
         if not ok:
-            raise UnsupportedModuleError(
-                f"{self.name} ({type(mod).__name__}) overrides Linear.forward and is not F.linear(x, weight, bias): its "
-                "per-instance gradients cannot be read. Freeze its parameters (requires_grad=False), or use plain SAM "
-                "(m=None) / a probe rule."
+            raise self.refusal(
+                "overrides Linear.forward and is not F.linear(x, weight, bias): its per-instance gradients cannot be read"
             )
 
     def terms(self, calls: list[Call], bsz: int, m: int, dense: bool) -> list[tuple[Tensor, Term]]:

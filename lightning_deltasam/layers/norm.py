@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import Call, Kind, UnsupportedModuleError, cat_tokens, grouped, per_instance, wide
+from .base import Call, Kind, UnsupportedModuleError, cat_tokens, group_sum, per_instance, wide
 from .terms import Full, Term
 
 BATCH_NORMS = (
@@ -81,10 +81,9 @@ class NormKind(Kind):
         else:
             why = ""
         if not ok:
-            raise UnsupportedModuleError(
-                f"{self.name} ({type(mod).__name__}) is not a per-token normalization affine in its weight "
-                f"(c(x) + xhat(x) * weight + bias){why}: its per-instance gradients cannot be read. Freeze its "
-                "parameters (requires_grad=False), or use plain SAM (m=None) / a probe rule."
+            raise self.refusal(
+                "is not a per-token normalization affine in its weight (c(x) + xhat(x) * weight + bias)"
+                f"{why}: its per-instance gradients cannot be read"
             )
 
     def _weight(self) -> Tensor:
@@ -125,9 +124,9 @@ class NormKind(Kind):
                 xhat = cat_tokens(
                     [wide(self._parts(wide(c.x) if own else c.x)[1]).reshape(bsz, -1, feat) for c in calls], 1
                 )
-            out.append((weight, Full(grouped((xhat * b).sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
+            out.append((weight, group_sum(xhat * b, bsz, m)))
         if bias is not None:
-            out.append((bias, Full(grouped(b.sum(1, keepdim=True), bsz, m).sum(1, keepdim=True))))
+            out.append((bias, group_sum(b, bsz, m)))
         return out
 
     def correct(self, x: Tensor, out: Tensor, eps: dict[int, list[Term]], bsz: int, m: int, cache: dict) -> Tensor:
