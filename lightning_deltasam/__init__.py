@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .ascent import FriendlySAMOptions, GSAMOptions, LookSAMOptions, SAMOptions, WSAMOptions
 from .config import SAMConfig
 from .engine import SAMEngine
+from .firstpass import GramWeights, ProbeWeights
 from .optim import DeltaSAM
-from .parts import StepStats
+from .stats import StepStats
 
 if TYPE_CHECKING:
     from .callback import DeltaSAMCallback
@@ -20,7 +22,21 @@ if TYPE_CHECKING:
 
 _LAZY = {"DeltaSAMCallback": ".callback", "DeltaSAMMixin": ".mixin"}
 
-__all__ = ["DeltaSAM", "DeltaSAMCallback", "DeltaSAMMixin", "SAMConfig", "SAMEngine", "StepStats"]
+__all__ = [
+    "DeltaSAM",
+    "DeltaSAMCallback",
+    "DeltaSAMMixin",
+    "FriendlySAMOptions",
+    "GSAMOptions",
+    "GramWeights",
+    "LookSAMOptions",
+    "ProbeWeights",
+    "SAMConfig",
+    "SAMEngine",
+    "SAMOptions",
+    "StepStats",
+    "WSAMOptions",
+]
 __version__ = "0.2.0"
 
 

@@ -12,10 +12,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .config import Estimator, ProbeScale, ProbeScope, Reweight, SAMConfig, Score, Sync, Variant, Verify, Weighting
+from .config import SAMConfig
 from .lightning_backend import EngineSlot, LightningBackend, check_strategy, grad_scaler, log_stats, module_step
-from .parts import StepStats
 from .probes import has_split, probe_plan
+from .stats import StepStats
 
 
 class _SkipBatch(Exception):
@@ -35,107 +35,13 @@ class DeltaSAMCallback(Callback):
     that sets it; set during the fit, it is refused at its first batch), more than one optimizer.
 
     Args:
-        rho: radius of the perturbation; ``0`` is the base optimizer (one pass).
-        adaptive: ASAM: eps = rho T^2 g / ||T g||, T = |w| + ``eta``.
-        eta: ASAM's and relative probes' offset.
-        reweight: ``None``: SAM; ``"delta"``: delta-SAM.
-        score: delta-SAM's instance score: ``"sharpness"``, ``"gradnorm"``, ``"loss"`` or ``"gram"``.
-        weights: ``"softmax"`` (delta = softmax(s / (tau mean|s|))) or ``"linear"`` (delta proportional to max(s, 0)).
-        temperature: tau of the softmax weights.
-        mix: share of uniform weights mixed into delta.
-        num_probes: K Gaussian probes (forward only).
-        probe_std: sigma of the probes.
-        probe_scale: ``"relative"`` (dw = sigma z (|w| + eta)) or ``"absolute"`` (sigma z).
-        antithetic: also probe at w - dw.
-        probe_scope: ``"all"`` parameters, the module's ``"head"`` split, or ``"auto"`` (head when the module splits).
-        gram_ridge: lambda of the ``gram`` score, relative to mean diag(K).
-        estimator: per-instance gradient information from ``"probes"``, or ``"exact"`` / ``"sketch"``: the Gram
-            matrix of per-instance gradients from the first backward (the module's layers are hooked).
-        sketch_rank: rank r of ``estimator="sketch"``.
-        sync: DDP: ``"global"`` (the step over the global batch) or ``"local"`` (each rank's own eps).
-        seed: seed of the probe generator (identical on every rank).
-        m: instances per perturbation: ``None`` the whole batch (SAM), ``1`` exact per-instance SAM, ``k``
-            m-sharpness over consecutive groups of k; needs ``per_sample_loss`` (the module's layers are hooked).
-        match_rho: with ``m``, scale the radius each step to rho / (mean_i ||g_i|| / ||g_bar||), so that the mean
-            first-order loss rise is SAM's at rho (rho in SAM's units).
-        verify: with ``m`` or the Gram estimators, check the per-instance gradients against autograd: ``"auto"``
-            (rows on each new shape signature, gradients on the first step), ``"always"`` or ``"off"``.
-        variant: the ascent rule: ``"sam"`` (SAM / ASAM), ``"gsam"``, ``"wsam"``, ``"looksam"``, ``"friendly"``.
-        interval: perturb every interval-th step (composer's SAM), a plain base step otherwise.
-        alpha: GSAM's surrogate-gap weight (None: 0.4) or LookSAM's g_v weight (None: 0.7).
-        min_rho: GSAM: rho follows the LR from ``rho`` (at the initial LR) down to ``min_rho`` (at LR 0); None: fixed.
-        gamma: WSAM's sharpness weight, used as gamma / (1 - gamma).
-        decouple: WSAM: apply the sharpness term after the base step (True) or inside it.
-        k: LookSAM's period (SAM every k-th step).
-        sigma: FriendlySAM's momentum subtraction.
-        lmbda: FriendlySAM's momentum decay.
+        sam: the step's options (:class:`~lightning_deltasam.config.SAMConfig`); default SAM at rho = 0.05.
     """
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        reweight: Reweight = None,
-        score: Score = "gradnorm",
-        weights: Weighting = "softmax",
-        temperature: float = 4.0,
-        mix: float = 0.0,
-        num_probes: int = 8,
-        probe_std: float = 0.01,
-        probe_scale: ProbeScale = "relative",
-        antithetic: bool = False,
-        probe_scope: ProbeScope = "auto",
-        gram_ridge: float = 1e-3,
-        estimator: Estimator = "probes",
-        sketch_rank: int = 32,
-        sync: Sync = "global",
-        seed: int = 0,
-        m: int | None = None,
-        match_rho: bool = False,
-        verify: Verify = "auto",
-        variant: Variant = "sam",
-        interval: int = 1,
-        alpha: float | None = None,
-        min_rho: float | None = None,
-        gamma: float = 0.9,
-        decouple: bool = True,
-        k: int = 10,
-        sigma: float = 1.0,
-        lmbda: float = 0.9,
-    ) -> None:
-        self.config = SAMConfig(
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            reweight=reweight,
-            score=score,
-            weights=weights,
-            temperature=temperature,
-            mix=mix,
-            num_probes=num_probes,
-            probe_std=probe_std,
-            probe_scale=probe_scale,
-            antithetic=antithetic,
-            probe_scope=probe_scope,
-            gram_ridge=gram_ridge,
-            estimator=estimator,
-            sketch_rank=sketch_rank,
-            sync=sync,
-            seed=seed,
-            m=m,
-            match_rho=match_rho,
-            verify=verify,
-            variant=variant,
-            interval=interval,
-            alpha=alpha,
-            min_rho=min_rho,
-            gamma=gamma,
-            decouple=decouple,
-            k=k,
-            sigma=sigma,
-            lmbda=lmbda,
-        )
+    def __init__(self, sam: SAMConfig | None = None) -> None:
+        self.config = sam if sam is not None else SAMConfig()
+        if not isinstance(self.config, SAMConfig):
+            raise TypeError(f"sam={sam!r} must be a SAMConfig, e.g. DeltaSAMCallback(SAMConfig(rho=0.05)).")
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []
         self._batch: Any = None
@@ -272,7 +178,7 @@ class DeltaSAMCallback(Callback):
         )
         try:
             stats = module_step(
-                self._slot.for_optimizer(optimizer),
+                self._slot.for_optimizer(optimizer, pl_module),
                 pl_module,
                 self._batch,
                 backend,

@@ -1,215 +1,109 @@
-"""The options of a SAM / delta-SAM step, validated once and shared by every adapter."""
+"""The configuration of a SAM-family step: the options every rule shares, composed with the options of the chosen
+ascent rule (``variant``) and first-pass weighting (``reweight``), each declared in its own file."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-Reweight = Literal["delta"] | None
-Score = Literal["sharpness", "gradnorm", "loss", "gram"]
-Weighting = Literal["softmax", "linear"]
-ProbeScale = Literal["relative", "absolute"]
-ProbeScope = Literal["auto", "all", "head"]
+from .ascent.base import SAMOptions
+from .options import (
+    Neighbourhood,
+    VariantOptions,
+    WeightingOptions,
+    check_adaptive_with_m,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
+
 Sync = Literal["global", "local"]
-Estimator = Literal["probes", "exact", "sketch"]
 Verify = Literal["auto", "always", "off"]
-ClipAlgorithm = Literal["norm", "value"]
-Variant = Literal["sam", "gsam", "wsam", "looksam", "friendly"]
-
-REWEIGHTS = (None, "delta")
-SCORES: tuple[str, ...] = get_args(Score)
-WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
-PROBE_SCALES: tuple[str, ...] = get_args(ProbeScale)
-PROBE_SCOPES: tuple[str, ...] = get_args(ProbeScope)
-SYNCS: tuple[str, ...] = get_args(Sync)
-CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
-ESTIMATORS: tuple[str, ...] = get_args(Estimator)
-VERIFY: tuple[str, ...] = get_args(Verify)
-VARIANTS: tuple[str, ...] = get_args(Variant)  # each is a file in lightning_deltasam/ascent/
-EXACT_SCORES = ("gram", "gradnorm")  # the scores an exact / sketched per-instance Gram matrix gives
-
-
-# ----------------------------------------------------------------------------- validators
-# The one set of option checks (library and app): each error names the option, its value and what is allowed.
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        shown = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name}={value!r} is not supported; use one of {shown}.")
-
-
-def check_number(
-    name: str, value: Any, *, minimum: float, strict: bool = False, below: float = math.inf, hint: str = ""
-) -> None:
-    """A finite real number >= ``minimum`` (> when ``strict``) and < ``below``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number.{hint}")
-    if value < minimum or (strict and value == minimum) or value >= below:
-        op = ">" if strict else ">="
-        upper = f" and < {below}" if below != math.inf else ""
-        raise ValueError(f"{name}={value!r} must be {op} {minimum}{upper}.{hint}")
-
-
-def check_int(name: str, value: Any, *, minimum: int | None = None, hint: str = "") -> None:
-    """An integer (not a bool), >= ``minimum`` when given."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name}={value!r} must be an integer{bound}.{hint}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be True or False.")
 
 
 @dataclass(frozen=True)
 class SAMConfig:
-    """Every option of the SAM / delta-SAM step (what each computes: docs/algorithm.md).
+    """The options of the SAM / delta-SAM step, shared by every adapter (what each computes: docs/algorithm.md).
 
-    ``rho=0`` makes the step the base optimizer's (one pass: with a zero perturbation the
-    second pass would recompute the first). ``reweight=None`` is SAM; ``"delta"`` is delta-SAM.
-    ``estimator`` says where per-instance gradient information comes from: ``"probes"`` (Gaussian
-    forward probes), ``"exact"`` (the Gram matrix of per-instance gradients from the first
-    backward, :mod:`~lightning_deltasam.gram`) or ``"sketch"`` (its rank-``sketch_rank`` sketch).
-    The exact rule is ``score="gram", weights="linear", estimator="exact"``. ``m`` (None: the whole
-    batch) is the number of consecutive instances that share one perturbation: ``m=1`` is exact
-    per-instance SAM, ``m=k`` m-sharpness, both in one batched second pass (:mod:`~lightning_deltasam.instance`);
-    with ``match_rho`` its radius each step is rho / (mean_i ||g_i|| / ||g_bar||): rho in SAM's units, the mean
-    first-order loss rise SAM's at rho. ``verify`` (``m`` and the Gram estimators) checks the per-instance
-    gradients against autograd: ``"auto"`` the rows on each new shape signature and two instances' gradients on the
-    first step, ``"always"`` both every step, ``"off"`` neither (:mod:`~lightning_deltasam.layers`).
-    ``variant`` picks the ascent rule (:mod:`~lightning_deltasam.ascent`) with its own options (``alpha``,
-    ``min_rho``, ``gamma``, ``decouple``, ``k``, ``sigma``, ``lmbda``, named and defaulted as in pytorch_optimizer);
-    ``interval=k`` perturbs only every k-th step (composer's SAM), a plain base step otherwise.
+    Args:
+        rho: radius of the perturbation; ``0`` makes the step the base optimizer's (one pass).
+        adaptive: ASAM: eps = rho T^2 g / ||T g||, T = |w| + ``eta``.
+        eta: the offset of ASAM's T = |w| + eta (and of relative probes).
+        variant: the ascent rule and its options, e.g. ``GSAMOptions(alpha=0.4)``; default SAM / ASAM
+            (:mod:`lightning_deltasam.ascent`, one file per rule).
+        reweight: ``None`` is SAM; a weighting's options make the step delta-SAM: ``ProbeWeights(...)``
+            (Gaussian forward probes) or ``GramWeights(...)`` (the Gram matrix of per-instance gradients)
+            (:mod:`lightning_deltasam.firstpass`, one file per weighting).
+        m: instances per perturbation: ``None`` the whole batch, ``1`` exact per-instance SAM, ``k`` m-sharpness,
+            in one batched second pass (:mod:`lightning_deltasam.instance`).
+        match_rho: with ``m``, the radius each step is rho / (mean_i ||g_i|| / ||g_bar||): rho in SAM's units.
+        verify: with ``m`` or ``GramWeights``, check the per-instance gradients against autograd: ``"auto"`` (the
+            rows on each new shape signature, two instances' gradients on the first step), ``"always"``, ``"off"``.
+        sync: under DDP, ``"global"`` (the step over the global batch) or ``"local"`` (each rank its own eps).
+        seed: seed of the probe and sketch generator (identical on every rank).
     """
 
     rho: float = 0.05
     adaptive: bool = False
     eta: float = 0.01
-    reweight: Reweight = None
-    score: Score = "gradnorm"
-    weights: Weighting = "softmax"
-    temperature: float = 4.0
-    mix: float = 0.0
-    num_probes: int = 8
-    probe_std: float = 0.01
-    probe_scale: ProbeScale = "relative"
-    antithetic: bool = False
-    probe_scope: ProbeScope = "auto"
-    gram_ridge: float = 1e-3
-    estimator: Estimator = "probes"
-    sketch_rank: int = 32
-    sync: Sync = "global"
-    seed: int = 0
+    variant: VariantOptions = field(default_factory=SAMOptions)
+    reweight: WeightingOptions | None = None
     m: int | None = None
     match_rho: bool = False
     verify: Verify = "auto"
-    variant: Variant = "sam"
-    interval: int = 1
-    alpha: float | None = None
-    min_rho: float | None = None
-    gamma: float = 0.9
-    decouple: bool = True
-    k: int = 10
-    sigma: float = 1.0
-    lmbda: float = 0.9
+    sync: Sync = "global"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_number("rho", self.rho, minimum=0.0, hint=" Use rho=0 for the plain base optimizer.")
         check_bool("adaptive", self.adaptive)
         check_number("eta", self.eta, minimum=0.0)
-        check_choice("reweight", self.reweight, REWEIGHTS)
-        check_choice("score", self.score, SCORES)
-        check_choice("weights", self.weights, WEIGHTINGS)
-        check_number("temperature", self.temperature, minimum=0.0, strict=True)
-        check_number("mix", self.mix, minimum=0.0)
-        if self.mix > 1:
-            raise ValueError(f"mix={self.mix!r} must lie in [0, 1] (the share of uniform weights).")
-        check_int("num_probes", self.num_probes, minimum=1)
-        check_number("probe_std", self.probe_std, minimum=0.0, strict=True)
-        check_choice("probe_scale", self.probe_scale, PROBE_SCALES)
-        check_choice("probe_scope", self.probe_scope, PROBE_SCOPES)
-        check_bool("antithetic", self.antithetic)
-        check_number("gram_ridge", self.gram_ridge, minimum=0.0)
-        check_choice("estimator", self.estimator, ESTIMATORS)
-        if self.estimator != "probes" and self.score not in EXACT_SCORES:
+        if not isinstance(self.variant, VariantOptions):
             raise ValueError(
-                f"estimator={self.estimator!r} gives per-instance gradients, which score={self.score!r} does not use; "
-                f"use score='gram' (or 'gradnorm') with it, or estimator='probes'."
+                f"variant={self.variant!r} must be a variant's options, e.g. variant=GSAMOptions() "
+                "(from lightning_deltasam.ascent); SAMConfig.from_dict takes names."
             )
-        check_int("sketch_rank", self.sketch_rank, minimum=1, hint=" It is the rank r of estimator='sketch'.")
-        check_choice("sync", self.sync, SYNCS)
-        check_int("seed", self.seed)
+        if self.reweight is not None and not isinstance(self.reweight, WeightingOptions):
+            raise ValueError(
+                f"reweight={self.reweight!r} must be None (SAM) or a weighting's options, e.g. reweight=ProbeWeights() "
+                "(from lightning_deltasam.firstpass); SAMConfig.from_dict takes names."
+            )
         if self.m is not None:
             check_int(
-                "m", self.m, minimum=1, hint=" It is the number of instances per perturbation; None is the whole batch."
+                "m", self.m, minimum=1, hint=" It is the number of instances per perturbation; None is the batch."
             )
-            if self.reweight is not None:
-                raise ValueError(
-                    f"m={self.m!r} with reweight={self.reweight!r}: m gives each group of m instances its own exact "
-                    "perturbation, while reweight='delta' approximates that with one reweighted batch perturbation. "
-                    "Use one: reweight=None with m, or m=None with reweight='delta'."
-                )
-            if self.adaptive:
-                raise ValueError(
-                    f"m={self.m!r} with adaptive=True: ASAM's per-instance eps_i = rho T^2 g_i/||T g_i|| is not low-rank, "
-                    "so the per-instance route cannot apply it. Use adaptive=False with m, or m=None for ASAM."
-                )
-
         check_bool("match_rho", self.match_rho)
-        check_choice("verify", self.verify, VERIFY)
+        check_choice("verify", self.verify, get_args(Verify))
+        check_choice("sync", self.sync, get_args(Sync))
+        check_int("seed", self.seed)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """The combinations that make no sense, each refused with the options that clash and the fix."""
+        variant = self.variant
+        if self.m is not None and self.reweight is not None:
+            raise ValueError(
+                f"m={self.m!r} with reweight={self.reweight.name!r}: m gives each group of m instances its own exact "
+                "perturbation, while delta-SAM approximates that with one reweighted batch perturbation. Use one: "
+                "reweight=None with m, or m=None with a reweight."
+            )
+        if self.m is not None:
+            check_adaptive_with_m("adaptive", self.adaptive, self.m)
         if self.match_rho and self.m is None:
             raise ValueError(
                 "match_rho=True scales the radius of the per-instance route (option m); with m=None the step is SAM's "
                 "already. Set m (e.g. m=1) or match_rho=False."
             )
-        self._check_variant()
-
-    def _check_variant(self) -> None:
-        """The variant options, and the combinations a variant refuses (each error names the option and the fix)."""
-        check_choice("variant", self.variant, VARIANTS)
-        check_int("interval", self.interval, minimum=1, hint=" It perturbs every interval-th step; 1 is every step.")
-        if self.alpha is not None:
-            check_number("alpha", self.alpha, minimum=0.0, hint=" It is GSAM's (default 0.4) or LookSAM's (0.7) alpha.")
-            if self.alpha > 1:
-                raise ValueError(
-                    f"alpha={self.alpha!r} must lie in [0, 1] (GSAM's and LookSAM's alpha); None is the variant's default."
-                )
-            if self.variant not in ("gsam", "looksam"):
-                raise ValueError(
-                    f"alpha={self.alpha!r} is an option of variant='gsam' or 'looksam', not variant={self.variant!r}; "
-                    "set alpha=None or pick one of those variants."
-                )
-        if self.min_rho is not None:
-            check_number("min_rho", self.min_rho, minimum=0.0)
-            if self.variant != "gsam":
-                raise ValueError(
-                    f"min_rho={self.min_rho!r} is GSAM's rho schedule, not an option of variant={self.variant!r}; "
-                    "use variant='gsam' or min_rho=None."
-                )
-        check_number(
-            "gamma", self.gamma, minimum=0.0, below=1.0, hint=" It is WSAM's sharpness weight, used as gamma/(1-gamma)."
-        )
-        check_bool("decouple", self.decouple)
-        check_int("k", self.k, minimum=1, hint=" It is LookSAM's period: SAM every k-th step.")
-        check_number("sigma", self.sigma, minimum=0.0)
-        check_number("lmbda", self.lmbda, minimum=0.0)
-        if self.variant == "sam":
-            return
-        if self.reweight is not None:
+        if self.reweight is not None and not variant.combines_with_reweight:
             raise ValueError(
-                f"variant={self.variant!r} with reweight={self.reweight!r}: the variants need the plain gradient at w, "
-                "which delta-SAM replaces by a reweighted one. Use reweight=None with a variant, or variant='sam'."
+                f"variant={variant.name!r} with reweight={self.reweight.name!r}: the variant needs the plain gradient "
+                "at w, which delta-SAM replaces by a reweighted one. Use reweight=None with it, or the variant 'sam'."
             )
-        if self.m is not None:
+        if self.m is not None and not variant.combines_with_m:
             raise ValueError(
-                f"variant={self.variant!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
-                "w + eps for the variant to combine. Use m=None with a variant, or variant='sam'."
-            )
-        if self.interval != 1:
-            raise ValueError(
-                f"variant={self.variant!r} with interval={self.interval!r}: interval is composer's every-k-steps SAM "
-                "(LookSAM has its own k). Use interval=1 with a variant, or variant='sam'."
+                f"variant={variant.name!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
+                "w + eps for the variant to combine. Use m=None with it, or the variant 'sam'."
             )
 
     def check_two_step(self) -> None:
@@ -222,50 +116,104 @@ class SAMConfig:
             )
         if self.reweighting:
             raise ValueError(
-                "reweight='delta' needs per-instance losses, which first_step()/second_step() and a closure that "
-                "calls backward() itself do not give: use step(closure) with closure() returning the "
+                f"reweight={self.reweight.name!r} needs per-instance losses, which first_step()/second_step() and a "  # type: ignore[union-attr]
+                "closure that calls backward() itself do not give: use step(closure) with closure() returning the "
                 "per-instance losses, shape [B] (or reweight=None for SAM / ASAM)."
             )
 
     @property
-    def enabled(self) -> bool:
-        """Whether the step perturbs at all (rho > 0)."""
+    def perturbing(self) -> bool:
+        """Whether the configured radius perturbs at all (rho > 0; a parameter group may still set its own)."""
         return self.rho > 0
 
     @property
     def reweighting(self) -> bool:
-        return self.enabled and self.reweight == "delta"
+        """Whether the step is delta-SAM's: a weighting and a radius."""
+        return self.perturbing and self.reweight is not None
 
     @property
     def per_instance(self) -> bool:
         """Whether each group of ``m`` instances gets its own perturbation (the per-instance route)."""
-        return self.enabled and self.m is not None
+        return self.perturbing and self.m is not None
 
     @property
-    def uses_probes(self) -> bool:
-        return self.reweighting and self.score != "loss" and self.estimator == "probes"
+    def weighting(self) -> WeightingOptions | None:
+        """The first pass's weighting options this step uses (None: SAM's uniform weights)."""
+        return self.reweight if self.reweighting else None
 
     @property
-    def uses_gram(self) -> bool:
-        """Whether the first pass forms the per-instance gradient Gram matrix (estimator 'exact' or 'sketch')."""
-        return self.reweighting and self.estimator != "probes"
+    def hooks_layers(self) -> bool:
+        """Whether the step hooks the model's layers (``m``, or a weighting from per-instance gradients)."""
+        return self.per_instance or (self.weighting is not None and self.weighting.hooks_layers)
 
     @property
     def step_probe_scope(self) -> str:
-        """Where this step's probes run: ``probe_scope``, or ``"all"`` when the step draws no probe."""
-        return self.probe_scope if self.uses_probes else "all"
+        """Where this step's probes run: the weighting's ``probe_scope``, or ``"all"`` when it draws no probe."""
+        return self.weighting.step_probe_scope() if self.weighting is not None else "all"
+
+    @property
+    def neighbourhood(self) -> Neighbourhood:
+        return Neighbourhood(self.rho, self.adaptive, self.eta)
+
+    def sharding_refusal(self, flat: bool = False) -> tuple[str, str] | None:
+        """(what cannot be right, what works instead) when the step needs what sharded parameters do not give;
+        None when it can run sharded. ``flat``: FSDP1's flat parameters (use_orig_params=False)."""
+        if self.per_instance:
+            return (
+                f"m={self.m}: the per-instance route hooks each layer on its whole weight",
+                "Use m=None (SAM, or delta-SAM with ProbeWeights), or DDP for m",
+            )
+        if self.weighting is not None and self.weighting.hooks_layers:
+            return (
+                f"reweight={self.weighting.name!r}: the Gram rule forms per-instance gradients from whole layer weights",
+                "Use ProbeWeights (delta-SAM's probe rule), or DDP for the Gram rule",
+            )
+        if self.sync == "local":
+            return (
+                "sync='local': FSDP reduces every gradient over ranks inside the backward, so no rank holds its own "
+                "gradient to perturb along",
+                "Use sync='global'",
+            )
+        if self.step_probe_scope == "head":
+            return ("probe_scope='head': the head is probed functionally, on whole weights", "Use probe_scope='all'")
+        return self.variant.sharding_refusal(flat)
+
+    def describe(self) -> str:
+        """One line saying what runs, e.g. ``gsam(alpha=0.3) rho=0.05`` or ``sam rho=0.01 m=1``."""
+        parts = [self.variant.describe().removesuffix("()"), f"rho={self.rho:g}"]
+        if self.adaptive:
+            parts.append(f"adaptive eta={self.eta:g}")
+        if self.m is not None:
+            parts.append(f"m={self.m}" + (" match_rho" if self.match_rho else ""))
+        if self.reweight is not None:
+            parts.append(f"reweight={self.reweight.describe().removesuffix('()')}")
+        return " ".join(parts)
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def split(cls, kwargs: dict[str, Any]) -> tuple[SAMConfig, dict[str, Any]]:
-        """Separate SAM options from the rest (e.g. base-optimizer kwargs)."""
-        names = set(cls.option_names())
-        mine = {k: v for k, v in kwargs.items() if k in names}
-        rest = {k: v for k, v in kwargs.items() if k not in names}
-        return cls(**mine), rest
+    def from_dict(cls, options: dict[str, Any]) -> SAMConfig:
+        """The config of a plain dict (the app's yaml): ``variant`` and ``reweight`` as a name or a dict with a
+        ``name`` and the rule's options. Unknown keys are refused with the allowed ones."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a SAM option; the options: {', '.join(cls.option_names())}.")
+        options = dict(options)
+        if "variant" in options:
+            options["variant"] = VariantOptions.from_value(_plain(options["variant"]))
+        if options.get("reweight") is not None:
+            options["reweight"] = WeightingOptions.from_value(_plain(options["reweight"]))
+        return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["variant"] = self.variant.to_dict()
+        out["reweight"] = self.reweight.to_dict() if self.reweight is not None else None
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """A mapping (an OmegaConf node included) as a dict; anything else as it is."""
+    return dict(value.items()) if hasattr(value, "items") else value

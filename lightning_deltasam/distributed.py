@@ -16,9 +16,6 @@ except ImportError:  # pragma: no cover - such builds have no sharding to find
         """Stand-in: no tensor is an instance."""
 
 
-from .config import SAMConfig
-
-
 class Reducer:
     """Single-process reducer: every collective is the identity. ``world_size`` is 1."""
 
@@ -175,34 +172,14 @@ def shards_of(params: list[Tensor]) -> Shards:
     return Shards()
 
 
-def sharding_refusal(config: SAMConfig, flat: bool = False) -> tuple[str, str] | None:
-    """(what cannot be right, what works instead) when ``config`` needs what sharded parameters do not give;
-    None when it can run sharded. ``flat``: FSDP1's flat parameters (use_orig_params=False)."""
-    if config.per_instance:
-        return (
-            f"m={config.m}: the per-instance route hooks each layer on its whole weight",
-            "Use m=None (SAM, or delta-SAM with estimator='probes'), or DDP for m",
-        )
-    if config.uses_gram:
-        return (
-            f"estimator={config.estimator!r}: the Gram rule forms per-instance gradients from whole layer weights",
-            "Use estimator='probes' (delta-SAM's probe rule), or DDP for the Gram rule",
-        )
-    if config.sync == "local":
-        return (
-            "sync='local': FSDP reduces every gradient over ranks inside the backward, so no rank holds its own "
-            "gradient to perturb along",
-            "Use sync='global'",
-        )
-    if config.step_probe_scope == "head":
-        return (
-            "probe_scope='head': the head is probed functionally, on whole weights",
-            "Use probe_scope='all'",
-        )
-    if config.variant == "looksam" and flat:
-        return (
-            "variant='looksam': LookSAM normalizes each parameter tensor, and FSDP1 with use_orig_params=False "
-            "gives the optimizer flat parameters (many tensors in one)",
-            "Use FullyShardedDataParallel(..., use_orig_params=True), or FSDP2",
-        )
-    return None
+def norm_of(norms: list[Tensor], shards: Shards | None = None) -> float:
+    """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list. Under
+    sharding (``shards``) the n_i are of this rank's shards: the squares are summed over ranks in one all-reduce
+    (every rank calls it, with or without tensors)."""
+    if shards is not None and shards.sharded:
+        device = norms[0].device if norms else torch.device("cpu")
+        square = torch.stack([n.double() for n in norms]).square().sum() if norms else torch.zeros((), device=device)
+        return float(shards.sum_(square.reshape(1).double()).sqrt())
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))

@@ -19,13 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from .ascent import make_rule
-from .ascent.base import grads_of
+from .ascent.base import Ascent, grads_of
 from .ascent.per_instance import PerInstanceRoute
+from .backend import Backend
 from .config import SAMConfig
-from .distributed import Shards, local_tensors, sharding_refusal, shards_of
+from .distributed import Shards, local_tensors, shards_of
 from .firstpass import FirstPass
-from .parts import Ascent, Backend, BufferPool, Guard, Passes, Pending, Snapshot, StepStats, clear_grads, phase
-from .probes import HeadProbe, LossFn, ProbeNoise
+from .guard import Guard
+from .passes import Passes, Pending
+from .profiler import phase
+from .restore import BufferPool, Snapshot, clear_grads
+from .rule_state import load_rule_state, save_rule_state
+from .stats import StepStats
 
 
 class SAMEngine:
@@ -33,14 +38,17 @@ class SAMEngine:
 
     def __init__(self, param_groups: list[dict[str, Any]], config: SAMConfig) -> None:
         self.param_groups, self.config = param_groups, config
-        self.first = FirstPass(config, self.params)  # the first-pass weighting (firstpass/)
-        self.rule = make_rule(config)  # the ascent rule of config.variant (ascent/)
-        self.per_instance = PerInstanceRoute(config)  # the route of option m
+        self.first = FirstPass(  # the first-pass weighting of config.reweight (firstpass/)
+            config.weighting, self.params, seed=config.seed, eta=config.eta, verify=config.verify
+        )
+        self.rule = make_rule(config.variant, config.neighbourhood)  # the ascent rule of config.variant (ascent/)
+        self.per_instance = PerInstanceRoute(config.m, config.match_rho, config.verify)  # the route of option m
         self.pool = BufferPool()  # the snapshot's buffers, kept across steps
         self.guard = Guard(self.rule, param_groups)  # the finite check, the skip, the base step, the step count
         self._pending: Pending | None = None
         self.shards = Shards()  # how the parameters are split over ranks (FSDP), found at each step's start
         self._shards_key: tuple[int, ...] = ()
+        self.names: dict[int, str] = {}  # id(parameter) -> its name in the model, when an adapter knows the model
 
     @property
     def steps(self) -> int:
@@ -51,31 +59,11 @@ class SAMEngine:
     def skipped_steps(self) -> int:
         return self.guard.skipped_steps
 
-    @property
-    def noise(self) -> ProbeNoise:
-        """The probe generators (the first pass's; checkpointed here)."""
-        return self.first.noise
-
-    def step(
-        self,
-        forward: LossFn | None,
-        backend: Backend,
-        base_step: Callable[[], Any],
-        *,
-        first_pass: Callable[[], Tensor] | None = None,
-        second_pass: Callable[[], Tensor] | None = None,
-        batch_size: int | None = None,
-        source: str = "the closure",
-        head: HeadProbe | None = None,
-        module: nn.Module | None = None,
-    ) -> StepStats:
-        """One full step. ``forward()`` returns per-instance losses [B] at the current weights; ``first_pass`` /
-        ``second_pass`` replace a pass's forward + backward (they return the mean loss: the callback runs
-        Lightning's closure so); ``module`` is the model that ``m`` and the Gram estimators hook; ``head`` probes
-        the top layers only; ``base_step()`` applies the descent gradient in ``.grad``. w is restored exactly even
-        if a pass raises."""
+    def step(self, passes: Passes, base_step: Callable[[], Any]) -> StepStats:
+        """One full step over ``passes`` (the forwards); ``base_step()`` applies the descent gradient in ``.grad``.
+        w is restored exactly even if a pass raises."""
         params, plain = self._begin()
-        passes = Passes(forward, first_pass, second_pass, backend, source, batch_size, module)
+        backend, head = passes.backend, passes.head
         if plain:
             with phase("first_pass"):
                 loss, losses = passes.descent()
@@ -88,14 +76,15 @@ class SAMEngine:
             )
         if head is not None and self.shards.sharded:
             raise ValueError(
-                f"probe_scope={self.config.probe_scope!r} probes the module's head functionally, on whole weights, "
+                f"probe_scope={self.config.step_probe_scope!r} probes the module's head functionally, on whole weights, "
                 f"which {self.shards.name} does not hold on one rank: use probe_scope='all'."
             )
         local = local_tensors(params)
         snapshot = self.pool.snapshot(local, backend.buffers())
         stats = self.first.run(passes, local, snapshot, head)
         # an adapter's own SAM first pass is each rank's mean loss: the sum over ranks is W times the mean
-        ascent = self._ascent(params, backend, per_rank_mean=first_pass is not None and not self.config.reweighting)
+        per_rank_mean = passes.first_pass is not None and not self.config.reweighting
+        ascent = self._ascent(params, backend, per_rank_mean=per_rank_mean)
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
         assert stats.loss is not None
         self._ascend(ascent, bool(torch.isfinite(stats.loss)), backend, stats, snapshot)
@@ -230,12 +219,12 @@ class SAMEngine:
         if key == self._shards_key:
             return
         shards = shards_of(params)
-        refused = sharding_refusal(self.config, flat=shards.flat) if shards.sharded else None
+        refused = self.config.sharding_refusal(flat=shards.flat) if shards.sharded else None
         if refused is not None:
             raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
         self.shards, self._shards_key = shards, key
         self.rule.shards = shards
-        self.noise.rank = shards.rank if shards.sharded else None  # sharded probes: each rank its own stream
+        self.first.noise.rank = shards.rank if shards.sharded else None  # sharded probes: each rank its own stream
 
     def perturbs(self) -> bool:
         """Whether this step perturbs: the rule's schedule (LookSAM's k, ``interval``) and some rho > 0."""
@@ -247,15 +236,22 @@ class SAMEngine:
     zero_grad = staticmethod(clear_grads)
 
     def state_dict(self) -> dict[str, Any]:
-        rule = self.rule.state_dict(self.params())
+        """The step count, the probe generators and the rule's per-parameter state, keyed by parameter name (or by
+        position among all of ``param_groups``' parameters, trainable or not, when no name is known)."""
         return {
-            "generators": self.noise.state_dict(),
+            "generators": self.first.noise.state_dict(),
             "skipped_steps": self.skipped_steps,
             "steps": self.steps,
-            "rule": rule,
+            "rule": save_rule_state(self.rule.state, self.param_groups, self.names),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.guard.skipped_steps, self.guard.steps = int(state.get("skipped_steps", 0)), int(state.get("steps", 0))
-        self.rule.load_state_dict(state.get("rule", {}), self.params())
-        self.noise.load_state_dict(state.get("generators", {}))
+        self.rule.state = load_rule_state(state.get("rule", {}), self.param_groups, self.names)
+        self.rule.pending.clear()
+        self.first.noise.load_state_dict(state.get("generators", {}))
+
+    def name_parameters(self, module: nn.Module | None) -> None:
+        """Key the rule's checkpointed state by ``module``'s parameter names (robust to freezing a layer)."""
+        if module is not None:
+            self.names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}

@@ -1,4 +1,4 @@
-"""What the two Lightning adapters (mixin, callback) share: the engine's :class:`~.engine.Backend` for a Trainer
+"""What the two Lightning adapters (mixin, callback) share: the core's :class:`~.backend.Backend` for a Trainer
 (its strategy and precision), the engine with its checkpoint state, one step on a module's batch, and the logging."""
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .backend import Backend
 from .config import SAMConfig
-from .distributed import default_reducer, sharding_refusal
+from .distributed import default_reducer
 from .engine import SAMEngine
-from .parts import Backend, StepStats
+from .passes import Passes
 from .probes import probe_plan
+from .stats import StepStats
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any | None:
@@ -80,7 +82,7 @@ def check_strategy(trainer: pl.Trainer, config: SAMConfig, adapter: str) -> None
         )
     if strategy not in ("FSDPStrategy", "ModelParallelStrategy"):
         return
-    refused = sharding_refusal(config)
+    refused = config.sharding_refusal()
     if refused is not None:
         raise ValueError(f"{adapter} under {strategy} (sharded parameters): {refused[0]}. {refused[1]}.")
 
@@ -94,10 +96,12 @@ class EngineSlot:
         self.engine: SAMEngine | None = None
         self._pending: dict[str, Any] | None = None
 
-    def for_optimizer(self, optimizer: Optimizer) -> SAMEngine:
-        """The engine over ``optimizer``'s parameter groups (a new one if the optimizer changed)."""
+    def for_optimizer(self, optimizer: Optimizer, module: nn.Module) -> SAMEngine:
+        """The engine over ``optimizer``'s parameter groups (a new one if the optimizer changed), its checkpointed
+        state keyed by ``module``'s parameter names."""
         if self.engine is None or self.engine.param_groups is not optimizer.param_groups:
             self.engine = SAMEngine(optimizer.param_groups, self.config)
+            self.engine.name_parameters(module)
             if self._pending is not None:
                 self.engine.load_state_dict(self._pending)
                 self._pending = None
@@ -138,15 +142,12 @@ def module_step(
     """
     forward, head = probe_plan(module, batch, engine.config.step_probe_scope) if per_sample else (None, None)
     try:
+        source = f"{type(module).__name__}.per_sample_loss"
         return engine.step(
-            forward,
-            backend,
+            Passes(
+                forward, backend, batch_size=batch_size_of(batch), module=module, head=head, source=source, **passes
+            ),
             base_step,
-            batch_size=batch_size_of(batch),
-            head=head,
-            module=module,
-            source=f"{type(module).__name__}.per_sample_loss",
-            **passes,
         )
     finally:
         if head is not None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from .config import CLIP_ALGORITHMS, ClipAlgorithm, SAMConfig, check_choice, check_int, check_number
+from .config import SAMConfig
 from .lightning_backend import EngineSlot, LightningBackend, check_strategy, log_stats, module_step
-from .parts import StepStats
+from .options import check_choice, check_int, check_number
+from .stats import StepStats
+
+ClipAlgorithm = Literal["norm", "value"]
 
 _CHECKPOINT_KEY = "deltasam"
 
@@ -23,7 +26,7 @@ else:
 class DeltaSAMMixin(_MixinBase):
     """Put before ``LightningModule`` in the bases and define ``per_sample_loss(batch) -> Tensor[B]``.
 
-    Keyword options of ``__init__`` are :class:`~lightning_deltasam.config.SAMConfig`'s plus
+    ``__init__`` takes ``sam`` (a :class:`~lightning_deltasam.config.SAMConfig`; default SAM at rho = 0.05),
     ``gradient_clip_val`` / ``gradient_clip_algorithm`` and ``accumulate_grad_batches`` (manual
     optimization refuses the Trainer's): with k > 1 every micro-batch gets its own perturbation,
     the descent gradients are averaged, and the optimizer steps once per k micro-batches (and at
@@ -37,23 +40,25 @@ class DeltaSAMMixin(_MixinBase):
     def __init__(
         self,
         *args: Any,
+        sam: SAMConfig | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: ClipAlgorithm = "norm",
         accumulate_grad_batches: int = 1,
         **kwargs: Any,
     ) -> None:
-        config, rest = SAMConfig.split(kwargs)
-        super().__init__(*args, **rest)
+        config = sam if sam is not None else SAMConfig()
+        if not isinstance(config, SAMConfig):
+            raise TypeError(f"sam={sam!r} must be a SAMConfig, e.g. super().__init__(sam=SAMConfig(rho=0.05)).")
+        super().__init__(*args, **kwargs)
         if gradient_clip_val is not None:
             check_number("gradient_clip_val", gradient_clip_val, minimum=0.0, hint=" Use None for no clipping.")
-        check_choice("gradient_clip_algorithm", gradient_clip_algorithm, CLIP_ALGORITHMS)
+        check_choice("gradient_clip_algorithm", gradient_clip_algorithm, get_args(ClipAlgorithm))
         check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
-        if accumulate_grad_batches > 1 and (config.variant != "sam" or config.interval > 1):
-            option = f"variant={config.variant!r}" if config.variant != "sam" else f"interval={config.interval}"
+        if accumulate_grad_batches > 1 and config.variant.counts_steps():
             raise ValueError(
-                f"{option} with accumulate_grad_batches={accumulate_grad_batches}: the rule counts and "
-                "updates once per optimizer step, not per micro-batch. Use accumulate_grad_batches=1 with it, "
-                "or variant='sam', interval=1."
+                f"variant={config.variant.describe()} with accumulate_grad_batches={accumulate_grad_batches}: the rule "
+                "counts and updates once per optimizer step, not per micro-batch. Use accumulate_grad_batches=1 with "
+                "it, or SAMOptions() (interval=1)."
             )
         self.accumulate_grad_batches = accumulate_grad_batches
         self.deltasam_config = config
@@ -93,7 +98,7 @@ class DeltaSAMMixin(_MixinBase):
             raise ValueError(f"DeltaSAMMixin supports one optimizer; configure_optimizers returned {len(optimizer)}.")
         if self._deltasam_slot.engine is None:  # the first step: refuse a strategy the step cannot be right under
             check_strategy(self.trainer, self.deltasam_config, "DeltaSAMMixin")
-        engine = self._deltasam_slot.for_optimizer(optimizer.optimizer)
+        engine = self._deltasam_slot.for_optimizer(optimizer.optimizer, self)
         backend = LightningBackend(
             self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers())
         )

@@ -14,10 +14,13 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim import Optimizer
 
+from .backend import Backend, make_backend
 from .config import SAMConfig
 from .distributed import local_tensor
 from .engine import SAMEngine
-from .parts import Backend, StepStats, check_per_sample_losses, clear_grads, make_backend
+from .passes import Passes, check_per_sample_losses
+from .restore import clear_grads
+from .stats import StepStats
 
 
 def _arguments(factory: Callable[..., Any]) -> set[str]:
@@ -29,7 +32,8 @@ def _arguments(factory: Callable[..., Any]) -> set[str]:
 
 
 class DeltaSAM(Optimizer):
-    """SAM (``reweight=None``) or delta-SAM (``reweight="delta"``) around a base optimizer.
+    """The SAM-family step of ``sam`` (a :class:`~lightning_deltasam.config.SAMConfig`; default SAM at rho = 0.05)
+    around a base optimizer: ``DeltaSAM(params, torch.optim.AdamW, SAMConfig(rho=0.05), lr=1e-3)``.
 
     ``step(closure)`` takes either closure contract:
 
@@ -45,13 +49,12 @@ class DeltaSAM(Optimizer):
     steps. Parameter groups may set their own ``rho``, ``adaptive`` and ``eta`` (a rho schedule writes
     ``group["rho"]``). All of it runs the one :class:`SAMEngine`. ``param_groups`` and ``state`` are
     the base optimizer's, so LR schedulers work unchanged. Pass ``module=`` so running statistics
-    (BatchNorm) are updated by the first pass only (and, for ``estimator="exact"``/``"sketch"``, so its
-    layers can be hooked). Pass ``grad_scaler=`` (a ``torch.amp.GradScaler``) to train under one:
+    (BatchNorm) are updated by the first pass only (and, for ``m`` and ``GramWeights``, so its layers can be
+    hooked, and so the rule's checkpointed state is keyed by parameter name). Pass ``grad_scaler=`` (a ``torch.amp.GradScaler``) to train under one:
     both passes are unscaled and either pass's overflow lowers the scale (docs: Distributed and sharded
     training, for the recipes). Under FSDP2 / FSDP1 the step works on each rank's shards, with norms
-    over all of them. Every keyword that is not a SAM option goes to the
-    base optimizer; ``base_kwargs`` go to it whatever their names (a base argument named like a SAM option,
-    e.g. RMSprop's ``alpha`` or Adadelta's ``rho``).
+    over all of them. The keywords (and ``base_kwargs``) go to the base optimizer; one named like a SAM option
+    that the base optimizer does not take is refused, naming SAMConfig.
     """
 
     # torch's protocol for optimizers that handle a GradScaler's scale themselves: ``scaler.step(opt, ...)`` calls
@@ -62,6 +65,7 @@ class DeltaSAM(Optimizer):
         self,
         params: Iterable[Any],
         base_optimizer: type[Optimizer] | Callable[..., Optimizer],
+        sam: SAMConfig | None = None,
         *,
         module: nn.Module | None = None,
         base_kwargs: dict[str, Any] | None = None,
@@ -70,40 +74,12 @@ class DeltaSAM(Optimizer):
     ) -> None:
         if not callable(base_optimizer):
             raise TypeError(f"base_optimizer={base_optimizer!r} must be an optimizer class such as torch.optim.AdamW.")
-        try:
-            config, rest = SAMConfig.split(kwargs)
-        except ValueError as err:
-            shared = sorted(set(kwargs) & set(SAMConfig.option_names()) & _arguments(base_optimizer))
-            if not shared:
-                raise
-            name = getattr(base_optimizer, "__name__", repr(base_optimizer))
-            raise ValueError(
-                f"{err} ({', '.join(shared)} is also an argument of {name}: to give it to {name}, pass "
-                f"base_kwargs={{{shared[0]!r}: ...}}.)"
-            ) from err
-        base_kwargs = {**rest, **(base_kwargs or {})}
-        if config.step_probe_scope == "head":
-            raise ValueError(
-                "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "
-                "DeltaSAM's closure returns losses only: use probe_scope='all'."
-            )
-        if config.uses_gram and module is None:
-            raise ValueError(
-                f"estimator={config.estimator!r} forms per-instance gradients from the model's layers: "
-                "pass the model, DeltaSAM(params, base_optimizer, module=model, ...)."
-            )
-        if config.per_instance and module is None:
-            raise ValueError(
-                f"m={config.m} gives each group of instances its own perturbation through the model's layers: "
-                "pass the model, DeltaSAM(params, base_optimizer, module=model, m=...)."
-            )
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"grad_scaler={grad_scaler!r} must be a torch.amp.GradScaler (or None).")
-        if grad_scaler is not None and config.per_instance:
-            raise ValueError(
-                f"m={config.m} with grad_scaler: the per-instance route does not unscale its gradients. Use "
-                "bf16 autocast (no scaler), or m=None with the GradScaler."
-            )
+        config = sam if sam is not None else SAMConfig()
+        if not isinstance(config, SAMConfig):
+            raise TypeError(f"sam={config!r} must be a SAMConfig, e.g. DeltaSAM(params, AdamW, SAMConfig(rho=0.05)).")
+        _refuse_sam_keywords(kwargs, base_optimizer)
+        base_kwargs = {**kwargs, **(base_kwargs or {})}
+        _check_module_options(config, module, grad_scaler)
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer: Optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -111,6 +87,7 @@ class DeltaSAM(Optimizer):
         self.state = self.base_optimizer.state
         self.config = config
         self.engine = SAMEngine(self.param_groups, config)
+        self.engine.name_parameters(module)
         self._module = module
         self.grad_scaler = grad_scaler
         self.last_stats: StepStats | None = None
@@ -144,13 +121,8 @@ class DeltaSAM(Optimizer):
                     stats, out = self.engine.closure_step(closure, backend, self.base_optimizer.step)
                 else:
                     with torch.enable_grad():
-                        stats = self.engine.step(
-                            self._checked(closure),
-                            backend,
-                            self.base_optimizer.step,
-                            source="DeltaSAM closure",
-                            module=self._module,
-                        )
+                        passes = Passes(self._checked(closure), backend, source="DeltaSAM closure", module=self._module)
+                        stats = self.engine.step(passes, self.base_optimizer.step)
                     assert stats.losses is not None
                     out = stats.losses
         finally:
@@ -222,7 +194,7 @@ class DeltaSAM(Optimizer):
     def _backend(self, scaled: bool = True) -> Backend:
         module = self._module
         buffers = (lambda: list(module.buffers())) if module is not None else None
-        backend = make_backend(self.config, buffers)
+        backend = make_backend(self.config.sync, buffers)
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
             return backend
         return ScalerBackend(backend, self.grad_scaler, self, scaled)
@@ -276,7 +248,7 @@ class DeltaSAM(Optimizer):
         if two_step:
             return new if any_grad else None
         if new and (self.config.reweighting or self.config.per_instance):
-            option = f"m={self.config.m}" if self.config.per_instance else "reweight='delta'"
+            option = f"m={self.config.m}" if self.config.per_instance else f"reweight={self.config.reweight.name!r}"  # type: ignore[union-attr]
             raise ValueError(
                 f"{option} needs per-instance losses, but .grad holds gradients from a backward before "
                 "step(closure) (the davda54/sam backward-closure contract, SAM / ASAM and the variants only). "
@@ -389,3 +361,38 @@ class ScalerBackend(Backend):
             self._record()
         clear_grads(params)
         base_step()
+
+
+def _refuse_sam_keywords(kwargs: dict[str, Any], base_optimizer: Callable[..., Any]) -> None:
+    """A SAM option given as a keyword (the old flat spelling) is refused, unless the base optimizer takes it."""
+    stray = sorted(set(kwargs) & (set(SAMConfig.option_names()) | _VARIANT_WORDS) - _arguments(base_optimizer))
+    if stray:
+        raise TypeError(
+            f"DeltaSAM got {stray[0]}={kwargs[stray[0]]!r}, a SAM option: SAM options go in a SAMConfig, "
+            f"DeltaSAM(params, base_optimizer, SAMConfig({stray[0]}=...), lr=...); the keywords are the base optimizer's."
+        )
+
+
+_VARIANT_WORDS = {"estimator", "score", "num_probes", "alpha", "interval", "k", "gamma", "sigma", "lmbda", "min_rho"}
+
+
+def _check_module_options(config: SAMConfig, module: nn.Module | None, grad_scaler: Any) -> None:
+    """The options that need the model (or refuse a GradScaler), refused before anything is built."""
+    if config.step_probe_scope == "head":
+        raise ValueError(
+            "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "
+            "DeltaSAM's closure returns losses only: use probe_scope='all'."
+        )
+    if config.hooks_layers and module is None:
+        option = f"m={config.m}" if config.per_instance else f"reweight={config.reweight.name!r}"  # type: ignore[union-attr]
+        raise ValueError(
+            f"{option} forms per-instance gradients from the model's layers: pass the model, "
+            "DeltaSAM(params, base_optimizer, sam, module=model)."
+        )
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler={grad_scaler!r} must be a torch.amp.GradScaler (or None).")
+    if grad_scaler is not None and config.per_instance:
+        raise ValueError(
+            f"m={config.m} with grad_scaler: the per-instance route does not unscale its gradients. Use "
+            "bf16 autocast (no scaler), or m=None with the GradScaler."
+        )

@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from .backend import Backend
 from .config import SAMConfig
 from .distributed import Reducer
 from .engine import SAMEngine
-from .parts import Backend
+from .passes import Passes
 
 PerSampleLoss = Callable[[Any], Tensor]  # batch -> [B] losses, computed with the module's current parameters
 
@@ -199,7 +200,7 @@ def method_update(
         captured.extend(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params)
 
     with torch.enable_grad():
-        engine.step(forward, Backend(Reducer()), capture, head=head, module=module)
+        engine.step(Passes(forward, Backend(Reducer()), module=module, head=head), capture)
     engine.zero_grad(params)
     if not captured:
         raise RuntimeError("the step was skipped (non-finite loss or gradient): no update to measure.")

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .config import SAMConfig
 from .weighting import ProbeLosses
 
 LossFn = Callable[[], Tensor]
@@ -35,10 +34,11 @@ SPLIT_METHODS = ("per_sample_features", "per_sample_loss_from_features", "probe_
 
 
 class ProbeNoise:
-    """dw = sigma z (absolute) or sigma z * (|w| + eta) (relative), z ~ N(0, I) from one seeded generator per device type."""
+    """dw = sigma z (absolute) or sigma z * (|w| + eta) (relative), z ~ N(0, I) from one seeded generator per device
+    type. ``std`` is sigma; ``eta`` the relative offset, None for absolute probes."""
 
-    def __init__(self, config: SAMConfig) -> None:
-        self.config = config
+    def __init__(self, seed: int, std: float = 0.01, eta: float | None = 0.01) -> None:
+        self.seed, self.std, self.eta = seed, std, eta
         self._generators: dict[str, torch.Generator] = {}
         self._pending: dict[str, Tensor] = {}
         self.rank: int | None = None  # set under sharding (FSDP): each rank draws its shard's noise from its own stream
@@ -48,14 +48,13 @@ class ProbeNoise:
         key = device.type
         if key not in self._generators:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.config.seed)
+            gen.manual_seed(self.seed)
             if key in self._pending:
                 gen.set_state(self._pending.pop(key))
             self._generators[key] = gen
         return self._generators[key]
 
     def draw(self, params: list[Tensor]) -> list[Tensor]:
-        cfg = self.config
         device = params[0].device
         numels = [p.numel() for p in params]
         generator = self.generator(device)
@@ -69,11 +68,11 @@ class ProbeNoise:
         noise = [
             z.view_as(p) if z.dtype == p.dtype else z.view_as(p).to(p.dtype) for z, p in zip(flat.split(numels), params)
         ]
-        if cfg.probe_scale == "relative":
+        if self.eta is not None:
             mag = torch._foreach_abs(params)
-            torch._foreach_add_(mag, cfg.eta)
+            torch._foreach_add_(mag, self.eta)
             torch._foreach_mul_(noise, mag)
-        torch._foreach_mul_(noise, cfg.probe_std)
+        torch._foreach_mul_(noise, self.std)
         return noise
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -105,7 +104,8 @@ class RNGReplay:
 
 
 def full_probes(
-    config: SAMConfig,
+    count: int,
+    antithetic: bool,
     params: list[Tensor],
     noise: ProbeNoise,
     forward: LossFn,
@@ -119,12 +119,12 @@ def full_probes(
     """
     plus, minus = [], []
     with torch.no_grad(), forward_context():
-        for _ in range(config.num_probes):
+        for _ in range(count):
             dw = noise.draw(params)
             torch._foreach_add_(params, dw)
             rng.rewind()
             plus.append(forward().detach().float())
-            if config.antithetic:
+            if antithetic:
                 torch._foreach_add_(params, dw, alpha=-2.0)
                 rng.rewind()
                 minus.append(forward().detach().float())
@@ -132,21 +132,20 @@ def full_probes(
     return ProbeLosses(torch.stack(plus), torch.stack(minus) if minus else None)
 
 
-def head_probes(config: SAMConfig, head: HeadProbe, noise: ProbeNoise) -> ProbeLosses:
+def head_probes(count: int, antithetic: bool, head: HeadProbe, noise: ProbeNoise) -> ProbeLosses:
     """K probes of the head alone, functional (no live weight changes), on the first pass's features.
 
     All K (and their antithetic twins) are evaluated in one vmapped call of the head.
     """
     base = [p.detach() for p in head.params]
-    draws = [noise.draw(base) for _ in range(config.num_probes)]
+    draws = [noise.draw(base) for _ in range(count)]
     stacked = [torch.stack(ns) for ns in zip(*draws)]  # per parameter: [K, *shape]
     points = [b.unsqueeze(0) + n for b, n in zip(base, stacked)]
-    if config.antithetic:
+    if antithetic:
         points = [torch.cat([pt, b.unsqueeze(0) - n]) for pt, b, n in zip(points, base, stacked)]
     with torch.no_grad():
         losses = head.batched_losses(points).float()
-    k = config.num_probes
-    return ProbeLosses(losses[:k], losses[k:] if config.antithetic else None)
+    return ProbeLosses(losses[:count], losses[count:] if antithetic else None)
 
 
 def has_split(module: Any) -> bool:

@@ -8,12 +8,45 @@ Every normalizer is taken through a :class:`~lightning_deltasam.distributed.Redu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from .config import SAMConfig
 from .distributed import Reducer
+from .options import WeightingOptions, check_choice, check_number
+
+Score = Literal["sharpness", "gradnorm", "loss", "gram"]
+WeightForm = Literal["softmax", "linear"]
+
+
+@dataclass(frozen=True)
+class DeltaWeights(WeightingOptions):
+    """What every delta-SAM weighting shares: the instance score and how scores become weights on the simplex.
+
+    Args:
+        score: the instance score: ``"sharpness"``, ``"gradnorm"``, ``"loss"`` or ``"gram"``.
+        weights: ``"softmax"`` (delta = softmax(s / (temperature mean|s|))) or ``"linear"`` (delta proportional to
+            max(s, 0)).
+        temperature: the softmax's temperature.
+        mix: the share of uniform weights mixed into delta, in [0, 1].
+        gram_ridge: lambda of the ``gram`` score, relative to mean diag(K).
+    """
+
+    score: Score = "gradnorm"
+    weights: WeightForm = "softmax"
+    temperature: float = 4.0
+    mix: float = 0.0
+    gram_ridge: float = 1e-3
+
+    def check(self) -> None:
+        check_choice("score", self.score, get_args(Score))
+        check_choice("weights", self.weights, get_args(WeightForm))
+        check_number("temperature", self.temperature, minimum=0.0, strict=True)
+        check_number("mix", self.mix, minimum=0.0)
+        if self.mix > 1:
+            raise ValueError(f"mix={self.mix!r} must lie in [0, 1] (the share of uniform weights).")
+        check_number("gram_ridge", self.gram_ridge, minimum=0.0)
 
 
 @dataclass
@@ -40,23 +73,23 @@ def probe_differences(probes: ProbeLosses, losses: Tensor, score: str) -> Tensor
 
 
 def instance_scores(
-    config: SAMConfig,
+    options: DeltaWeights,
     losses: Tensor,
     probes: ProbeLosses | None,
     probe_std: float,
     reducer: Reducer,
 ) -> Tensor:
     """Scores s_i for the configured rule (for ``gram``, the raw coefficients (K+lambda I)^-1 diag(K)^1/2)."""
-    if config.score == "loss":
+    if options.score == "loss":
         return losses.detach().float()
     if probes is None:
-        raise ValueError(f"score={config.score!r} needs probe losses; none were computed.")
-    d = probe_differences(probes, losses, config.score).float()
-    if config.score == "sharpness":
+        raise ValueError(f"score={options.score!r} needs probe losses; none were computed.")
+    d = probe_differences(probes, losses, options.score).float()
+    if options.score == "sharpness":
         return d.mean(dim=0)
-    if config.score == "gradnorm":
+    if options.score == "gradnorm":
         return d.pow(2).mean(dim=0).sqrt()
-    return _gram_coefficients(d, probe_std, config.gram_ridge, reducer)
+    return _gram_coefficients(d, probe_std, options.gram_ridge, reducer)
 
 
 def _gram_coefficients(d: Tensor, probe_std: float, ridge: float, reducer: Reducer) -> Tensor:
@@ -79,7 +112,7 @@ def solve_gram(gram: Tensor, diag_mean: Tensor, ridge: float) -> Tensor:
     return coef
 
 
-def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
+def gram_scores(gram: Tensor, options: DeltaWeights, reducer: Reducer) -> Tensor:
     """Scores from this rank's exact (or sketched) per-instance gradient Gram matrix [b, b].
 
     ``gram``: (K + lambda I)^-1 diag(K)^1/2. Under ``sync="global"`` K is block-diagonal over the
@@ -87,12 +120,12 @@ def gram_scores(gram: Tensor, config: SAMConfig, reducer: Reducer) -> Tensor:
     ridge; the weights are then normalized over the global batch. ``gradnorm``: sqrt(diag K) = ||g_i||.
     """
     diag = gram.diagonal().clamp_min(0)
-    if config.score == "gradnorm":
+    if options.score == "gradnorm":
         return diag.sqrt()
     total = reducer.sum_(
         torch.stack([diag.sum(), torch.tensor(float(diag.numel()), dtype=diag.dtype, device=diag.device)])
     )
-    return solve_gram(gram, total[0] / total[1], config.gram_ridge)
+    return solve_gram(gram, total[0] / total[1], options.gram_ridge)
 
 
 @dataclass
@@ -110,7 +143,7 @@ def uniform_weights(n_local: int, device: torch.device, reducer: Reducer) -> Wei
     return Weights(torch.full((n_local,), 1.0 / total, device=device), fallback=False)
 
 
-def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weights:
+def compute_weights(scores: Tensor, options: DeltaWeights, reducer: Reducer) -> Weights:
     """delta on the simplex from scores; never NaN: unusable scores fall back to uniform.
 
     ``softmax``: delta = softmax(s / (tau * mean|s|)); ``linear``: delta proportional to max(s, 0).
@@ -135,18 +168,18 @@ def compute_weights(scores: Tensor, config: SAMConfig, reducer: Reducer) -> Weig
     mean_abs = abs_sum / total
     if nonfinite > 0 or not mean_abs > 0:
         return Weights(uniform, fallback=True)
-    if config.weights == "linear":
+    if options.weights == "linear":
         if not pos_sum > 0:
             return Weights(uniform, fallback=True)
         delta = s.clamp_min(0) / pos_sum
     else:
-        logits = s / (config.temperature * mean_abs)
+        logits = s / (options.temperature * mean_abs)
         top = reducer.max_(logits.max().reshape(1))
         expo = torch.exp(logits - top)
         denom = reducer.sum_(expo.sum().reshape(1))
         delta = expo / denom
-    if config.mix > 0:
-        delta = config.mix * uniform + (1.0 - config.mix) * delta
+    if options.mix > 0:
+        delta = options.mix * uniform + (1.0 - options.mix) * delta
     return Weights(delta, fallback=False)
 
 

@@ -6,44 +6,84 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..config import SAMConfig, check_bool, check_number
-from ..distributed import Shards, local_tensors
-from ..parts import Ascent, norm_of, phase
+from ..distributed import Shards, local_tensors, norm_of
+from ..options import Neighbourhood, VariantOptions, check_bool, check_int, check_number
+from ..profiler import phase
 
-RULES: dict[str, type[SAM]] = {}
+RULES: dict[type[VariantOptions], type[SAM]] = {}
+EPS = 1e-12  # pytorch_optimizer's perturb_eps: the variants' guard against dividing by a zero norm
 
 
-def register(name: str) -> Callable[[type[SAM]], type[SAM]]:
-    """Class decorator: ``variant=name`` builds this rule."""
+def register(options: type[VariantOptions]) -> Callable[[type[SAM]], type[SAM]]:
+    """Class decorator: the rule that ``options`` (a :class:`~lightning_deltasam.options.VariantOptions`) builds."""
 
     def add(cls: type[SAM]) -> type[SAM]:
-        RULES[name] = cls
-        cls.name = name
+        RULES[options] = cls
         return cls
 
     return add
 
 
-def make_rule(config: SAMConfig) -> SAM:
-    """The rule of ``config.variant`` (the registry is filled by importing :mod:`lightning_deltasam.ascent`)."""
-    return RULES[config.variant](config)
+def make_rule(options: VariantOptions, neighbourhood: Neighbourhood) -> SAM:
+    """The rule of ``options`` (the registry is filled by importing :mod:`lightning_deltasam.ascent`)."""
+    return RULES[type(options)](options, neighbourhood)
 
 
-@register("sam")
+@dataclass(frozen=True)
+class SAMOptions(VariantOptions, name="sam"):
+    """SAM / ASAM (the neighbourhood is SAMConfig's ``rho``, ``adaptive``, ``eta``).
+
+    Args:
+        interval: perturb only every interval-th step (composer's SAM), a plain base step otherwise.
+    """
+
+    combines_with_m = True
+    combines_with_reweight = True
+    interval: int = 1
+
+    def check(self) -> None:
+        check_int("interval", self.interval, minimum=1, hint=" It perturbs every interval-th step; 1 is every step.")
+
+    def counts_steps(self) -> bool:
+        return self.interval > 1
+
+
+@dataclass
+class AscentGroup:
+    """One parameter group's share of eps: its parameters (with a gradient) move by ``rho * direction / norm``.
+    ``norms`` are the per-tensor norms of ``direction`` for SAM groups (``direction`` is the gradient), None for
+    ASAM groups (their normalizer is ||T g||, not ||d||)."""
+
+    params: list[Tensor]
+    direction: list[Tensor]
+    rho: float
+    norms: list[Tensor] | None
+
+
+@dataclass
+class Ascent:
+    """The first-pass gradient as eps: each group moves by rho_k d_k / ``norm``, the norm over every group."""
+
+    groups: list[AscentGroup]
+    norm: float
+
+
+@register(SAMOptions)
 class SAM:
     """SAM: eps = rho g/||g||, descend on g_p; ASAM (adaptive): eps = rho T^2 g/||T g||, T = |w| + eta.
     With ``interval=k`` only the steps where (step + 1) % k == 0 perturb (composer's SAM)."""
 
-    name = "sam"
     keeps_gradient = False  # whether descent_ needs g at w (then kept in pending["g"])
+    options: VariantOptions
 
-    def __init__(self, config: SAMConfig) -> None:
-        self.config = config
+    def __init__(self, options: VariantOptions, neighbourhood: Neighbourhood) -> None:
+        self.options, self.neighbourhood = options, neighbourhood
         self.state: dict[Tensor, dict[str, Tensor]] = {}  # committed per-parameter state (checkpointed)
         self.pending: dict[str, Any] = {}  # this step's values, committed only when its base step runs
         self.shards = Shards()  # set by the engine each step: how the parameters are split over ranks
@@ -51,7 +91,8 @@ class SAM:
     # ---------------------------------------------------------------- hooks (identity for SAM)
     def perturbs(self, step: int) -> bool:
         """Whether step ``step`` (0-based count of optimizer steps) perturbs at all."""
-        return (step + 1) % self.config.interval == 0
+        interval = self.options.interval if isinstance(self.options, SAMOptions) else 1
+        return (step + 1) % interval == 0
 
     def radius(self, group: dict[str, Any], rho: float) -> float:
         """This step's rho for ``group`` (its own or the config's is ``rho``)."""
@@ -90,9 +131,13 @@ class SAM:
     # ---------------------------------------------------------------- per-group options and eps
     def group_options(self, param_groups: list[dict[str, Any]], index: int) -> tuple[float, bool, float]:
         """(rho, adaptive, eta) of ``param_groups[index]`` this step: the group's own values override the config's."""
-        group, cfg = param_groups[index], self.config
-        rho, adaptive, eta = group.get("rho", cfg.rho), group.get("adaptive", cfg.adaptive), group.get("eta", cfg.eta)
-        if (rho, adaptive, eta) != (cfg.rho, cfg.adaptive, cfg.eta):  # validated here: a schedule may write them
+        group, base = param_groups[index], self.neighbourhood
+        rho, adaptive, eta = (
+            group.get("rho", base.rho),
+            group.get("adaptive", base.adaptive),
+            group.get("eta", base.eta),
+        )
+        if (rho, adaptive, eta) != (base.rho, base.adaptive, base.eta):  # validated here: a schedule may write them
             check_number(f"param_groups[{index}]['rho']", rho, minimum=0.0)
             check_bool(f"param_groups[{index}]['adaptive']", adaptive)
             check_number(f"param_groups[{index}]['eta']", eta, minimum=0.0)
@@ -110,7 +155,8 @@ class SAM:
             with_grad = [p for p in group["params"] if p.requires_grad and p.grad is not None]
             if with_grad:  # eps is formed on the local tensors (a shard of each under FSDP)
                 grads = [along[p] for p in with_grad]
-                groups.append((local_tensors(with_grad), grads, *self.group_options(param_groups, index)))
+                rho, adaptive, eta = self.group_options(param_groups, index)
+                groups.append((local_tensors(with_grad), grads, rho, adaptive, eta))
         return self.ascent(groups)
 
     # ---------------------------------------------------------------- the SAM / ASAM direction
@@ -134,7 +180,7 @@ class SAM:
         out, norms = [], []
         for params, grads, rho, adaptive, eta in groups:
             direction, tensor_norms = self.direction(params, grads, adaptive, eta)
-            out.append((params, direction, rho, None if adaptive else tensor_norms))
+            out.append(AscentGroup(params, direction, rho, None if adaptive else tensor_norms))
             norms.extend(tensor_norms)
         return Ascent(out, norm_of(norms, self.shards))
 
@@ -144,29 +190,17 @@ class SAM:
         if not ascent.norm > 0:
             return 0.0
         with phase("perturb"):
-            for params, direction, rho, _ in ascent.groups:
-                torch._foreach_add_(params, direction, alpha=rho / ascent.norm)
+            for group in ascent.groups:
+                torch._foreach_add_(group.params, group.direction, alpha=group.rho / ascent.norm)
         with phase("statistics"):
-            if len(ascent.groups) == 1 and ascent.groups[0][3] is not None:
-                return ascent.groups[0][2]  # SAM, one radius: ||eps|| = rho exactly, no pass needed
+            if len(ascent.groups) == 1 and ascent.groups[0].norms is not None:
+                return ascent.groups[0].rho  # SAM, one radius: ||eps|| = rho exactly, no pass needed
             squares = [
-                (rho / ascent.norm) ** 2
-                * norm_of(norms if norms is not None else list(torch._foreach_norm(direction)), self.shards) ** 2
-                for _, direction, rho, norms in ascent.groups
+                (g.rho / ascent.norm) ** 2
+                * norm_of(g.norms if g.norms is not None else list(torch._foreach_norm(g.direction)), self.shards) ** 2
+                for g in ascent.groups
             ]
             return math.sqrt(sum(squares))
-
-    # ---------------------------------------------------------------- checkpoint
-    def state_dict(self, params: list[Tensor]) -> dict[int, dict[str, Tensor]]:
-        """Per-parameter state keyed by the parameter's position in ``params``."""
-        return {i: {k: v.clone() for k, v in self.state[p].items()} for i, p in enumerate(params) if p in self.state}
-
-    def load_state_dict(self, state: dict[int, dict[str, Tensor]], params: list[Tensor]) -> None:
-        self.state = {
-            params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype).clone() for k, v in s.items()}
-            for i, s in state.items()
-        }
-        self.pending.clear()
 
 
 def grads_of(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

@@ -3,22 +3,43 @@ component from the ascent); m <- lmbda m + (1 - lmbda) g."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..options import VariantOptions, check_number
 from .base import SAM, register
 
 
-@register("friendly")
+@dataclass(frozen=True)
+class FriendlySAMOptions(VariantOptions, name="friendly"):
+    """FriendlySAM's options (pytorch_optimizer's names and defaults).
+
+    Args:
+        sigma: how much of the gradients' EMA m is subtracted from the ascent direction.
+        lmbda: the EMA's decay: m <- lmbda m + (1 - lmbda) g.
+    """
+
+    sigma: float = 1.0
+    lmbda: float = 0.9
+
+    def check(self) -> None:
+        check_number("sigma", self.sigma, minimum=0.0)
+        check_number("lmbda", self.lmbda, minimum=0.0)
+
+
+@register(FriendlySAMOptions)
 class FriendlySAM(SAM):
-    """``sigma`` (1.0), ``lmbda`` (0.9). The first step perturbs along g (SAM) and sets m = g. m is per-parameter
-    state of the wrapper (checkpointed), apart from the base optimizer's."""
+    """The first step perturbs along g (SAM) and sets m = g. m is per-parameter state of the wrapper
+    (checkpointed), apart from the base optimizer's."""
+
+    options: FriendlySAMOptions
 
     @torch.no_grad()
     def gradient_at_w(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        cfg = self.config
+        cfg = self.options
         have = [i for i, p in enumerate(params) if p in self.state]
         momentum = {p: g.clone() for p, g in zip(params, grads) if p not in self.state}
         direction = list(grads)

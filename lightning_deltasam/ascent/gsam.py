@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import SAM, global_sums, register, total_norm
+from ..options import VariantOptions, check_number
+from .base import EPS, SAM, global_sums, register, total_norm
 
-EPS = 1e-12  # pytorch_optimizer's perturb_eps
+
+@dataclass(frozen=True)
+class GSAMOptions(VariantOptions, name="gsam"):
+    """GSAM's options (pytorch_optimizer's names and defaults).
+
+    Args:
+        alpha: weight of the component of g orthogonal to g_p, in [0, 1].
+        min_rho: rho follows the LR from ``rho`` (at the initial LR) down to ``min_rho`` (at LR 0); None: fixed rho.
+    """
+
+    alpha: float = 0.4
+    min_rho: float | None = None
+
+    def check(self) -> None:
+        check_number("alpha", self.alpha, minimum=0.0)
+        if self.alpha > 1:
+            raise ValueError(f"alpha={self.alpha!r} must lie in [0, 1] (GSAM's weight of the orthogonal part).")
+        if self.min_rho is not None:
+            check_number("min_rho", self.min_rho, minimum=0.0, hint=" None keeps rho fixed.")
 
 
-@register("gsam")
+@register(GSAMOptions)
 class GSAM(SAM):
-    """``alpha`` (default 0.4) weighs the component of g orthogonal to g_p. With ``min_rho`` set, a group's
-    rho_t = min_rho + (rho - min_rho) lr_t / lr_max (lr_max its ``initial_lr`` or first lr), as pytorch_optimizer's
-    ``ProportionScheduler`` with min_lr = 0; ``min_rho=None`` keeps rho fixed."""
+    """With ``min_rho`` set, a group's rho_t = min_rho + (rho - min_rho) lr_t / lr_max (lr_max its ``initial_lr``
+    or first lr), as pytorch_optimizer's ``ProportionScheduler`` with min_lr = 0."""
 
     keeps_gradient = True
+    options: GSAMOptions
 
     def radius(self, group: dict[str, Any], rho: float) -> float:
-        low = self.config.min_rho
+        low = self.options.min_rho
         if low is None:
             return rho
         peak = float(group.setdefault("initial_lr", group["lr"]))
@@ -41,5 +61,4 @@ class GSAM(SAM):
         cosine = inner / (new * old + EPS)
         vertical = torch._foreach_mul(gp, -(cosine * old / (new + EPS)))  # g - proj_{g_p} g
         torch._foreach_add_(vertical, g)
-        alpha = 0.4 if self.config.alpha is None else self.config.alpha
-        torch._foreach_add_(gp, vertical, alpha=-alpha)
+        torch._foreach_add_(gp, vertical, alpha=-self.options.alpha)

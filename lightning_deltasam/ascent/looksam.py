@@ -3,25 +3,53 @@ on the other steps one pass at w and descend on g + alpha ||g|| / (||g_v|| + 1e-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import SAM, grads_of, per_tensor_sums, register
+from ..options import VariantOptions, check_int, check_number
+from .base import EPS, SAM, grads_of, per_tensor_sums, register
 
-EPS = 1e-12  # pytorch_optimizer's perturb_eps
+
+@dataclass(frozen=True)
+class LookSAMOptions(VariantOptions, name="looksam"):
+    """LookSAM's options (pytorch_optimizer's names and defaults).
+
+    Args:
+        k: the period: SAM on steps 0, k, 2k, ...; the reused g_v in between.
+        alpha: weight of the reused g_v, in [0, 1].
+    """
+
+    k: int = 10
+    alpha: float = 0.7
+
+    def check(self) -> None:
+        check_int("k", self.k, minimum=1, hint=" It is LookSAM's period: SAM every k-th step.")
+        check_number("alpha", self.alpha, minimum=0.0)
+        if self.alpha > 1:
+            raise ValueError(f"alpha={self.alpha!r} must lie in [0, 1] (LookSAM's weight of the reused g_v).")
+
+    def sharding_refusal(self, flat: bool) -> tuple[str, str] | None:
+        if not flat:
+            return None
+        return (
+            "variant='looksam': LookSAM normalizes each parameter tensor, and FSDP1 with use_orig_params=False "
+            "gives the optimizer flat parameters (many tensors in one)",
+            "Use FullyShardedDataParallel(..., use_orig_params=True), or FSDP2",
+        )
 
 
-@register("looksam")
+@register(LookSAMOptions)
 class LookSAM(SAM):
-    """``k`` (10): steps 0, k, 2k, ... perturb; ``alpha`` (default 0.7) weighs the reused g_v. Norms per tensor,
-    as pytorch_optimizer's LookSAM; g_v is per-parameter state (checkpointed)."""
+    """Norms per tensor, as pytorch_optimizer's LookSAM; g_v is per-parameter state (checkpointed)."""
 
     keeps_gradient = True
+    options: LookSAMOptions
 
     def perturbs(self, step: int) -> bool:
-        return step % self.config.k == 0
+        return step % self.options.k == 0
 
     @torch.no_grad()
     def descent_(self, params: list[Tensor]) -> None:
@@ -46,8 +74,7 @@ class LookSAM(SAM):
             return
         gv = [self.state[p]["gv"] for p in with_grad]
         scales = torch._foreach_div(torch._foreach_norm(grads), torch._foreach_add(torch._foreach_norm(gv), 1e-8))
-        alpha = 0.7 if self.config.alpha is None else self.config.alpha
-        torch._foreach_add_(grads, torch._foreach_mul(gv, scales), alpha=alpha)
+        torch._foreach_add_(grads, torch._foreach_mul(gv, scales), alpha=self.options.alpha)
 
     def _sharded_descent(self, params: list[Tensor], both: list[Tensor], g: list[Tensor], gp: list[Tensor]) -> None:
         """:meth:`descent_` with each tensor's norms and inner product over every rank's shard."""
@@ -65,7 +92,7 @@ class LookSAM(SAM):
         sums = per_tensor_sums(
             params, {p: [(g, g), (gvs[p], gvs[p])] for p, g in zip(with_grad, grads)}, 2, self.shards
         )
-        alpha = 0.7 if self.config.alpha is None else self.config.alpha
+        alpha = self.options.alpha
         for p, grad in zip(with_grad, grads):
             g2, gv2 = sums[id(p)]
             grad.add_(gvs[p] * (g2.sqrt() / (gv2.sqrt() + 1e-8)).to(grad.dtype), alpha=alpha)

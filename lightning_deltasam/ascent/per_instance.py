@@ -11,9 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import SAMConfig
+from ..backend import Backend
+from ..guard import Guard
 from ..instance import InstancePerturbation
-from ..parts import Backend, BufferPool, Guard, LayerHooks, Passes, Snapshot, StepStats, clear_grads, phase
+from ..layer_hooks import LayerHooks
+from ..options import check_adaptive_with_m
+from ..passes import Passes
+from ..profiler import phase
+from ..restore import BufferPool, Snapshot, clear_grads
+from ..stats import StepStats
 
 RATIO_EVERY = 10  # steps between two grad_norm_ratio diagnostics (every step with match_rho, which needs it)
 
@@ -26,12 +32,35 @@ def norm_ratio(group_norms: Tensor, sizes: Tensor, batch_sq: Tensor) -> float:
     return per_instance / bar if bar > 0 else float("nan")
 
 
-class PerInstanceRoute:
-    """The step of ``m`` (the core calls :meth:`step` in place of its own perturb-and-descend)."""
+def ascent_norms(
+    route: InstancePerturbation, losses: Tensor, loss0: Tensor
+) -> tuple[dict[Tensor, Tensor], Tensor, bool]:
+    """{parameter: [G] ||G_g||^2 restricted to it}, their sum over parameters ([G] ||G_g||^2), and whether that and
+    the mean loss ``loss0`` are finite."""
+    squares = route.group_norms_sq()
+    total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
+    finite = bool(torch.isfinite(total.sum() + loss0.float()))
+    return squares, total, finite
 
-    def __init__(self, config: SAMConfig) -> None:
-        self.config = config
-        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, config.m, config.verify))  # type: ignore[arg-type]
+
+def perturb(
+    route: InstancePerturbation, squares: dict[Tensor, Tensor], norm: Tensor, rho_of: dict[Tensor, float], factor: float
+) -> float:
+    """Each group's eps_g = rho factor G_g/||G_g|| installed in ``route`` (none where ||G_g|| = 0), from the squared
+    norms ``squares`` and ``norm`` (||G_g||); the mean ||eps_g||."""
+    inverse = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    route.scale({p: rho_of[p] * factor * inverse for p in squares})
+    eps_sq = sum((rho_of[p] * factor) ** 2 * sq for p, sq in squares.items()) * inverse.square()
+    return float(torch.as_tensor(eps_sq).sqrt().mean())
+
+
+class PerInstanceRoute:
+    """The step of ``m`` (the core calls :meth:`step` in place of its own perturb-and-descend); ``match_rho`` scales
+    the radius to SAM's units, ``verify`` checks the per-instance gradients (SAMConfig's options)."""
+
+    def __init__(self, m: int | None, match_rho: bool = False, verify: str = "auto") -> None:
+        self.m, self.match_rho = m, match_rho
+        self._hooks = LayerHooks(lambda module, params: InstancePerturbation(module, params, m, verify))  # type: ignore[arg-type]
 
     def step(
         self,
@@ -50,8 +79,7 @@ class PerInstanceRoute:
         ||G_g|| from what they kept. Second pass: the per-group corrections installed, a backward of the mean
         loss. w is never moved, so nothing needs restoring and no perturbation is all-reduced. The core hands it what
         it needs: each parameter's radius (:meth:`radii`), the guard (finite check, skip, base step) and its buffers."""
-        cfg = self.config
-        if cfg.match_rho and backend.reducer.world_size > 1:
+        if self.match_rho and backend.reducer.world_size > 1:
             raise ValueError(
                 f"match_rho=True under DDP with sync='global' ({backend.reducer.world_size} ranks): the matched radius "
                 "needs the global batch gradient's norm, which the per-instance route does not form. Use a fixed rho "
@@ -63,29 +91,22 @@ class PerInstanceRoute:
         snapshot = Snapshot([], [], buffers, pool.saved("buffers", buffers))
         try:
             with passes.backend.no_sync(), phase("first_pass"):
-                losses = route.first_pass(lambda: passes.losses(f"m={cfg.m}"), passes.batch_size, backend.loss_scale())
+                losses = route.first_pass(lambda: passes.losses(f"m={self.m}"), passes.batch_size, backend.loss_scale())
             loss0 = losses.detach().mean()
             stats = StepStats(loss=loss0, losses=losses.detach())
             with torch.no_grad(), phase("ascent_norm"):
-                squares = route.group_norms_sq()
-                total = torch.stack(list(squares.values())).sum(0) if squares else losses.new_zeros(1)
-                finite = bool(torch.isfinite(total.sum() + loss0.float()))
+                squares, total, finite = ascent_norms(route, losses, loss0)
             if not guard.agree_finite(finite, backend):
                 return guard.skip_step(params, stats, backend, base_step, "the first pass")
             norm = total.sqrt()
             ratio = float("nan")
-            if cfg.match_rho or guard.steps % RATIO_EVERY == 0:  # a weight-gradient GEMM per layer: not every step
+            if self.match_rho or guard.steps % RATIO_EVERY == 0:  # a weight-gradient GEMM per layer: not every step
                 with torch.no_grad(), phase("statistics"):
                     stats.grad_norm_ratio = ratio = norm_ratio(norm, route.group_sizes(), route.batch_grad_norm_sq())
             # match_rho: rho in SAM's units, the radius whose mean first-order loss rise equals SAM's at rho
-            factor = (1.0 / ratio if math.isfinite(ratio) and ratio > 0 else 0.0) if cfg.match_rho else 1.0
+            factor = (1.0 / ratio if math.isfinite(ratio) and ratio > 0 else 0.0) if self.match_rho else 1.0
             with torch.no_grad(), phase("perturb"):
-                inverse = torch.where(
-                    norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm)
-                )
-                route.scale({p: rho_of[p] * factor * inverse for p in squares})
-                eps_sq = sum((rho_of[p] * factor) ** 2 * sq for p, sq in squares.items()) * inverse.square()
-                stats.eps_norm = float(torch.as_tensor(eps_sq).sqrt().mean())
+                stats.eps_norm = perturb(route, squares, norm, rho_of, factor)
             snapshot.keep_buffers()  # the first pass's statistics are the ones kept
             clear_grads(params)
             with snapshot.restoring(), route.corrections(), phase("second_pass"):
@@ -102,14 +123,10 @@ class PerInstanceRoute:
         rho_of: dict[Tensor, float] = {}
         for index, group in enumerate(param_groups):
             rho, adaptive, _ = group_options(param_groups, index)
-            if adaptive:
-                raise ValueError(
-                    f"param_groups[{index}]['adaptive']=True with m={self.config.m}: ASAM's per-instance perturbation is "
-                    "not low-rank, so the per-instance route cannot apply it. Set the group's adaptive to False, or m=None."
-                )
+            check_adaptive_with_m(f"param_groups[{index}]['adaptive']", adaptive, self.m)  # type: ignore[arg-type]
             rho_of.update((p, rho) for p in group["params"] if p.requires_grad)
         return rho_of
 
     def route(self, module: nn.Module | None, params: list[Tensor]) -> InstancePerturbation:
         """The hooks that give each group of ``m`` instances its own perturbation (built once per module and parameter set)."""
-        return self._hooks.get(module, params, f"m={self.config.m}")
+        return self._hooks.get(module, params, f"m={self.m}")

@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..distributed import local_tensors
+from ..options import VariantOptions, check_bool, check_number
 from .base import SAM, register
 
 
-@register("wsam")
-class WSAM(SAM):
-    """``gamma`` (0.9): a = gamma / (1 - gamma). ``decouple=True``: the base step runs on g, then
-    w <- w - lr a (g_p - g) outside the base optimizer; ``decouple=False``: it runs on g + a (g_p - g)."""
+@dataclass(frozen=True)
+class WSAMOptions(VariantOptions, name="wsam"):
+    """WSAM's options (pytorch_optimizer's names and defaults).
 
+    Args:
+        gamma: the sharpness weight, in [0, 1), used as a = gamma / (1 - gamma).
+        decouple: True: the base step runs on g, then w <- w - lr a (g_p - g) outside it; False: it runs on
+            g + a (g_p - g).
+    """
+
+    gamma: float = 0.9
+    decouple: bool = True
+
+    def check(self) -> None:
+        check_number("gamma", self.gamma, minimum=0.0, below=1.0, hint=" It is used as gamma/(1-gamma).")
+        check_bool("decouple", self.decouple)
+
+
+@register(WSAMOptions)
+class WSAM(SAM):
     keeps_gradient = True
+    options: WSAMOptions
 
     @torch.no_grad()
     def descent_(self, params: list[Tensor]) -> None:
         both, g, gp = self.gradient_pair(params)
         if not both:
             return
-        a = self.config.gamma / (1.0 - self.config.gamma)
-        if self.config.decouple:
+        a = self.options.gamma / (1.0 - self.options.gamma)
+        if self.options.decouple:
             self.pending["sharpness"] = dict(zip(both, torch._foreach_sub(gp, g)))
             torch._foreach_copy_(gp, g)
         else:
@@ -36,7 +54,7 @@ class WSAM(SAM):
     @torch.no_grad()
     def after_step(self, param_groups: list[dict[str, Any]]) -> None:
         sharpness = self.pending.get("sharpness", {})
-        a = self.config.gamma / (1.0 - self.config.gamma)
+        a = self.options.gamma / (1.0 - self.options.gamma)
         for group in param_groups:
             mine = [p for p in group["params"] if p in sharpness]
             if mine:

@@ -6,13 +6,13 @@ from typing import Any
 
 from torch import Tensor
 
-from ..parts import Passes
+from ..passes import Passes
 from ..probes import HeadProbe
 from ..weighting import Weights, uniform_weights
 from .base import Weighting, register
 
 
-@register("uniform")
+@register(None)
 class Uniform(Weighting):
     def weigh(self, passes: Passes, head: HeadProbe | None, prepared: Any) -> tuple[Tensor, Weights]:
         losses = passes.losses("the step")

@@ -26,6 +26,7 @@ from .models import TextEncoder
 from .tasks import TextTask
 
 RESULTS_FILE = "results.json"
+NOT_SAM_OPTIONS = ("lr", "weight_decay", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 
 
 def _plain(node: DictConfig) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``optimizer`` group as a plain dict, its SAM options validated up front (fail before loading data)."""
     options = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
     try:
-        SAMConfig.split(options)
+        SAMConfig.from_dict({k: v for k, v in options.items() if k not in NOT_SAM_OPTIONS})
     except ValueError as err:  # SAMConfig names the bare option: say where it lives
         raise ValueError(f"optimizer.{err}") from None
     return options

@@ -14,8 +14,9 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ..config import check_number
+from ..config import SAMConfig
 from ..mixin import DeltaSAMMixin
+from ..options import check_number
 from .models import TextEncoder
 from .tasks import TextTask
 
@@ -23,9 +24,10 @@ from .tasks import TextTask
 class GlueClassifier(DeltaSAMMixin, L.LightningModule):
     """Encoder + dropout + linear head; per-sample cross entropy (or MSE for regression tasks).
 
-    ``lr``/``weight_decay`` configure AdamW, ``warmup_ratio`` its linear warmup and decay; every
-    other keyword (``rho``, ``reweight``, ``gradient_clip_val``, ...) goes to :class:`DeltaSAMMixin`,
-    whose ``training_step`` runs the SAM / delta-SAM step over :meth:`per_sample_loss`.
+    ``lr``/``weight_decay`` configure AdamW, ``warmup_ratio`` its linear warmup and decay; the clipping and
+    accumulation keywords go to :class:`DeltaSAMMixin`, every other keyword (``rho``, ``variant``, ``reweight``,
+    ...) is a :class:`SAMConfig` option (``SAMConfig.from_dict``), and the mixin's ``training_step`` runs that
+    step over :meth:`per_sample_loss`.
     """
 
     def __init__(
@@ -36,9 +38,17 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         head_dropout: float = 0.1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
         **sam: Any,
     ) -> None:
-        super().__init__(**sam)
+        super().__init__(
+            sam=SAMConfig.from_dict(sam),
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,  # type: ignore[arg-type]
+            accumulate_grad_batches=accumulate_grad_batches,
+        )
         check_number("optimizer.lr", lr, minimum=0.0, strict=True)
         check_number("optimizer.weight_decay", weight_decay, minimum=0.0)
         check_number("classifier.warmup_ratio", warmup_ratio, minimum=0.0, below=1.0)

@@ -2,8 +2,9 @@
 kind), and the capture that records a forward's calls and checks that they account for the whole batch."""
 
 from .base import Call, Kind, UnsupportedModuleError
-from .capture import KINDS, SUPPORTED_TEXT, LayerCapture, Verify
+from .capture import LayerCapture, Verify
 from .compiled import check_not_compiled, compiled_part
+from .kinds import KINDS, SUPPORTED_TEXT
 from .terms import Full, LowRank, Rows, Term
 
 __all__ = [

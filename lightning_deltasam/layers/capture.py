@@ -21,58 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Verify
-from .base import Call, Kind, UnsupportedModuleError
-from .batchnorm import BatchNormKind
+from .base import Kind, UnsupportedModuleError
 from .checks import check_grads, check_rows, check_uses
 from .compiled import check_eager, check_not_compiled
-from .conv import Conv2dKind
-from .embedding import EmbeddingKind
-from .linear import LinearKind
-from .norm import BATCH_NORMS, NormKind
+from .kinds import checkpointing_message, owned_kinds
+from .norm import BATCH_NORMS
+from .rows import Record, Rerun, batch_view, broadcast, give_grads, interpret, shared
 from .terms import Term
-
-KINDS: tuple[type[Kind], ...] = (LinearKind, EmbeddingKind, NormKind, Conv2dKind, BatchNormKind)
-SUPPORTED_TEXT = (
-    "Linear, transformers' Conv1D, Embedding (and verified scaled lookups), LayerNorm, RMSNorm (torch's and "
-    "transformers'), Conv2d (groups=1), BatchNorm in eval mode"
-)
-
-
-_ROW_KINDS = (LinearKind, NormKind)  # per-row kinds whose 2-D input may be rows flattened to [B k, d] (OPT)
-
-
-class _Rerun(Exception):
-    """The forward ran before B was known and a shared call (leading size 1) was not expanded: run it again."""
-
-
-class _Record:
-    """A call as recorded in the forward: the layer, the raw input and output, and whether it was broadcast."""
-
-    def __init__(self, kind: Kind, inputs: tuple, x: Tensor, out: Tensor, expanded: int | None) -> None:
-        self.kind, self.x, self.expanded = kind, x, expanded
-        self.out: Tensor | None = out  # in the graph until the backward has read its gradient
-        self.dtype = out.dtype
-        self.stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-        self.versions = (x._version, out._version)
-        self.call: Call | None = None
-        self.rows: int | None = None  # flattened [B * k, d] rows: k
-
-
-def _shared(kind: Kind, x: Tensor, bsz: int | None) -> bool:
-    """A call read by every instance alike: leading size 1, or 1-D indices of an Embedding that are not B long."""
-    if x.dim() == 0:
-        return True
-    if isinstance(kind, EmbeddingKind) and x.dim() == 1:
-        return bsz is None or x.shape[0] != bsz
-    return x.shape[0] == 1 and bsz != 1
-
-
-def _broadcast(kind: Kind, x: Tensor, out: Tensor, bsz: int) -> tuple[Tensor, Tensor]:
-    if isinstance(kind, EmbeddingKind) and x.dim() == 1:
-        x, out = x.unsqueeze(0), out.unsqueeze(0)
-    if x.dim() == 0:
-        x, out = x.reshape(1, 1), out.unsqueeze(0)
-    return x.expand(bsz, *x.shape[1:]), out.expand(bsz, *out.shape[1:])
 
 
 class LayerCapture:
@@ -91,34 +46,8 @@ class LayerCapture:
         self.who, self.way_out, self.verify = who, way_out, verify
         check_not_compiled(module, who, way_out)
         if getattr(module, "is_gradient_checkpointing", False):
-            raise UnsupportedModuleError(_checkpointing_message(who, way_out))
-        wanted = {id(p) for p in params}
-        self.owners: dict[int, list[Kind]] = {}
-        self.kinds: list[Kind] = []
-        for name, sub in module.named_modules():
-            own = {n: p for n, p in sub.named_parameters(recurse=False) if id(p) in wanted and p.requires_grad}
-            if not own:
-                continue
-            where = name or type(module).__name__
-            kind_type = next((k for k in KINDS if k.matches(sub)), None)
-            extra = [n for n in own if kind_type is None or n not in kind_type.roles]
-            if kind_type is None or extra:
-                names = ", ".join(f"{where}.{n}" for n in (extra or own))
-                raise UnsupportedModuleError(
-                    f"{who} cannot form per-instance gradients of {type(sub).__name__} (trainable {names}); supported: "
-                    f"{SUPPORTED_TEXT}. Freeze those parameters (requires_grad=False), or {way_out}."
-                )
-            kind = kind_type(where, sub, own)
-            kind.check()
-            self.kinds.append(kind)
-            for p in own.values():
-                self.owners.setdefault(id(p), []).append(kind)
-        missing = wanted - set(self.owners)
-        if missing:
-            raise UnsupportedModuleError(
-                f"{len(missing)} trainable parameter(s) are not owned by a submodule of {type(module).__name__}: "
-                f"{who} needs every optimized parameter inside the module it hooks."
-            )
+            raise UnsupportedModuleError(checkpointing_message(who, way_out))
+        self.kinds, self.owners = owned_kinds(module, params, who, way_out)
         self.params = {id(p): p for p in params if id(p) in self.owners}
         self.batch_norms = [
             (n or type(module).__name__, s) for n, s in module.named_modules() if isinstance(s, BATCH_NORMS)
@@ -128,7 +57,7 @@ class LayerCapture:
             for role, p in kind.params.items():
                 self.names.setdefault(id(p), f"{kind.name}.{role}")
         self.tied = {pid for pid, kinds in self.owners.items() if len(kinds) > 1}
-        self.records: list[_Record] = []
+        self.records: list[Record] = []
         self.batch_size: int | None = None
         self._hint: int | None = None
         self._recording = False
@@ -170,10 +99,10 @@ class LayerCapture:
                     f"{kind.name} was called without a tensor input and output: {self.who} cannot read it."
                 )
             hint, expanded, replaced = self._hint, None, None
-            if _shared(kind, x, hint) and hint is not None and hint > 1:
-                x, replaced = _broadcast(kind, x, out, hint)
+            if shared(kind, x, hint) and hint is not None and hint > 1:
+                x, replaced = broadcast(kind, x, out, hint)
                 expanded = hint
-            self.records.append(_Record(kind, inputs, x.detach(), replaced if replaced is not None else out, expanded))
+            self.records.append(Record(kind, inputs, x.detach(), replaced if replaced is not None else out, expanded))
             return replaced
 
         return hook
@@ -202,7 +131,7 @@ class LayerCapture:
             try:
                 self.backward(losses, scale)
                 return losses
-            except _Rerun:
+            except Rerun:
                 known = self.batch_size
                 del losses  # this forward's graph goes before the next one is built
         raise RuntimeError("unreachable")
@@ -214,7 +143,7 @@ class LayerCapture:
         if not self.records:
             raise RuntimeError(f"{self.who} recorded no layer call: was the loss computed inside record()?")
         bsz = self.batch_size = self._hint = int(losses.numel())
-        self._interpret(bsz)
+        interpret(self.records, bsz, self.names, self.who, self.way_out)
         for r in self.records:
             assert r.out is not None
             if (r.x._version, r.out._version) != r.versions:
@@ -231,17 +160,9 @@ class LayerCapture:
             grads = torch.autograd.grad(total, self.outputs(), allow_unused=True, retain_graph=rows_due or grads_due)
         except RuntimeError as err:
             if "checkpoint" in str(err):  # torch's reentrant checkpoint refuses .grad()
-                raise UnsupportedModuleError(_checkpointing_message(self.who, self.way_out)) from err
+                raise UnsupportedModuleError(checkpointing_message(self.who, self.way_out)) from err
             raise
-        storages: set[int] = set()
-        for r, g in zip(self.records, grads):
-            b = None if g is None else (g.float() / scale if scale != 1.0 else g)  # unscaled in float32
-            if b is not None:  # autograd hands one tensor to both inputs of an add: each call owns its own
-                ptr = b.untyped_storage().data_ptr()
-                b = b.clone() if ptr in storages else b
-                storages.add(ptr)
-            assert r.call is not None
-            r.call.b = None if b is None else b.reshape(r.call.shape)
+        give_grads(self.records, grads, scale)
         if rows_due:
             check_rows(self, losses, scale)
             self._seen.add(signature)
@@ -251,52 +172,11 @@ class LayerCapture:
         for r in self.records:
             r.out = None  # the outputs and the graph can go
 
-    def _interpret(self, bsz: int) -> None:
-        """Each call as [B, ...] rows: batch-first, broadcast (expanded in the forward), or flattened [B k, d] rows."""
-        for r in self.records:
-            x, out = r.x, r.out
-            assert out is not None
-            if r.expanded is not None:
-                if r.expanded != bsz:
-                    raise _Rerun
-            elif _shared(r.kind, x, bsz) and bsz > 1:
-                raise _Rerun
-            elif x.dim() == 0 or x.shape[0] != bsz:
-                lead = x.shape[0] if x.dim() else 0
-                if isinstance(r.kind, _ROW_KINDS) and x.dim() == 2 and lead % bsz == 0 and out.shape[0] == lead:
-                    r.rows = lead // bsz  # [B k, d] rows, instance-major: mapped back, then checked like any call
-                    x, out = x.reshape(bsz, r.rows, x.shape[-1]), out.reshape(bsz, r.rows, out.shape[-1])
-                else:
-                    raise UnsupportedModuleError(
-                        f"{r.kind.name} ({type(r.kind.module).__name__}) was called on an input of shape "
-                        f"{tuple(r.x.shape)} in a batch of {bsz} (the number of per-instance losses): its rows are not "
-                        "the batch's instances (a table computed once for the whole batch, such as a relative-position "
-                        f"bias). {self.who} needs batch-first calls or a leading size of 1. Freeze "
-                        f"{', '.join(self.names[id(p)] for p in r.kind.params.values())} (requires_grad=False), or "
-                        f"{self.way_out}."
-                    )
-            elif isinstance(r.kind, EmbeddingKind) and x.dim() == 1:
-                x = x.unsqueeze(1)  # a batch of single tokens
-            r.call = Call(x, tuple(out.shape))
-
     def batch_view(self, kind: Kind, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
         """A second-pass call as [B, ...] rows, read as the first pass read it: (x, out, the shape to give the
         corrected output back in, or None to return it as [B, ...], a broadcast call made per-instance)."""
-        bsz = self.batch_size
-        assert bsz is not None
-        if _shared(kind, x, bsz) and bsz > 1:
-            x, out = _broadcast(kind, x, out, bsz)
-            return x, out, None
-        if x.dim() > 0 and x.shape[0] == bsz:
-            return (x.unsqueeze(1) if isinstance(kind, EmbeddingKind) and x.dim() == 1 else x), out, tuple(out.shape)
-        lead = x.shape[0] if x.dim() else 0
-        if isinstance(kind, _ROW_KINDS) and x.dim() == 2 and lead % bsz == 0:
-            k = lead // bsz
-            return x.reshape(bsz, k, x.shape[-1]), out.reshape(bsz, k, out.shape[-1]), tuple(out.shape)
-        raise ValueError(
-            f"{kind.name} ({type(kind.module).__name__}) was called on an input of shape {tuple(x.shape)} in the second "
-            f"pass of a batch of {bsz}: {self.who} needs the same batch-first calls in both passes."
-        )
+        assert self.batch_size is not None
+        return batch_view(kind, x, out, self.batch_size, self.who)
 
     # ------------------------------------------------------------------ terms
     def terms(self, m: int, dense: bool = False, consume: bool = False) -> dict[int, list[Term]]:
@@ -336,12 +216,3 @@ class LayerCapture:
     def clear(self) -> None:
         self.release()
         self.batch_size = None
-
-
-def _checkpointing_message(who: str, way_out: str) -> str:
-    return (
-        f"{who} cannot run with reentrant gradient checkpointing (torch.utils.checkpoint(use_reentrant=True), "
-        "transformers' gradient_checkpointing_enable()): the layers' outputs are not in the graph it reads. Use "
-        "use_reentrant=False, turn it off (model.gradient_checkpointing_disable()), or "
-        f"{way_out}."
-    )

@@ -4,19 +4,33 @@ instances' gradients equal to autograd's."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from .base import UnsupportedModuleError
-from .terms import as_matrix, materialize
-
-if TYPE_CHECKING:
-    from .capture import LayerCapture
+from .base import Kind, UnsupportedModuleError
+from .rows import Record
+from .terms import Term, as_matrix, materialize
 
 
-def check_uses(capture: LayerCapture, losses: Tensor) -> None:
+class Recorded(Protocol):
+    """What the checks read of a :class:`~.capture.LayerCapture` (which calls them): its recorded calls, which layers
+    hold each parameter and under what name, who runs it and the way out, the calls' outputs and the terms."""
+
+    records: list[Record]
+    owners: dict[int, list[Kind]]
+    names: dict[int, str]
+    params: dict[int, Tensor]
+    who: str
+    way_out: str
+
+    def outputs(self) -> list[Tensor]: ...
+
+    def terms(self, m: int, dense: bool = False, consume: bool = False) -> dict[int, list[Term]]: ...
+
+
+def check_uses(capture: Recorded, losses: Tensor) -> None:
     """Every use of a covered parameter in the graph is inside a recorded call of a layer holding it."""
     inside: dict[int, set] = {}  # node -> the kinds whose recorded call contains it
     for r in capture.records:
@@ -52,13 +66,13 @@ def check_uses(capture: LayerCapture, losses: Tensor) -> None:
                 )
 
 
-def tolerance(capture: LayerCapture) -> float:
+def tolerance(capture: Recorded) -> float:
     """Relative tolerance of the checks: a real mismatch is O(1); float64 models often compute parts in float32
     (transformers' RMSNorm), so float64 is not assumed to be exact."""
     return 1e-4 if {r.dtype for r in capture.records} <= {torch.float32, torch.float64} else 5e-2
 
 
-def check_rows(capture: LayerCapture, losses: Tensor, scale: float) -> None:
+def check_rows(capture: Recorded, losses: Tensor, scale: float) -> None:
     """Each call's rows are the instances: weighting instance i's loss by r_i scales exactly row i's gradient."""
     bsz = losses.numel()
     gen = torch.Generator().manual_seed(1234)
@@ -84,7 +98,7 @@ def check_rows(capture: LayerCapture, losses: Tensor, scale: float) -> None:
             )
 
 
-def check_grads(capture: LayerCapture, losses: Tensor, scale: float) -> None:
+def check_grads(capture: Recorded, losses: Tensor, scale: float) -> None:
     """Two instances' per-instance gradients from the terms against autograd's, parameter by parameter."""
     bsz = losses.numel()
     terms = capture.terms(1)

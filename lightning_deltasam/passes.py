@@ -1,0 +1,78 @@
+"""The forwards of one step (:class:`Passes`), the checks of what a closure returns, and what the first half of a
+step leaves for the second (:class:`Pending`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .backend import Backend
+from .probes import HeadProbe, LossFn
+from .restore import Snapshot
+from .stats import StepStats
+
+
+def check_per_sample_losses(losses: Any, source: str, batch_size: int | None = None) -> Tensor:
+    """A clear error unless ``losses`` is a float tensor of shape [B] (B = ``batch_size`` when known)."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}."
+        )
+    shape = tuple(losses.shape)
+    if losses.dim() != 1:
+        hint = " (a scalar: use reduction='none')" if losses.dim() == 0 else ""
+        raise ValueError(f"{source} must return per-instance losses of shape [B]; got shape {shape}{hint}.")
+    if not losses.is_floating_point():
+        raise TypeError(f"{source} must return a floating-point tensor; got dtype {losses.dtype} of shape {shape}.")
+    if losses.numel() == 0:
+        raise ValueError(f"{source} returned an empty tensor of shape {shape}: the batch is empty.")
+    if batch_size is not None and losses.numel() != batch_size:
+        raise ValueError(
+            f"{source} returned shape {shape} but the batch holds {batch_size} instances; return one loss per instance."
+        )
+    return losses
+
+
+@dataclass
+class Passes:
+    """The forwards of one step. ``forward()`` returns per-instance losses [B] at the current weights (the engine
+    runs every backward); ``first_pass`` / ``second_pass`` replace a pass's forward + backward and return its mean
+    loss (the callback runs Lightning's closure so); ``module`` is the model that ``m`` and the Gram weighting hook;
+    ``head`` probes the top layers only; ``source`` names the forward in errors."""
+
+    forward: LossFn | None
+    backend: Backend
+    first_pass: Callable[[], Tensor] | None = None
+    second_pass: Callable[[], Tensor] | None = None
+    batch_size: int | None = None
+    module: nn.Module | None = None
+    head: HeadProbe | None = None
+    source: str = "the closure"
+
+    def losses(self, needed_for: str) -> Tensor:
+        """Per-instance losses [B] at the current weights, checked, with grad."""
+        if self.forward is None:
+            raise ValueError(f"{needed_for} needs per-instance losses: define per_sample_loss.")
+        with self.backend.forward_context():
+            return check_per_sample_losses(self.forward(), self.source, self.batch_size)
+
+    def descent(self) -> tuple[Tensor, Tensor | None]:
+        """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
+        if self.second_pass is not None:
+            return self.second_pass().detach(), None
+        losses = self.losses("the step")
+        self.backend.backward(losses.mean())
+        return losses.detach().mean(), losses.detach()
+
+
+@dataclass
+class Pending:
+    """What :meth:`SAMEngine.first_step` leaves for :meth:`SAMEngine.second_step`."""
+
+    stats: StepStats
+    snapshot: Snapshot | None  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
+    skip: bool = False
+    plain: bool = False  # the step does not perturb: the caller's second gradient is at w
