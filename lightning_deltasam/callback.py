@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from .config import SAMConfig
 from .lightning_backend import EngineSlot, LightningBackend, check_strategy, grad_scaler, log_stats, module_step
+from .lightning_closure import lightning_closure_parts, muted_logging, refuse_accumulation, require_loss
 from .probes import has_split, probe_plan
 from .stats import StepStats
 
@@ -77,7 +78,7 @@ class DeltaSAMCallback(Callback):
                 "without the closure, so the second pass cannot run. Use precision='bf16-mixed' or '32-true', "
                 "or DeltaSAMMixin, which supports '16-mixed'."
             )
-        _refuse_accumulation(trainer)
+        refuse_accumulation(trainer)
         check_strategy(trainer, self.config, "DeltaSAMCallback")
 
     # ----------------------------------------------------------- wrap / unwrap
@@ -118,7 +119,7 @@ class DeltaSAMCallback(Callback):
                     "DeltaSAMCallback: the optimizer was stepped without a closure, so the second pass cannot run "
                     f"(precision={trainer.precision!r}). Use DeltaSAMMixin for this setup."
                 )
-            _refuse_accumulation(trainer)  # changed within the batch: refused before the update
+            refuse_accumulation(trainer)  # changed within the batch: refused before the update
             return self._step(optimizer, closure, lambda: original_step(**kwargs), trainer, pl_module)
 
         optimizer.step = step  # type: ignore[method-assign]
@@ -138,7 +139,7 @@ class DeltaSAMCallback(Callback):
     ) -> None:
         # accumulate_grad_batches may change during the fit (GradientAccumulationScheduler or any hook sets it
         # at epoch start): refused at the first batch it applies to, before its forward pass
-        _refuse_accumulation(trainer)
+        refuse_accumulation(trainer)
         self._batch = batch
         self.last_stats = None
 
@@ -162,12 +163,12 @@ class DeltaSAMCallback(Callback):
 
         def second_pass() -> Tensor:
             if not first:
-                return _require_loss(closure())
-            with _muted_logging(pl_module):
+                return require_loss(closure())
+            with muted_logging(pl_module):
                 loss = closure()
             if first["result"] is not None:
                 set_result(first["result"])  # report the loss at w, as training_step logged it
-            return _require_loss(loss)
+            return require_loss(loss)
 
         backend = LightningBackend(
             trainer,
@@ -207,76 +208,3 @@ class DeltaSAMCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._slot.load_state_dict(state_dict)
-
-
-def lightning_closure_parts(
-    closure: Callable[[], Any],
-) -> tuple[Callable[[], Any], Callable[[], Any], Callable[[Any], None]]:
-    """The one place that reads Lightning internals: (inner closure, get its result, set its result).
-
-    Lightning's automatic optimization (checked on lightning 2.6 by ``tests/test_adapters.py``) passes
-    ``optimizer.step`` the closure ``functools.partial(precision._wrap_closure, model, optimizer, closure)``,
-    whose third argument, the loop's ``Closure``, runs ``training_step`` + backward without the before-step
-    hooks and gradient clipping (kept for the descent pass). ``Closure._result`` is what the loop reports
-    as the step's output. Any other closure is run as it is, with no result to read or set.
-    """
-    inner = closure.args[2] if isinstance(closure, functools.partial) and len(closure.args) == 3 else closure
-
-    def get_result() -> Any:
-        return getattr(inner, "_result", None)
-
-    def set_result(result: Any) -> None:
-        inner._result = result  # type: ignore[union-attr]
-
-    return inner, get_result, set_result
-
-
-def _refuse_accumulation(trainer: pl.Trainer) -> None:
-    """Raise if the Trainer accumulates gradients now, or a ``GradientAccumulationScheduler`` will make it.
-
-    Lightning runs the earlier micro-batches' backward outside ``optimizer.step``: their gradients would enter
-    the perturbation and then be cleared by the first pass, a silently wrong step.
-    """
-    fix = (
-        "The callback steps on one batch; for accumulation use DeltaSAMMixin(accumulate_grad_batches=k) "
-        "(manual optimization: each micro-batch gets its own perturbation), or accumulate_grad_batches=1."
-    )
-    for callback in cast(list[Callback], getattr(trainer, "callbacks", [])):
-        if isinstance(callback, GradientAccumulationScheduler) and callback.going_to_accumulate_grad_batches():
-            epoch, k = min((e, k) for e, k in callback.scheduling.items() if k > 1)
-            raise ValueError(
-                f"DeltaSAMCallback cannot run with GradientAccumulationScheduler(scheduling={callback.scheduling}): "
-                f"it sets accumulate_grad_batches={k} from epoch {epoch}. Remove the scheduler. {fix}"
-            )
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            f"DeltaSAMCallback cannot run with accumulate_grad_batches={trainer.accumulate_grad_batches} "
-            f"(epoch {trainer.current_epoch}, step {trainer.global_step}). {fix}"
-        )
-
-
-def _require_loss(loss: Any) -> Tensor:
-    if loss is None:
-        raise RuntimeError(
-            "training_step returned None at w + eps after returning a loss at w; it must be deterministic in that."
-        )
-    return loss
-
-
-class _muted_logging:
-    """Turns ``self.log`` / ``self.log_dict`` into no-ops while training_step reruns at w + eps."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.module.log = _no_log  # type: ignore[method-assign]
-        self.module.log_dict = _no_log  # type: ignore[method-assign]
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.__dict__.pop("log", None)
-        self.module.__dict__.pop("log_dict", None)
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None

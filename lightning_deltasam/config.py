@@ -10,6 +10,7 @@ from .ascent.base import SAMOptions
 from .options import (
     Neighbourhood,
     VariantOptions,
+    Verify,
     WeightingOptions,
     check_adaptive_with_m,
     check_bool,
@@ -19,7 +20,6 @@ from .options import (
 )
 
 Sync = Literal["global", "local"]
-Verify = Literal["auto", "always", "off"]
 
 
 @dataclass(frozen=True)

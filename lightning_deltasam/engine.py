@@ -26,7 +26,7 @@ from .config import SAMConfig
 from .distributed import Shards, local_tensors, shards_of
 from .firstpass import FirstPass
 from .guard import Guard
-from .passes import Passes, Pending
+from .passes import Passes, Pending, backward_closure_error
 from .profiler import phase
 from .restore import BufferPool, Snapshot, clear_grads
 from .rule_state import load_rule_state, save_rule_state
@@ -150,15 +150,7 @@ class SAMEngine:
         loss = self._second_pass(closure)
         if all(p.grad is None for p in self.params()) and self._pending is not None and not self._pending.skip:
             self.restore_pending()
-            per_instance = isinstance(loss, Tensor) and loss.dim() >= 1 and loss.numel() > 1
-            returned = f"returned per-instance losses of shape {tuple(loss.shape)} and " if per_instance else ""
-            raise ValueError(
-                "step(closure): .grad held a gradient from a backward before step(closure), so the closure was "
-                "taken as a backward closure (davda54/sam: it runs forward and backward at w + eps and returns "
-                f"the loss), but it {returned}ran no backward. For per-instance losses call zero_grad() before "
-                "step(closure) (the optimizer then runs every backward); for a backward closure call "
-                "loss.backward() inside it. w was restored and no step was taken."
-            )
+            raise backward_closure_error(loss)
         return self.second_step(backend, base_step, loss.detach() if isinstance(loss, Tensor) else None), loss
 
     # ---------------------------------------------------------------- the phases every path runs

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import inspect
-import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch import nn
 from torch.optim import Optimizer
 
 from .backend import Backend, make_backend
+from .closure_contracts import (
+    LeftoverGrads,
+    batchnorm_watch,
+    check_module_options,
+    checked_closure,
+    refuse_sam_keywords,
+)
 from .config import SAMConfig
-from .distributed import local_tensor
 from .engine import SAMEngine
-from .passes import Passes, check_per_sample_losses
-from .restore import clear_grads
+from .passes import Passes
+from .scaler_backend import ScalerBackend
 from .stats import StepStats
-
-
-def _arguments(factory: Callable[..., Any]) -> set[str]:
-    """The keyword names ``factory`` accepts (empty when its signature cannot be read)."""
-    try:
-        return set(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 class DeltaSAM(Optimizer):
@@ -77,9 +70,9 @@ class DeltaSAM(Optimizer):
         config = sam if sam is not None else SAMConfig()
         if not isinstance(config, SAMConfig):
             raise TypeError(f"sam={config!r} must be a SAMConfig, e.g. DeltaSAM(params, AdamW, SAMConfig(rho=0.05)).")
-        _refuse_sam_keywords(kwargs, base_optimizer)
+        refuse_sam_keywords(kwargs, base_optimizer)
         base_kwargs = {**kwargs, **(base_kwargs or {})}
-        _check_module_options(config, module, grad_scaler)
+        check_module_options(config, module, grad_scaler)
         super().__init__(params, dict(base_kwargs))
         self.base_optimizer: Optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -92,9 +85,7 @@ class DeltaSAM(Optimizer):
         self.grad_scaler = grad_scaler
         self.last_stats: StepStats | None = None
         self._norm_checked = module is not None  # without module=, the first step looks for BatchNorm (warned once)
-        self._warned_accumulated = False
-        # id(param) -> (weakref to the .grad a step left, its version, whether zero_grad zeroed it in place)
-        self._grads_left: dict[int, tuple[Any, int, bool]] = {}
+        self._leftover = LeftoverGrads(config)  # the .grad a step left: a new backward's is told from it
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -114,19 +105,27 @@ class DeltaSAM(Optimizer):
                 "or call first_step() / second_step() around your own second backward."
             )
         backend = self._backend(scaled)
-        new_gradient = self._has_new_gradient()  # a refusal here changed nothing: the gradient stays the caller's
+        new_gradient = self._leftover.has_new(
+            self.engine.params()
+        )  # a refusal here changed nothing: the gradient stays the caller's
         try:
-            with self._norm_check():
+            watch, self._norm_checked = not self._norm_checked, True
+            with batchnorm_watch(watch):
                 if new_gradient:
                     stats, out = self.engine.closure_step(closure, backend, self.base_optimizer.step)
                 else:
                     with torch.enable_grad():
-                        passes = Passes(self._checked(closure), backend, source="DeltaSAM closure", module=self._module)
+                        passes = Passes(
+                            checked_closure(closure, self.config),
+                            backend,
+                            source="DeltaSAM closure",
+                            module=self._module,
+                        )
                         stats = self.engine.step(passes, self.base_optimizer.step)
                     assert stats.losses is not None
                     out = stats.losses
         finally:
-            self._remember_grads()
+            self._leftover.remember(self.engine.params())
         self.last_stats = stats
         return out
 
@@ -140,7 +139,7 @@ class DeltaSAM(Optimizer):
         the step becomes a skip."""
         if self.engine._pending is None:  # (twice in a row: the engine says so)
             self.config.check_two_step()
-            if not self._has_new_gradient(two_step=True):
+            if not self._leftover.has_new(self.engine.params(), two_step=True):
                 raise RuntimeError(
                     "first_step() found no gradient from a backward since the last step in .grad (only what the "
                     "last step left, or nothing): run loss.backward() at w first. Nothing was changed."
@@ -162,7 +161,7 @@ class DeltaSAM(Optimizer):
         try:
             self.last_stats = self.engine.second_step(self._backend(scaled), self.base_optimizer.step)
         finally:
-            self._remember_grads()
+            self._leftover.remember(self.engine.params())
 
     def _scaler_call(self, closure: Callable[[], Any] | None) -> bool:
         """Inside ``scaler.step(self, ...)`` (torch sets ``grad_scale`` on the optimizer for the call): whether the
@@ -199,101 +198,10 @@ class DeltaSAM(Optimizer):
             return backend
         return ScalerBackend(backend, self.grad_scaler, self, scaled)
 
-    def _checked(self, closure: Callable[[], Any]) -> Callable[[], Tensor]:
-        """The per-instance closure, with the error a scalar (backward-closure) return deserves."""
-
-        def per_instance() -> Tensor:
-            losses = closure()
-            if isinstance(losses, Tensor) and losses.dim() == 0:
-                shape = "DeltaSAM closure must return per-instance losses of shape [B]; got shape () (a scalar)"
-                if self.config.reweighting:
-                    raise ValueError(
-                        f"reweight='delta' needs per-instance losses: {shape}. Use reduction='none' and "
-                        "leave every backward to the optimizer."
-                    )
-                raise ValueError(
-                    f"{shape}. Either use reduction='none' and leave every backward to the optimizer, or use "
-                    "the backward-closure contract of davda54/sam (SAM / ASAM): run loss.backward() before "
-                    "step(closure); the closure then runs forward and backward at w + eps."
-                )
-            return check_per_sample_losses(losses, "DeltaSAM closure")
-
-        return per_instance
-
-    def _has_new_gradient(self, two_step: bool = False) -> bool | None:
-        """Whether a backward ran since this optimizer's last step: a ``.grad`` that is not the one the last step
-        left there, or was changed since (None for ``two_step`` when no ``.grad`` is there at all). A gradient
-        added onto the one the last step left (no zero_grad() before the backward) is warned once."""
-        new, any_grad, accumulated = False, False, False
-        for p in self.engine.params():
-            g = p.grad
-            if g is None:
-                continue
-            any_grad = True
-            left = self._grads_left.get(id(p))
-            if left is None or left[0]() is not g:
-                new = True
-            elif left[1] != g._version:  # a backward changed it: onto zeros (zero_grad) or onto the last step's
-                new, accumulated = True, accumulated or not left[2]
-        if accumulated and not self._warned_accumulated:
-            self._warned_accumulated = True
-            warnings.warn(
-                "DeltaSAM: a backward added its gradient onto the one the last step left in .grad (no zero_grad() "
-                "before it), so the step uses their sum. Call optimizer.zero_grad() before each step's first "
-                "backward. (If you zeroed .grad in place yourself, call optimizer.zero_grad(set_to_none=False) "
-                "instead: it is recognised.) Warned once.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if two_step:
-            return new if any_grad else None
-        if new and (self.config.reweighting or self.config.per_instance):
-            option = f"m={self.config.m}" if self.config.per_instance else f"reweight={self.config.reweight.name!r}"  # type: ignore[union-attr]
-            raise ValueError(
-                f"{option} needs per-instance losses, but .grad holds gradients from a backward before "
-                "step(closure) (the davda54/sam backward-closure contract, SAM / ASAM and the variants only). "
-                "Call optimizer.zero_grad() before step(closure) and pass a closure returning the per-instance "
-                "losses, shape [B]: the optimizer runs every backward. Nothing was changed."
-            )
-        return new
-
-    def _remember_grads(self, zeroed: bool = False) -> None:
-        self._grads_left = {
-            id(p): (weakref.ref(p.grad), p.grad._version, zeroed) for p in self.engine.params() if p.grad is not None
-        }
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         if not set_to_none:  # zeroed in place: "left", not new, until a backward changes them (then it is new)
-            self._remember_grads(zeroed=True)
-
-    @contextmanager
-    def _norm_check(self) -> Iterator[None]:
-        """Without ``module=``, the first step watches the modules that run: a BatchNorm (or any module with
-        running statistics) in training mode is updated by both passes, which ``module=`` prevents; warned once."""
-        if self._norm_checked:
-            yield
-            return
-        self._norm_checked = True
-        found: list[str] = []
-
-        def watch(module: nn.Module, args: Any, output: Any) -> None:
-            if not found and module.training and getattr(module, "running_mean", None) is not None:
-                found.append(type(module).__name__)
-
-        handle = register_module_forward_hook(watch)
-        try:
-            yield
-        finally:
-            handle.remove()
-        if found:
-            warnings.warn(
-                f"DeltaSAM: the model has a {found[0]} in training mode, and DeltaSAM was not given the model: its "
-                "running statistics are updated by both passes (at w and at w + eps). Pass "
-                "DeltaSAM(..., module=model) so only the first pass updates them. Warned once.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self._leftover.remember(self.engine.params(), zeroed=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a ``"deltasam"`` entry (probe generator, counters)."""
@@ -313,86 +221,3 @@ class DeltaSAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"DeltaSAM({self.config}, base={self.base_optimizer!r})"
-
-
-class ScalerBackend(Backend):
-    """A GradScaler around the engine's step (``DeltaSAM(..., grad_scaler=scaler)``): the engine's own backwards
-    are scaled; the first gradient is divided by the scale before eps is formed; the descent gradient is unscaled
-    by ``scaler.unscale_`` (which records its inf check); a skipped step makes the scaler see an overflow, so
-    ``scaler.update()`` lowers the scale whichever pass overflowed. ``scaled``: False when the caller already
-    called ``scaler.unscale_`` on the descent gradient."""
-
-    def __init__(self, base: Backend, scaler: torch.amp.GradScaler, optimizer: Optimizer, scaled: bool) -> None:
-        super().__init__(base.reducer, base._buffers, base.world)
-        self.scaler, self.optimizer, self.scaled = scaler, optimizer, scaled
-        self._scale: float | None = None
-
-    def backward(self, loss: Tensor) -> None:
-        self.scaler.scale(loss).backward()
-
-    def loss_scale(self) -> float:
-        if self._scale is None:
-            self._scale = float(self.scaler.get_scale())
-        return self._scale
-
-    def unscale_ascent_(self, grads: list[Tensor]) -> None:
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scale())
-
-    def unscale_descent_(self) -> None:
-        if self.scaled:
-            self._record()
-
-    def _record(self) -> None:
-        """``scaler.unscale_(optimizer)``: unscales ``.grad`` and records its inf check for ``scaler.update()``;
-        nothing if the caller already called it this step (torch refuses a second call)."""
-        try:
-            self.scaler.unscale_(self.optimizer)
-        except RuntimeError as err:
-            if "already been called" not in str(err):
-                raise
-
-    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
-        # the scaler lowers its scale only if its inf check sees an overflow: a NaN in one gradient, then the check
-        if params[0].grad is None:
-            params[0].grad = torch.zeros_like(params[0])
-        local_tensor(params[0].grad).view(-1)[:1] = float("nan")
-        if self.scaled:
-            self._record()
-        clear_grads(params)
-        base_step()
-
-
-def _refuse_sam_keywords(kwargs: dict[str, Any], base_optimizer: Callable[..., Any]) -> None:
-    """A SAM option given as a keyword (the old flat spelling) is refused, unless the base optimizer takes it."""
-    stray = sorted(set(kwargs) & (set(SAMConfig.option_names()) | _VARIANT_WORDS) - _arguments(base_optimizer))
-    if stray:
-        raise TypeError(
-            f"DeltaSAM got {stray[0]}={kwargs[stray[0]]!r}, a SAM option: SAM options go in a SAMConfig, "
-            f"DeltaSAM(params, base_optimizer, SAMConfig({stray[0]}=...), lr=...); the keywords are the base optimizer's."
-        )
-
-
-_VARIANT_WORDS = {"estimator", "score", "num_probes", "alpha", "interval", "k", "gamma", "sigma", "lmbda", "min_rho"}
-
-
-def _check_module_options(config: SAMConfig, module: nn.Module | None, grad_scaler: Any) -> None:
-    """The options that need the model (or refuse a GradScaler), refused before anything is built."""
-    if config.step_probe_scope == "head":
-        raise ValueError(
-            "probe_scope='head' is for modules that split their loss (DeltaSAMMixin, DeltaSAMCallback); "
-            "DeltaSAM's closure returns losses only: use probe_scope='all'."
-        )
-    if config.hooks_layers and module is None:
-        option = f"m={config.m}" if config.per_instance else f"reweight={config.reweight.name!r}"  # type: ignore[union-attr]
-        raise ValueError(
-            f"{option} forms per-instance gradients from the model's layers: pass the model, "
-            "DeltaSAM(params, base_optimizer, sam, module=model)."
-        )
-    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-        raise TypeError(f"grad_scaler={grad_scaler!r} must be a torch.amp.GradScaler (or None).")
-    if grad_scaler is not None and config.per_instance:
-        raise ValueError(
-            f"m={config.m} with grad_scaler: the per-instance route does not unscale its gradients. Use "
-            "bf16 autocast (no scaler), or m=None with the GradScaler."
-        )

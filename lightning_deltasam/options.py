@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
+
+Verify = Literal["auto", "always", "off"]  # SAMConfig.verify: the per-instance gradient checks (layers/checks.py)
 
 
 # ----------------------------------------------------------------------------- validators

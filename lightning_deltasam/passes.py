@@ -76,3 +76,16 @@ class Pending:
     snapshot: Snapshot | None  # None: nothing was perturbed (rho = 0, a step the rule does not perturb, or a skip)
     skip: bool = False
     plain: bool = False  # the step does not perturb: the caller's second gradient is at w
+
+
+def backward_closure_error(loss: Any) -> ValueError:
+    """A closure taken as a backward closure (a gradient was left in ``.grad``) that ran no backward."""
+    per_instance = isinstance(loss, Tensor) and loss.dim() >= 1 and loss.numel() > 1
+    returned = f"returned per-instance losses of shape {tuple(loss.shape)} and " if per_instance else ""
+    return ValueError(
+        "step(closure): .grad held a gradient from a backward before step(closure), so the closure was "
+        "taken as a backward closure (davda54/sam: it runs forward and backward at w + eps and returns "
+        f"the loss), but it {returned}ran no backward. For per-instance losses call zero_grad() before "
+        "step(closure) (the optimizer then runs every backward); for a backward closure call "
+        "loss.backward() inside it. w was restored and no step was taken."
+    )

@@ -347,13 +347,14 @@ class StepProgressBar(RichProgressBar):
 
 
 def _fitting_metrics(column: Any) -> Any:
-    """A copy of Lightning's metrics column whose text keeps to the width it is given (:class:`_Fitting`)."""
-    base = type(column)
+    """Lightning's metrics column, rebuilt so that its text keeps to the width it is given (:class:`_Fitting`)."""
+    from lightning.pytorch.callbacks.progress.rich_progress import MetricsTextColumn
+    from rich.text import Text
 
-    class FittingMetrics(base):  # type: ignore[misc, valid-type]
+    class FittingMetrics(MetricsTextColumn):
         def render(self, task: Any) -> Any:
-            text = super().render(task)
-            if not text.plain or task.id != self._current_task_id:
+            text = super().render(task)  # Lightning's bookkeeping of the current task
+            if not isinstance(text, Text) or not text.plain or task.id != self._current_task_id:
                 return text
             return _Fitting(list(self._generate_metrics_texts()), self._text_delimiter, self._style)
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..config import Verify
+from ..options import Verify
 from .base import Kind, UnsupportedModuleError
 from .checks import check_grads, check_rows, check_uses
 from .compiled import check_eager, check_not_compiled
