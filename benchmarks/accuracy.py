@@ -301,13 +301,17 @@ def plot(curves: dict[str, dict[int, list[tuple[int, float]]]], metric: str, pat
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/accuracy.py", *argv])
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the ``key=value`` overrides after ``--`` passed to every run)."""
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
+    return argv, extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: task, model, optimizers, seeds, where runs and results go, reuse and parallel jobs."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--model", default="minilm")
@@ -333,11 +337,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="runs trained at once, each on cpu_count // jobs threads "
         "(default 1: one run at a time on the environment's threads)",
     )
-    args = ap.parse_args(argv)
-    if args.jobs < 1:
-        ap.error(f"--jobs must be >= 1, got {args.jobs}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    entries = {label: (name, own) for label, name, own in map(parse_optimizer, args.optimizers.split(","))}
+    return ap
+
+
+def run_plan(
+    args: argparse.Namespace, seeds: list[int], entries: dict[str, tuple[str, list[str]]], extra: list[str]
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train (or with ``--reuse`` read) every optimizer at every seed, ``--jobs`` at once: optimizer -> seed -> results."""
     optimizers = list(entries)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     record = Path(args.record) if args.record else None
@@ -362,11 +368,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {o: {} for o in optimizers}
     for (seed, opt), r in zip(plan, done):
         runs[opt][seed] = r
+    return runs
+
+
+def build_result(
+    args: argparse.Namespace,
+    runs: dict[str, dict[int, dict[str, Any]]],
+    seeds: list[int],
+    entries: dict[str, tuple[str, list[str]]],
+    extra: list[str],
+    command: str,
+) -> dict[str, Any]:
+    """The JSON written to ``--out``: the summary per optimizer, the other dev metrics, options and settings."""
+    optimizers = list(entries)
     metric = runs[optimizers[0]][seeds[0]]["main_metric"]
     summary = summarize(runs, metric)
     n_dev = runs[optimizers[0]][seeds[0]].get("dev_examples") or dev_size(args.task, metric)
     mean_all = statistics.fmean(o["mean"] for o in summary.values())
-    result = {
+    return {
         "task": args.task,
         "model": args.model,
         "metric": metric,
@@ -385,6 +404,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "command": command,
     }
+
+
+def write_outputs(args: argparse.Namespace, result: dict[str, Any], runs: dict[str, dict[int, dict[str, Any]]]) -> None:
+    """Write the JSON and the Markdown table next to it, print the table, and with ``--plot`` draw the curves."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -392,7 +415,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Path(args.out).with_suffix(".md").write_text(table + "\n")
     print(table)
     if args.plot:
-        plot({o: {s: r["curve"] for s, r in by_seed.items()} for o, by_seed in runs.items()}, metric, args.plot)
+        plot(
+            {o: {s: r["curve"] for s, r in by_seed.items()} for o, by_seed in runs.items()}, result["metric"], args.plot
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train every optimizer at every seed, then write the summary JSON, its Markdown table and the plot."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/accuracy.py", *argv])
+    argv, extra = split_extra(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    entries = {label: (name, own) for label, name, own in map(parse_optimizer, args.optimizers.split(","))}
+    runs = run_plan(args, seeds, entries, extra)
+    result = build_result(args, runs, seeds, entries, extra, command)
+    write_outputs(args, result, runs)
     return result
 
 

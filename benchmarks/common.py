@@ -15,7 +15,16 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_deltasam.config import SAMConfig  # noqa: E402
+from lightning_deltasam import (  # noqa: E402
+    FriendlySAMOptions,
+    GramWeights,
+    GSAMOptions,
+    LookSAMOptions,
+    ProbeWeights,
+    SAMConfig,
+    SAMOptions,
+    WSAMOptions,
+)
 from lightning_deltasam.glue.app import build_components  # noqa: E402
 from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 
@@ -58,12 +67,15 @@ def batches(datamodule: Any, seed: int) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def default_delta_config(**overrides: Any) -> SAMConfig:
-    """The library's default delta-SAM configuration (reweight='delta', every other option default).
+    """The library's default delta-SAM configuration (``ProbeWeights()``, every other option default; ``overrides``
+    are SAMConfig's own options, e.g. ``rho``).
 
     ``probe_scope='auto'`` is resolved as for GlueClassifier, which defines the head split: 'head'.
     """
-    cfg = SAMConfig(reweight="delta", **overrides)
-    return replace(cfg, probe_scope="head") if cfg.probe_scope == "auto" else cfg
+    weights = ProbeWeights()
+    if weights.probe_scope == "auto":
+        weights = replace(weights, probe_scope="head")
+    return SAMConfig(reweight=weights, **overrides)
 
 
 SKETCH_RANKS = (8, 32, 128)
@@ -71,12 +83,13 @@ SKETCH_RANKS = (8, 32, 128)
 
 def gram_configs(rho: float) -> list[SAMConfig]:
     """The rules that read per-instance gradients from the first backward: exact K, and K sketched at each rank."""
-    exact = dict(rho=rho, reweight="delta", score="gram", weights="linear")
     out = [
-        SAMConfig(**exact, estimator="exact"),
-        SAMConfig(rho=rho, reweight="delta", score="gradnorm", estimator="exact"),
+        SAMConfig(rho=rho, reweight=GramWeights(score="gram", weights="linear")),
+        SAMConfig(rho=rho, reweight=GramWeights(score="gradnorm")),
     ]
-    out += [SAMConfig(**exact, estimator="sketch", sketch_rank=r) for r in SKETCH_RANKS]
+    out += [
+        SAMConfig(rho=rho, reweight=GramWeights(score="gram", weights="linear", sketch_rank=r)) for r in SKETCH_RANKS
+    ]
     return out
 
 
@@ -94,33 +107,42 @@ VARIANT_INTERVALS = (2, 4)
 def variant_configs(rho: float) -> list[SAMConfig]:
     """The SAM-family variants (their Hydra configs' options) and every-k-steps SAM, at SAM's rho."""
     out = [
-        SAMConfig(rho=rho, variant="gsam", min_rho=rho / 5),
-        SAMConfig(rho=rho, variant="wsam"),
-        SAMConfig(rho=rho, variant="looksam"),
-        SAMConfig(rho=rho, variant="friendly"),
+        SAMConfig(rho=rho, variant=GSAMOptions(min_rho=rho / 5)),
+        SAMConfig(rho=rho, variant=WSAMOptions()),
+        SAMConfig(rho=rho, variant=LookSAMOptions()),
+        SAMConfig(rho=rho, variant=FriendlySAMOptions()),
     ]
-    return out + [SAMConfig(rho=rho, interval=k) for k in VARIANT_INTERVALS]
+    return out + [SAMConfig(rho=rho, variant=SAMOptions(interval=k)) for k in VARIANT_INTERVALS]
+
+
+def period(cfg: SAMConfig) -> int:
+    """Steps of one period of the rule's schedule: LookSAM's ``k``, every-k SAM's ``interval``, else 1."""
+    if isinstance(cfg.variant, LookSAMOptions):
+        return cfg.variant.k
+    return cfg.variant.interval if isinstance(cfg.variant, SAMOptions) else 1
 
 
 def rule_name(cfg: SAMConfig) -> str:
     """A short stable name for a method configuration, e.g. ``gradnorm-softmax-t1-K3-all``."""
-    if not cfg.enabled:
+    if not cfg.perturbing:
         return "adamw"
-    if cfg.variant != "sam":
-        return cfg.variant
-    if cfg.interval > 1:
-        return f"sam-every{cfg.interval}"
+    if not isinstance(cfg.variant, SAMOptions):
+        return cfg.variant.name
+    if cfg.variant.interval > 1:
+        return f"sam-every{cfg.variant.interval}"
     if cfg.per_instance:
         return f"instance-m{cfg.m}"
-    if not cfg.reweighting:
+    w = cfg.weighting
+    if w is None:
         return "asam" if cfg.adaptive else "sam"
-    name = f"{cfg.score}-{cfg.weights}-t{cfg.temperature:g}"
-    if cfg.mix:
-        name += f"-mix{cfg.mix:g}"
-    if cfg.uses_gram:
-        name += f"-{cfg.estimator}" + (f"-r{cfg.sketch_rank}" if cfg.estimator == "sketch" else "")
-    elif cfg.score != "loss":
-        name += f"-K{cfg.num_probes}-{cfg.probe_scope}" + ("-anti" if cfg.antithetic else "")
+    assert isinstance(w, (ProbeWeights, GramWeights))
+    name = f"{w.score}-{w.weights}-t{w.temperature:g}"
+    if w.mix:
+        name += f"-mix{w.mix:g}"
+    if isinstance(w, GramWeights):
+        name += f"-{w.mode}" + (f"-r{w.sketch_rank}" if w.sketch_rank is not None else "")
+    elif w.score != "loss":
+        name += f"-K{w.num_probes}-{w.probe_scope}" + ("-anti" if w.antithetic else "")
     return name
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from common import batches, build, default_delta_config, emit, gram_configs, rule_name  # type: ignore[import-not-found]
 
-from lightning_deltasam.config import SAMConfig
+from lightning_deltasam import GramWeights, ProbeWeights, SAMConfig
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
 from lightning_deltasam.oracle import (
@@ -41,19 +41,21 @@ def rule_configs(rho: float, probes: list[int], head: bool, families: str = "pro
     default = default_delta_config(rho=rho)
     if "probes" not in families.split(","):
         return [*out, default, *(gram_configs(rho) if "gram" in families.split(",") else [])]
-    out.append(SAMConfig(rho=rho, reweight="delta", score="loss"))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="loss")))
     for k in probes:
         for score in ("sharpness", "gradnorm", "gram"):
-            out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k))
+            out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score=score, num_probes=k)))
     k0 = probes[0]
-    out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=k0, temperature=4.0))
-    out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=k0, mix=0.5))
-    out.append(SAMConfig(rho=rho, reweight="delta", score="gram", num_probes=k0, antithetic=True))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="gradnorm", num_probes=k0, temperature=4.0)))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="gradnorm", num_probes=k0, mix=0.5)))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="gram", num_probes=k0, antithetic=True)))
     if head:
         for score, k in (("gradnorm", 8), ("gram", 32), ("gram", 128)):
-            out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k, probe_scope="head"))
+            out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score=score, num_probes=k, probe_scope="head")))
         out.append(
-            SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head", temperature=4.0)
+            SAMConfig(
+                rho=rho, reweight=ProbeWeights(score="gradnorm", num_probes=8, probe_scope="head", temperature=4.0)
+            )
         )
     if all(c != default for c in out):
         out.append(default)
@@ -132,14 +134,14 @@ def measure(
         engine = engines.setdefault(
             name, SAMEngine([{"params": [p for p in module.parameters() if p.requires_grad]}], cfg)
         )
-        forward, head = probe_plan(module, batch, cfg.probe_scope if cfg.uses_probes else "all")
+        forward, head = probe_plan(module, batch, cfg.step_probe_scope)
         u = method_update(module, forward, cfg, engine=engine, head=head)
         out[name] = fidelity(u, oracle.update, oracle.mean_grad)
     assert oracle.rows is not None
     for rule in ("gradnorm-exact", "gram-exact"):
         u = weighted_sam_update(module, loss_fn, batch, rho, exact_weights(oracle.rows, rule), oracle.rows)
         out[rule] = fidelity(u, oracle.update, oracle.mean_grad)
-    if any(c.uses_gram for c in configs):
+    if any(isinstance(c.weighting, GramWeights) for c in configs):
         u = weighted_sam_update(module, loss_fn, batch, rho, block_weights(oracle.rows, 2), oracle.rows)
         out["gram-exact-2ranks"] = fidelity(u, oracle.update, oracle.mean_grad)
     if hindsight:
@@ -167,7 +169,8 @@ def summarize(per_ckpt: dict[str, list[dict[str, tuple[float, float]]]]) -> dict
     return rules
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: model, batches, batch size, rho, training length, rule families, oracle route, seed."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     ap.add_argument("--batches", type=int, default=4, help="measured batches per checkpoint")
@@ -196,12 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    train_steps = args.train_steps or (300 if args.model == "tiny" else 150)
-    checkpoints = {"early": max(1, train_steps // 6), "mid": train_steps // 2, "late": train_steps}
+    return ap
 
-    _, datamodule, module = build(args.model, args.batch_size, args.seed)
+
+def select_rules(args: argparse.Namespace, module: Any) -> list[SAMConfig]:
+    """The rules to measure (:func:`rule_configs`), less the Gram rules when the model has a layer they refuse."""
     configs = rule_configs(
         args.rho, [int(k) for k in args.probes.split(",")], head=not args.no_head, families=args.families
     )
@@ -209,7 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         GramCapture(module, [p for p in module.parameters() if p.requires_grad])
     except UnsupportedModuleError as err:  # e.g. model=tiny's nn.MultiheadAttention
         print(f"[gram rules skipped: {err}]")
-        configs = [c for c in configs if not c.uses_gram]
+        configs = [c for c in configs if not isinstance(c.weighting, GramWeights)]
+    return configs
+
+
+def measure_checkpoints(
+    args: argparse.Namespace, datamodule: Any, module: Any, configs: list[SAMConfig], checkpoints: dict[str, int]
+) -> tuple[dict[str, list[dict[str, tuple[float, float]]]], float]:
+    """Train with AdamW to each checkpoint and measure ``args.batches`` batches there: (per checkpoint, start time)."""
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=module.hparams.lr)
     train_stream, measure_stream = batches(datamodule, args.seed), batches(datamodule, args.seed + 1000)
     per_ckpt: dict[str, list[dict[str, tuple[float, float]]]] = {}
@@ -228,9 +237,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(args.batches)
         ]
         print(f"[{label}: step {step}, {time.perf_counter() - t0:.0f}s]", flush=True)
+    return per_ckpt, t0
+
+
+def build_result(
+    args: argparse.Namespace,
+    module: Any,
+    per_ckpt: dict[str, list[dict[str, tuple[float, float]]]],
+    checkpoints: dict[str, int],
+    t0: float,
+) -> dict[str, Any]:
+    """The JSON written to ``--out``: the library default's name, the summary per rule and the setup."""
     rules = summarize(per_ckpt)
     default = rule_name(default_delta_config(rho=args.rho))
-    result = {
+    return {
         "default": default,
         "rules": rules,
         "setup": {
@@ -249,6 +269,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_s": round(time.perf_counter() - t0, 1),
         },
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure every rule's fidelity at the early / mid / late checkpoints, print the table and write the JSON."""
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    train_steps = args.train_steps or (300 if args.model == "tiny" else 150)
+    checkpoints = {"early": max(1, train_steps // 6), "mid": train_steps // 2, "late": train_steps}
+    _, datamodule, module = build(args.model, args.batch_size, args.seed)
+    configs = select_rules(args, module)
+    per_ckpt, t0 = measure_checkpoints(args, datamodule, module, configs, checkpoints)
+    result = build_result(args, module, per_ckpt, checkpoints, t0)
     return emit(result, args.out, print_table)
 
 

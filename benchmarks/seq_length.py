@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from common import status_mb  # type: ignore[import-not-found]  # noqa: E402
 
-from lightning_deltasam import DeltaSAM  # noqa: E402
+from lightning_deltasam import DeltaSAM, GramWeights, SAMConfig  # noqa: E402
 
-METHODS: dict[str, dict[str, Any]] = {
-    "sam": {},
-    "m=1": {"m": 1},
-    "exact": {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+METHODS: dict[str, SAMConfig] = {
+    "sam": SAMConfig(rho=0.05),
+    "m=1": SAMConfig(rho=0.05, m=1),
+    "exact": SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear")),
 }
 
 
@@ -82,7 +82,7 @@ def child(model: str, method: str, length: int, batch_size: int, steps: int) -> 
         "input_ids": torch.randint(1, net.vocab, (batch_size, length), generator=g),
         "labels": torch.randint(0, 2, (batch_size,), generator=g),
     }
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-6, rho=0.05, module=net, **METHODS[method])
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, METHODS[method], lr=1e-6, module=net)
     opt.step(lambda: net(batch))  # warm-up (and the first step's verification)
     times = []
     for _ in range(steps):

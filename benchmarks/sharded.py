@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_deltasam import DeltaSAM  # noqa: E402
+from lightning_deltasam import DeltaSAM, SAMConfig  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def make_step(strategy: str, method: str, width: int, x: torch.Tensor, y: torch.
             opt.step()
 
         return step
-    sam = DeltaSAM(model.parameters(), torch.optim.AdamW, lr=1e-3, rho=0.05)
+    sam = DeltaSAM(model.parameters(), torch.optim.AdamW, SAMConfig(rho=0.05), lr=1e-3)
     return lambda: sam.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
 
 

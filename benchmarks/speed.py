@@ -39,17 +39,19 @@ from common import (  # type: ignore[import-not-found]
     emit,
     gram_configs,
     instance_configs,
+    period,
     rule_name,
     status_mb,
     variant_configs,
 )
 from torch import Tensor
 
-from lightning_deltasam.config import SAMConfig
+from lightning_deltasam import ProbeWeights, SAMConfig
+from lightning_deltasam.backend import Backend
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.oracle import oracle_update
-from lightning_deltasam.parts import Backend
+from lightning_deltasam.passes import Passes
 from lightning_deltasam.probes import probe_plan
 
 PEERS = ("pt-sam", "ref-sam")
@@ -79,8 +81,7 @@ class Method:
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         backend = TimingBackend()
-        scope = self.config.probe_scope if self.config.uses_probes else "all"
-        forward, head = probe_plan(self.module, batch, scope)
+        forward, head = probe_plan(self.module, batch, self.config.step_probe_scope)
         fwd = {"s": 0.0}
 
         def timed_forward() -> Tensor:
@@ -97,7 +98,7 @@ class Method:
             base["s"] += time.perf_counter() - t
 
         t0 = time.perf_counter()
-        self.engine.step(timed_forward, backend, base_step, head=head, module=self.module)
+        self.engine.step(Passes(timed_forward, backend, head=head, module=self.module), base_step)
         total = time.perf_counter() - t0
         model = fwd["s"] + backend.backward_s
         return {"total": total, "model": model, "base": base["s"], "engine": total - model - base["s"]}
@@ -233,17 +234,18 @@ def method_configs(rho: float, probes: list[int]) -> list[SAMConfig]:
     out.append(default)
     for k in probes:
         for score in ("sharpness", "gradnorm", "gram"):
-            out.append(SAMConfig(rho=rho, reweight="delta", score=score, num_probes=k))
-    out.append(SAMConfig(rho=rho, reweight="delta", score="loss"))
-    out.append(SAMConfig(rho=rho, reweight="delta", score="gradnorm", num_probes=8, probe_scope="head"))
-    out.append(SAMConfig(rho=rho, reweight="delta", score="gram", num_probes=32, probe_scope="head"))
+            out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score=score, num_probes=k)))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="loss")))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="gradnorm", num_probes=8, probe_scope="head")))
+    out.append(SAMConfig(rho=rho, reweight=ProbeWeights(score="gram", num_probes=32, probe_scope="head")))
     unique: dict[str, SAMConfig] = {}
     for c in out:
         unique.setdefault(rule_name(c), c)
     return list(unique.values())
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: model, steps, batch size, rho and what to time besides the step."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
     ap.add_argument(
@@ -273,6 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="steps of SAM and default delta-SAM profiled (torch.profiler) "
         "for the engine's time per phase, after the timed run; 0 skips it",
     )
+    _add_method_flags(ap)
+    return ap
+
+
+def _add_method_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that pick the methods, the sweeps, memory, process isolation and the output file."""
     ap.add_argument(
         "--methods",
         choices=["all", "peers", "gram", "instance", "variants"],
@@ -302,19 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
     ap.add_argument("--time-of", default=None, help=argparse.SUPPRESS)  # the child process of --isolate
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if args.memory_of is not None:
-        return memory_child(args)
-    if args.time_of is not None:
-        return time_child(args)
-    torch.manual_seed(0)
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
-    _, datamodule, module = build(args.model, args.batch_size)
-    module.train()  # dropout on: the training step as users run it
-    stream = batches(datamodule, seed=0)
-    fixed = [next(stream) for _ in range(4)]
-    default = rule_name(default_delta_config(rho=args.rho))
+
+
+def select_configs(args: argparse.Namespace, default: str) -> list[SAMConfig]:
+    """The SAM configurations ``--methods`` times (``--probes`` sets the probe counts of the full-model rules)."""
     configs = method_configs(args.rho, [int(k) for k in args.probes.split(",") if k])
     if args.methods in ("peers", "gram", "instance", "variants"):
         configs = [c for c in configs if rule_name(c) in ("adamw", "sam", default)]
@@ -324,12 +323,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs += instance_configs(args.rho)
     if args.methods in ("all", "variants"):
         configs += variant_configs(args.rho)
+    return configs
+
+
+def make_methods(
+    args: argparse.Namespace, module: Any, configs: list[SAMConfig]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """(name -> method stepping ``module``: one per config, then the peers that can run; peer -> why skipped)."""
     methods: dict[str, Any] = {rule_name(c): Method(module, c) for c in configs}
     peers_skipped = {name: why for name, why in available_peers().items() if why}
     if args.methods not in ("gram", "instance", "variants"):
         methods.update({name: Peer(module, name, args.rho) for name in PEERS if name not in peers_skipped})
+    return methods, peers_skipped
 
-    periods = [c.k if c.variant == "looksam" else c.interval for c in configs]
+
+def resolve_steps(ap: argparse.ArgumentParser, args: argparse.Namespace, configs: list[SAMConfig]) -> None:
+    """Set ``args.steps`` (default 5, or one whole period of LookSAM / every-k SAM) and refuse partial periods."""
+    periods = [period(c) for c in configs]
     whole = math.lcm(*periods) if periods else 1
     if args.steps is None:
         args.steps = 5 if whole == 1 else whole
@@ -338,8 +348,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"--steps={args.steps}: LookSAM and every-k SAM cost their mean over whole periods, so with them the "
             f"step count must be a multiple of {whole}; use --steps {whole} (the default) or --methods peers / gram / instance"
         )
-    names = list(methods)
-    samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
+
+
+def step_medians(
+    args: argparse.Namespace,
+    module: Any,
+    methods: dict[str, Any],
+    fixed: list[dict[str, Tensor]],
+    samples: dict[str, list[dict[str, float]]],
+    default: str,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(median seconds per step of each method, the default as 'deltasam' and the oracle; engine ms per phase)."""
     med = {name: statistics.median(s["total"] for s in v) for name, v in samples.items()}
     med["deltasam"] = med[default]
     phases = {
@@ -352,9 +371,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         oracle_runs = [oracle_seconds(module, fixed[i % len(fixed)], args.rho) for i in range(args.oracle_repeats)]
         med["oracle"] = statistics.median(oracle_runs)
         module.train()
+    return med, phases
 
-    sam = samples["sam"]
-    overhead = statistics.median(s["engine"] / s["total"] for s in sam)
+
+def step_ratios(
+    args: argparse.Namespace,
+    methods: dict[str, Any],
+    samples: dict[str, list[dict[str, float]]],
+    med: dict[str, float],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(each method's step time over SAM's and AdamW's; mean seconds per step of each method)."""
     ratios = {
         "sam/adamw": med["sam"] / med["adamw"],
         "deltasam/sam": med["deltasam"] / med["sam"],
@@ -374,6 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios[f"{name}/adamw"] = mean[name] / mean["adamw"]
     if by_mean & set(mean):
         ratios["sam/adamw (means)"] = mean["sam"] / mean["adamw"]
+    return ratios, mean
+
+
+def peer_comparison(samples: dict[str, list[dict[str, float]]], med: dict[str, float]) -> dict[str, Any]:
+    """SAM's step time over each peer's, paired per repeat, and the fastest peer ({} when no peer ran)."""
     peers = [name for name in PEERS if name in samples]
     vs_peers: dict[str, Any] = {}
     if peers:
@@ -390,7 +421,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         vs_peers["fastest_peer"] = fastest
         vs_peers["sam/fastest_peer"] = med["sam"] / med[fastest]
+    return vs_peers
 
+
+def batch_scaling(args: argparse.Namespace, datamodule: Any, module: Any) -> list[dict[str, Any]]:
+    """Seconds per step of default delta-SAM and of the oracle at each ``--scaling`` batch size."""
     scaling_arg = ("8,16,32,64,128" if args.model == "tiny" else "8,16,32") if args.scaling is None else args.scaling
     sizes = [int(b) for b in scaling_arg.split(",") if b]
     scaling = []
@@ -406,19 +441,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scaling.append(
             {"batch_size": b, "deltasam_s": delta_s, "oracle_s": oracle_s, "oracle/deltasam": oracle_s / delta_s}
         )
+    return scaling
 
-    sweep = gram_sweep(args, module, GRAM_SWEEP) if args.gram_sweep else []
-    if args.instance_sweep:
-        sweep += gram_sweep(args, module, INSTANCE_SWEEP)
+
+def peak_memory(args: argparse.Namespace, methods: dict[str, Any]) -> dict[str, Any]:
+    """Each method's peak memory over a step, each in a fresh process, and its ratio to SAM's ({} without --memory)."""
     memory = {name: memory_of(args, name) for name in methods} if args.memory else {}
     if memory:
         memory = {name: {**m, "/sam": m["peak_mb"] / memory["sam"]["peak_mb"]} for name, m in memory.items()}
+    return memory
 
-    result = {
-        "step_seconds": med,
-        "step_seconds_mean": mean,
-        "ratios": ratios,
-        "engine_overhead_frac_of_sam_step": overhead,
+
+def sample_summaries(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per method: the engine's share of the step, seconds per phase, the spread and the raw step times."""
+    return {
         "engine_overhead_frac": {
             name: statistics.median(s["engine"] / s["total"] for s in v) for name, v in samples.items()
         },
@@ -428,26 +464,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "step_seconds_spread": {name: _spread([s["total"] for s in v]) for name, v in samples.items()},
         "step_seconds_samples": {name: [round(s["total"], 5) for s in v] for name, v in samples.items()},
+    }
+
+
+def run_setup(
+    args: argparse.Namespace,
+    samples: dict[str, list[dict[str, float]]],
+    default: str,
+    load_start: float,
+    t_start: float,
+) -> dict[str, Any]:
+    """The result's ``setup``: model, batch size, rho, repeats, timing mode, threads, load average and wall time."""
+    return {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "rho": args.rho,
+        "repeats": len(samples["sam"]),
+        "timing": f"each method in its own process, {args.isolate} rounds of {args.steps} steps"
+        if args.isolate
+        else "interleaved on one shared module",
+        "default": default,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Time the selected methods, print the table and write the JSON (or, as a child process, time one method)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.memory_of is not None:
+        return memory_child(args)
+    if args.time_of is not None:
+        return time_child(args)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # > the core count: other jobs shared the CPU, timings are noisy
+    _, datamodule, module = build(args.model, args.batch_size)
+    module.train()  # dropout on: the training step as users run it
+    stream = batches(datamodule, seed=0)
+    fixed = [next(stream) for _ in range(4)]
+    default = rule_name(default_delta_config(rho=args.rho))
+    configs = select_configs(args, default)
+    methods, peers_skipped = make_methods(args, module, configs)
+    resolve_steps(ap, args, configs)
+    names = list(methods)
+    samples = isolated_samples(args, names) if args.isolate else interleaved_samples(methods, fixed, args.steps)
+    med, phases = step_medians(args, module, methods, fixed, samples, default)
+    overhead = statistics.median(s["engine"] / s["total"] for s in samples["sam"])
+    ratios, mean = step_ratios(args, methods, samples, med)
+    vs_peers = peer_comparison(samples, med)
+    scaling = batch_scaling(args, datamodule, module)
+    sweep = gram_sweep(args, module, GRAM_SWEEP) if args.gram_sweep else []
+    if args.instance_sweep:
+        sweep += gram_sweep(args, module, INSTANCE_SWEEP)
+    memory = peak_memory(args, methods)
+    result = {
+        "step_seconds": med,
+        "step_seconds_mean": mean,
+        "ratios": ratios,
+        "engine_overhead_frac_of_sam_step": overhead,
+        **sample_summaries(samples),  # engine_overhead_frac, phase_seconds, step_seconds_spread and _samples
         "vs_peers": vs_peers,
         "engine_phase_ms": phases,
         "peers_skipped": peers_skipped,
         "batch_scaling": scaling,
         "gram_sweep": sweep,
         "peak_memory": memory,
-        "setup": {
-            "model": args.model,
-            "batch_size": args.batch_size,
-            "rho": args.rho,
-            "repeats": len(samples["sam"]),
-            "timing": f"each method in its own process, {args.isolate} rounds of {args.steps} steps"
-            if args.isolate
-            else "interleaved on one shared module",
-            "default": default,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-            "wall_s": round(time.perf_counter() - t_start, 1),
-        },
+        "setup": run_setup(args, samples, default, load_start, t_start),
     }
     return emit(result, args.out, print_table)
 

@@ -67,7 +67,7 @@ class DeltaSAMCallback(Callback):
         if self.config.step_probe_scope == "head" and not has_split(pl_module):
             probe_plan(pl_module, None, "head")  # raises, naming the methods to define
         if self._per_sample and not callable(getattr(pl_module, "per_sample_loss", None)):
-            option = f"m={self.config.m}" if self.config.per_instance else "reweight='delta'"
+            option = f"m={self.config.m}" if self.config.per_instance else f"reweight={self.config.reweight.name!r}"  # type: ignore[union-attr]
             raise ValueError(
                 f"DeltaSAMCallback({option}) needs {name}.per_sample_loss(batch) returning per-instance "
                 "losses of shape [B]; define it, or use plain SAM (reweight=None, m=None), which works with any module."

@@ -8,6 +8,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from .config import SAMConfig
+from .options import VariantOptions, WeightingOptions
 from .passes import check_per_sample_losses
 
 
@@ -105,7 +107,7 @@ def checked_closure(closure: Callable[[], Any], config: SAMConfig) -> Callable[[
             shape = "DeltaSAM closure must return per-instance losses of shape [B]; got shape () (a scalar)"
             if config.reweighting:
                 raise ValueError(
-                    f"reweight='delta' needs per-instance losses: {shape}. Use reduction='none' and "
+                    f"reweight={config.reweight.name!r} needs per-instance losses: {shape}. Use reduction='none' and "  # type: ignore[union-attr]
                     "leave every backward to the optimizer."
                 )
             raise ValueError(
@@ -127,13 +129,29 @@ def _arguments(factory: Callable[..., Any]) -> set[str]:
 
 
 def refuse_sam_keywords(kwargs: dict[str, Any], base_optimizer: Callable[..., Any]) -> None:
-    """A SAM option given as a keyword (the old flat spelling) is refused, unless the base optimizer takes it."""
-    stray = sorted(set(kwargs) & (set(SAMConfig.option_names()) | _VARIANT_WORDS) - _arguments(base_optimizer))
+    """A SAM option given as a keyword (the old flat spelling) is refused, unless the base optimizer takes it: the
+    error names where the option lives now (SAMConfig, or the rule options class that declares it)."""
+    owners = _option_owners()
+    stray = sorted(set(kwargs) & set(owners) - _arguments(base_optimizer))
     if stray:
+        name = stray[0]
         raise TypeError(
-            f"DeltaSAM got {stray[0]}={kwargs[stray[0]]!r}, a SAM option: SAM options go in a SAMConfig, "
-            f"DeltaSAM(params, base_optimizer, SAMConfig({stray[0]}=...), lr=...); the keywords are the base optimizer's."
+            f"DeltaSAM got {name}={kwargs[name]!r}, a SAM option: it goes in {owners[name]}, passed as "
+            f"DeltaSAM(params, base_optimizer, SAMConfig(...), lr=...); the keywords are the base optimizer's."
         )
+
+
+def _option_owners() -> dict[str, str]:
+    """Option name -> where it is set: ``SAMConfig(name=...)`` or the rule options that declare it."""
+    owners: dict[str, list[str]] = {}
+    for registry in (VariantOptions.registry, WeightingOptions.registry):
+        for cls in registry.values():
+            for f in fields(cls):
+                owners.setdefault(f.name, []).append(f"{cls.__name__}({f.name}=...)")
+    out = {name: " or ".join(where) for name, where in owners.items()}
+    out.update({name: f"SAMConfig({name}=...)" for name in SAMConfig.option_names()})
+    out["estimator"] = "reweight=ProbeWeights(...) or reweight=GramWeights(...)"
+    return out
 
 
 def check_module_options(config: SAMConfig, module: nn.Module | None, grad_scaler: Any) -> None:
@@ -156,6 +174,3 @@ def check_module_options(config: SAMConfig, module: nn.Module | None, grad_scale
             f"m={config.m} with grad_scaler: the per-instance route does not unscale its gradients. Use "
             "bf16 autocast (no scaler), or m=None with the GradScaler."
         )
-
-
-_VARIANT_WORDS = {"estimator", "score", "num_probes", "alpha", "interval", "k", "gamma", "sigma", "lmbda", "min_rho"}

@@ -201,10 +201,15 @@ class SAMConfig:
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a SAM option; the options: {', '.join(cls.option_names())}.")
         options = dict(options)
-        if "variant" in options:
-            options["variant"] = VariantOptions.from_value(_plain(options["variant"]))
-        if options.get("reweight") is not None:
-            options["reweight"] = WeightingOptions.from_value(_plain(options["reweight"]))
+        for key, base in (("variant", VariantOptions), ("reweight", WeightingOptions)):
+            value = _plain(options.get(key))
+            if value is None:
+                continue
+            try:
+                options[key] = base.from_value(value)
+            except ValueError as err:  # a rule's own check names its bare option: say where it lives
+                text = str(err)
+                raise ValueError(text if text.startswith(f"{key}=") else f"{key}.{text}") from None
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:

@@ -63,8 +63,8 @@ class GramCapture:
         self.capture = LayerCapture(
             module,
             params,
-            "the exact Gram rule (estimator='exact'/'sketch')",
-            "use a probe rule (estimator='probes')",
+            "the exact Gram rule (reweight=GramWeights(...))",
+            "use a probe rule (reweight=ProbeWeights(...))",
             verify,
         )
 

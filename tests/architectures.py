@@ -1,5 +1,5 @@
 """Architecture suite: a zoo of tiny random-init float64 models and loop references for the
-per-instance route (``m=1``, ``m=2``) and the exact Gram rule (``reweight="delta", estimator="exact"``).
+per-instance route (``m=1``, ``m=2``) and the exact Gram rule (``GramWeights(score="gram", weights="linear")``).
 
 Every zoo entry is a callable returning ``(model, batch, per_sample_loss)``: ``per_sample_loss(batch)`` gives the
 [B] per-instance losses with the model's current parameters. Models are built from tiny configs (nothing is
@@ -46,10 +46,11 @@ VOCAB, HIDDEN, LAYERS, HEADS, FFN, LABELS = 64, 16, 2, 2, 32, 3
 
 Built = tuple[nn.Module, Any, Callable[[Any], Tensor]]
 
+# SAMConfig.from_dict's options of each mode (the library step adds rho)
 MODES: dict[str, dict[str, Any]] = {
     "m1": {"m": 1},
     "m2": {"m": 2},
-    "exact": {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+    "exact": {"reweight": {"name": "gram", "score": "gram", "weights": "linear"}},
 }
 
 
@@ -472,11 +473,12 @@ def reference(mode: str, model: nn.Module, loss_fn: Callable, batch: Any, rho: f
 # ------------------------------------------------------------------------------------------ library and verdict
 def library_step(mode: str, model: nn.Module, loss_fn: Callable, batch: Any, rho: float = RHO) -> dict[str, Tensor]:
     """The descent gradient of DeltaSAM's one step: SGD with lr 1 and no momentum, so w_before - w_after."""
-    from lightning_deltasam import DeltaSAM
+    from lightning_deltasam import DeltaSAM, SAMConfig
 
     params = trainable(model)
     before = {n: p.detach().clone() for n, p in params.items()}
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=1.0, momentum=0.0, module=model, rho=rho, **MODES[mode])
+    sam = SAMConfig.from_dict({"rho": rho, **MODES[mode]})
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, sam, lr=1.0, momentum=0.0, module=model)
     opt.step(lambda: loss_fn(batch))
     return {n: before[n] - p.detach() for n, p in params.items()}
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_deltasam import DeltaSAMCallback  # noqa: E402
+from lightning_deltasam import DeltaSAMCallback, SAMConfig  # noqa: E402
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_loader  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -45,11 +45,12 @@ def main() -> None:
     cases = json.loads(sys.argv[2])
     rank = int(os.environ["RANK"])
     for name, spec in cases.items():
-        adapter, options, steps, batch = spec["adapter"], spec["options"], spec["steps"], spec["batch"]
+        adapter, steps, batch = spec["adapter"], spec["steps"], spec["batch"]
+        config = SAMConfig.from_dict(spec["sam"])  # the case's SAMConfig.to_dict()
         if adapter == "mixin":
-            module, callbacks = MixinClassifier(**options), []
+            module, callbacks = MixinClassifier(sam=config), []
         else:
-            module, callbacks = PlainClassifier(), [DeltaSAMCallback(**options)]
+            module, callbacks = PlainClassifier(), [DeltaSAMCallback(config)]
         trainer = L.Trainer(
             accelerator="cpu",
             devices=2,

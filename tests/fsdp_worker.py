@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_deltasam import DeltaSAM  # noqa: E402
+from lightning_deltasam import DeltaSAM, SAMConfig  # noqa: E402
 from lightning_deltasam.distributed import Shards  # noqa: E402
 from tests.helpers import make_data  # noqa: E402
 
@@ -46,10 +46,10 @@ def batches(steps: int, rank: int | None = None, world: int = 2) -> list[tuple[t
     return out
 
 
-def train(model: nn.Module, data: list, route: str, options: dict, nan_at: int | None = None) -> DeltaSAM:
-    """DeltaSAM with SGD over ``data``: ``route`` is the per-instance closure, the backward closure or the
+def train(model: nn.Module, data: list, route: str, sam: SAMConfig, nan_at: int | None = None) -> DeltaSAM:
+    """DeltaSAM(``sam``) with SGD over ``data``: ``route`` is the per-instance closure, the backward closure or the
     two-step API. ``nan_at``: the loss of that step is NaN on this process (the skip test)."""
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.2, module=model, **options)
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, sam, lr=0.2, module=model)
     for step, (x, y) in enumerate(data):
         poison = float("nan") if step == nan_at else 0.0
 
@@ -106,19 +106,19 @@ def run_raw(spec: dict, rank: int) -> list[torch.Tensor]:
         original = Shards.sum_
         Shards.sum_ = lambda self, tensor: tensor  # type: ignore[method-assign]
         try:
-            train(model, data, spec["route"], spec["options"])
+            train(model, data, spec["route"], spec["sam"])
         finally:
             Shards.sum_ = original  # type: ignore[method-assign]
     elif spec.get("resume"):  # state_dict after 2 steps into a new optimizer, then the 3rd step
-        opt = train(model, data[:2], spec["route"], spec["options"])
+        opt = train(model, data[:2], spec["route"], spec["sam"])
         state = opt.state_dict()
-        fresh = train(model, [], spec["route"], spec["options"])
+        fresh = train(model, [], spec["route"], spec["sam"])
         fresh.load_state_dict(state)
         fresh.zero_grad()  # the old optimizer's last gradient is not the new one's
         x, y = data[2]
         fresh.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
     else:
-        opt = train(model, data, spec["route"], spec["options"], nan_at=spec.get("nan_at", {}).get(str(rank)))
+        opt = train(model, data, spec["route"], spec["sam"], nan_at=spec.get("nan_at", {}).get(str(rank)))
         if rank == 0:
             with open(spec["out"] + ".skips", "w") as f:
                 f.write(str(opt.engine.skipped_steps))
@@ -156,9 +156,9 @@ def run_lightning(spec: dict, rank: int) -> list[torch.Tensor]:
     class Mixin(DeltaSAMMixin, Plain):
         per_sample_loss = Plain.per_sample_loss  # the mixin's own stub comes first in the bases
 
-    options = spec["options"]
+    config = spec["sam"]
     module, callbacks = (
-        (Mixin(**options), []) if spec["shard"] == "lightning_mixin" else (Plain(), [DeltaSAMCallback(**options)])
+        (Mixin(sam=config), []) if spec["shard"] == "lightning_mixin" else (Plain(), [DeltaSAMCallback(config)])
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -186,7 +186,7 @@ def main() -> None:
     rank = dist.get_rank()
     for name, spec in cases.items():
         run = run_lightning if spec["shard"].startswith("lightning") else run_raw
-        spec = {**spec, "out": os.path.join(out, name)}
+        spec = {**spec, "out": os.path.join(out, name), "sam": SAMConfig.from_dict(spec["sam"])}
         start = time.perf_counter()
         try:
             params = run(spec, rank)

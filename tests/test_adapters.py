@@ -7,30 +7,41 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from lightning_deltasam import DeltaSAM, DeltaSAMCallback
+from lightning_deltasam import (
+    DeltaSAM,
+    DeltaSAMCallback,
+    FriendlySAMOptions,
+    GramWeights,
+    GSAMOptions,
+    LookSAMOptions,
+    ProbeWeights,
+    SAMConfig,
+    SAMOptions,
+    WSAMOptions,
+)
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_loader, make_net, per_sample_ce
 
 STEPS = 8  # two epochs of 4 batches
 CASES = [
-    dict(rho=0.05),
-    dict(rho=0.05, reweight="delta", score="gradnorm", num_probes=3, probe_scope="all"),
-    dict(rho=0.05, reweight="delta", score="gram", num_probes=4, antithetic=True, probe_scope="all"),
-    dict(rho=0.5, adaptive=True, reweight="delta", score="loss"),
-    dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="exact"),
-    dict(rho=0.05, reweight="delta", score="gram", weights="linear", estimator="sketch", sketch_rank=4),
-    dict(rho=0.05, m=1),
-    dict(rho=0.05, m=3),
-    dict(rho=0.05, variant="gsam", alpha=0.3),
-    dict(rho=0.05, variant="wsam", gamma=0.8),
-    dict(rho=0.1, variant="looksam", k=3),
-    dict(rho=0.05, variant="friendly"),
-    dict(rho=0.05, interval=3),
+    SAMConfig(rho=0.05),
+    SAMConfig(rho=0.05, reweight=ProbeWeights(score="gradnorm", num_probes=3, probe_scope="all")),
+    SAMConfig(rho=0.05, reweight=ProbeWeights(score="gram", num_probes=4, antithetic=True, probe_scope="all")),
+    SAMConfig(rho=0.5, adaptive=True, reweight=ProbeWeights(score="loss")),
+    SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear")),
+    SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear", sketch_rank=4)),
+    SAMConfig(rho=0.05, m=1),
+    SAMConfig(rho=0.05, m=3),
+    SAMConfig(rho=0.05, variant=GSAMOptions(alpha=0.3)),
+    SAMConfig(rho=0.05, variant=WSAMOptions(gamma=0.8)),
+    SAMConfig(rho=0.1, variant=LookSAMOptions(k=3)),
+    SAMConfig(rho=0.05, variant=FriendlySAMOptions()),
+    SAMConfig(rho=0.05, variant=SAMOptions(interval=3)),
 ]
 
 
-def _plain_run(options: dict) -> torch.nn.Module:
+def _plain_run(sam: SAMConfig) -> torch.nn.Module:
     net = make_net(seed=0)
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, sam, lr=1e-2, module=net)
     loader = make_loader()
     steps = 0
     while steps < STEPS:
@@ -40,15 +51,15 @@ def _plain_run(options: dict) -> torch.nn.Module:
     return net
 
 
-@pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_mixin_callback_and_optimizer_give_the_same_weights(options):
-    reference = _plain_run(options)
+@pytest.mark.parametrize("sam", CASES, ids=lambda c: c.describe())
+def test_mixin_callback_and_optimizer_give_the_same_weights(sam):
+    reference = _plain_run(sam)
 
-    mixin = MixinClassifier(**options)
+    mixin = MixinClassifier(sam=sam)
     L.Trainer(max_steps=STEPS, **QUIET).fit(mixin, make_loader())
 
     plain = PlainClassifier()
-    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(**options)], **QUIET).fit(plain, make_loader())
+    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(sam)], **QUIET).fit(plain, make_loader())
 
     for a, b, c in zip(reference.parameters(), mixin.net.parameters(), plain.net.parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
@@ -56,7 +67,7 @@ def test_mixin_callback_and_optimizer_give_the_same_weights(options):
 
 
 def test_mixin_logs_loss_and_diagnostics():
-    module = MixinClassifier(rho=0.05, reweight="delta")
+    module = MixinClassifier(sam=SAMConfig(rho=0.05, reweight=ProbeWeights()))
     trainer = L.Trainer(max_steps=2, **QUIET)
     trainer.fit(module, make_loader())
     logged = trainer.callback_metrics
@@ -81,7 +92,7 @@ def test_mixin_steps_step_interval_schedulers_and_clips():
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    module = Scheduled(rho=0.05, gradient_clip_val=1e-3)
+    module = Scheduled(sam=SAMConfig(rho=0.05), gradient_clip_val=1e-3)
     before = [p.detach().clone() for p in module.parameters()]
     L.Trainer(max_steps=3, **QUIET).fit(module, make_loader())
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.125)
@@ -92,7 +103,7 @@ def test_mixin_steps_step_interval_schedulers_and_clips():
 
 def test_callback_sam_logs_training_step_once_at_w():
     module = PlainClassifier()
-    callback = DeltaSAMCallback(rho=0.5)
+    callback = DeltaSAMCallback(SAMConfig(rho=0.5))
     L.Trainer(max_steps=3, callbacks=[callback], **QUIET).fit(module, make_loader())
     assert len(module.logged) == 6  # training_step ran twice per step ...
     logged = module.trainer.callback_metrics
@@ -104,11 +115,11 @@ def test_callback_sam_logs_training_step_once_at_w():
 
 def test_callback_delta_needs_per_sample_loss_at_fit_start():
     module = PlainClassifier(with_per_sample=False)
-    trainer = L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(reweight="delta")], **QUIET)
+    trainer = L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(SAMConfig(reweight=ProbeWeights()))], **QUIET)
     with pytest.raises(ValueError, match="per_sample_loss"):
         trainer.fit(module, make_loader())
     # plain SAM works without it
-    L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET).fit(
+    L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(SAMConfig(rho=0.05))], **QUIET).fit(
         PlainClassifier(with_per_sample=False), make_loader()
     )
 
@@ -138,23 +149,25 @@ def test_callback_unwraps_the_optimizer_after_fit():
 
 def test_mixin_validates_its_options():
     with pytest.raises(ValueError, match="rho"):
-        MixinClassifier(rho=-1)
+        MixinClassifier(sam=SAMConfig(rho=-1))
+    with pytest.raises(TypeError, match="must be a SAMConfig"):
+        MixinClassifier(sam={"rho": 0.1})
     with pytest.raises(ValueError, match="gradient_clip_algorithm"):
         MixinClassifier(gradient_clip_algorithm="l1")
 
 
-HEAD = dict(rho=0.05, reweight="delta", score="gradnorm", probe_scope="head", num_probes=8)
+HEAD = SAMConfig(rho=0.05, reweight=ProbeWeights(score="gradnorm", probe_scope="head", num_probes=8))
 
 
 def test_head_probes_mixin_and_callback_agree():
-    mixin = MixinClassifier(**HEAD)
+    mixin = MixinClassifier(sam=HEAD)
     L.Trainer(max_steps=STEPS, **QUIET).fit(mixin, make_loader())
     plain = PlainClassifier()
-    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(**HEAD)], **QUIET).fit(plain, make_loader())
+    L.Trainer(max_steps=STEPS, callbacks=[DeltaSAMCallback(HEAD)], **QUIET).fit(plain, make_loader())
     for b, c in zip(mixin.net.parameters(), plain.net.parameters()):
         torch.testing.assert_close(c, b, atol=1e-6, rtol=0)
     # and they are a real reweighting: not SAM's weights
-    sam = MixinClassifier(rho=0.05)
+    sam = MixinClassifier(sam=SAMConfig(rho=0.05))
     L.Trainer(max_steps=STEPS, **QUIET).fit(sam, make_loader())
     assert max(float((a - b).abs().max()) for a, b in zip(sam.parameters(), mixin.parameters())) > 1e-5
 
@@ -179,7 +192,7 @@ def test_head_probe_at_zero_offset_measures_zero_under_dropout(monkeypatch):
     from lightning_deltasam.probes import ProbeNoise
 
     monkeypatch.setattr(ProbeNoise, "draw", lambda self, params: [torch.zeros_like(p) for p in params])
-    module = MixinClassifier(rho=0.05, reweight="delta", score="sharpness", probe_scope="head")
+    module = MixinClassifier(sam=SAMConfig(rho=0.05, reweight=ProbeWeights(score="sharpness", probe_scope="head")))
     module.net[2].p = 0.5  # dropout below the split
     L.Trainer(max_steps=1, **QUIET).fit(module, make_loader())
     assert module.deltasam_last_stats.weight_fallback
@@ -190,9 +203,9 @@ def test_head_scope_needs_the_split():
         per_sample_features = None
 
     with pytest.raises(ValueError, match="per_sample_features"):
-        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(**HEAD)], **QUIET).fit(NoSplit(), make_loader())
+        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(HEAD)], **QUIET).fit(NoSplit(), make_loader())
     with pytest.raises(ValueError, match="probe_scope"):
-        DeltaSAM(make_net().parameters(), torch.optim.SGD, lr=0.1, **HEAD)
+        DeltaSAM(make_net().parameters(), torch.optim.SGD, HEAD, lr=0.1)
 
 
 def test_callback_refuses_two_optimizers():
@@ -209,18 +222,20 @@ def test_callback_refuses_two_optimizers():
 
 
 def test_callback_options_are_samconfigs():
-    """The callback's explicit typed options are SAMConfig's, with the same defaults (nothing hidden in **options)."""
-    import dataclasses
+    """The callback's one option is a SAMConfig (default: SAMConfig's defaults; nothing hidden in **options)."""
     import inspect
 
-    from lightning_deltasam import SAMConfig
-
     params = inspect.signature(DeltaSAMCallback.__init__).parameters
-    fields = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
-    assert {n: p.default for n, p in params.items() if n != "self"} == fields
-    for name in fields:
-        assert f"{name}:" in DeltaSAMCallback.__doc__, name  # documented under Args:
-    assert DeltaSAMCallback(rho=0.1, reweight="delta").config == SAMConfig(rho=0.1, reweight="delta")
+    assert {n: p.default for n, p in params.items() if n != "self"} == {"sam": None}
+    assert "sam:" in DeltaSAMCallback.__doc__  # documented under Args:
+    assert DeltaSAMCallback().config == SAMConfig()
+    config = SAMConfig(rho=0.1, reweight=ProbeWeights())
+    assert DeltaSAMCallback(config).config == config == SAMConfig(rho=0.1, reweight=ProbeWeights())
+    assert DeltaSAMCallback(sam=config).config == config
+    with pytest.raises(TypeError, match="must be a SAMConfig"):
+        DeltaSAMCallback({"rho": 0.1})
+    with pytest.raises(TypeError):  # SAM options are no longer keywords of the callback
+        DeltaSAMCallback(rho=0.1)
     assert DeltaSAMCallback().state_key == "DeltaSAMCallback"  # the base class's key: old checkpoints still load
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -36,6 +39,11 @@ from lightning_deltasam.glue.progress import PlainProgress, StepProgressBar, epo
         (["model=tiny", "model.encoder.d_modle=32"], "did you mean model.encoder.d_model"),
         (["task=tsv", "task.label_colum=x"], "did you mean task.label_column"),
         (["+data.limit_trian=5"], "did you mean +data.limit_train"),
+        (["rho=-1"], "unknown option rho (a group's option, not a top-level one); did you mean optimizer.rho?"),
+        (["+rho=0.1"], "unknown option +rho (a group's option, not a top-level one); did you mean optimizer.rho?"),
+        (["optimizer=sam", "m=1"], "did you mean optimizer.m?"),
+        (["max_steps=3"], "did you mean trainer.max_steps?"),
+        (["lr=0.1"], "did you mean optimizer.lr or model.lr?"),
     ],
 )
 def test_unknown_options_name_the_closest(args: list[str], says: str) -> None:
@@ -120,8 +128,7 @@ def trainer(tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
         logger=False,
         enable_model_summary=False,
         callbacks=callbacks,
-        num_sanity_val_steps=0,
-        **{"enable_checkpointing": False, **kw},
+        **{"enable_checkpointing": False, "num_sanity_val_steps": 0, **kw},
     )
 
 

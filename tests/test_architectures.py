@@ -89,7 +89,7 @@ def test_every_parameter_trains_with_m1_equal_to_the_loop_over_three_steps(name)
     affine frozen: transformers' ResNet modifies that output in place, refused by name): three SGD steps of m=1 against three steps on the loop."""
     import torch
 
-    from lightning_deltasam import DeltaSAM
+    from lightning_deltasam import DeltaSAM, SAMConfig
     from tests.architectures import per_instance_reference, trainable
 
     def build():  # the builders are seeded: each call gives the same weights, with its own loss closure
@@ -107,7 +107,8 @@ def test_every_parameter_trains_with_m1_equal_to_the_loop_over_three_steps(name)
         model, batch, loss = build()
         twin, _, twin_loss = build()
         start = {k: v.detach().clone() for k, v in trainable(model).items()}
-        opt = DeltaSAM([p for p in model.parameters() if p.requires_grad], torch.optim.SGD, lr=0.5, module=model, m=1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = DeltaSAM(params, torch.optim.SGD, SAMConfig(m=1), lr=0.5, module=model)
         for _ in range(3):
             opt.step(lambda: loss(batch))
             grads = per_instance_reference(twin, twin_loss, batch, 0.05, 1)

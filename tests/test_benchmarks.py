@@ -10,6 +10,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 import torch
 
 from .glue_data import needs_glue
@@ -279,7 +282,7 @@ def test_accuracy_run_names_carry_the_overrides():
 
     assert accuracy.run_name("sst2", "minilm", "sam", 1, []) == "sst2-minilm-sam-seed1"
     assert (
-        accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.temperature=1.0"])
+        accuracy.run_name("sst2", "minilm", "deltasam", 2, ["optimizer.rho=0.1", "optimizer.reweight.temperature=1.0"])
         == "sst2-minilm-deltasam-rho0.1-temperature1.0-seed2"
     )
 

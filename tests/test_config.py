@@ -1,20 +1,36 @@
-"""Every Hydra config group option composes, and what it builds is what the option promises."""
+"""Every Hydra config group option composes, and what it builds is what the option promises; SAMConfig and each
+rule's options validate what they hold, and SAMConfig.from_dict reads the app's nested dicts."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_deltasam import SAMConfig
+from lightning_deltasam import (
+    DeltaSAM,
+    FriendlySAMOptions,
+    GramWeights,
+    GSAMOptions,
+    LookSAMOptions,
+    ProbeWeights,
+    SAMConfig,
+    SAMOptions,
+    WSAMOptions,
+)
 from lightning_deltasam.glue.app import build_callbacks, build_loggers, optimizer_options
 from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
 from lightning_deltasam.glue.tasks import GLUE_TASKS, TextTask
@@ -34,6 +50,13 @@ def hydra_context() -> Iterator[None]:
 
 def make(*overrides: str, tmp: str = "/tmp/unused") -> DictConfig:
     return compose("config", overrides=[f"paths.output_dir={tmp}", *overrides])
+
+
+def split(options: dict) -> tuple[SAMConfig, dict]:
+    """The SAM options of an ``optimizer`` dict as a SAMConfig (``SAMConfig.from_dict``), and the rest."""
+    names = set(SAMConfig.option_names())
+    mine = {k: v for k, v in options.items() if k in names}
+    return SAMConfig.from_dict(mine), {k: v for k, v in options.items() if k not in names}
 
 
 def test_groups_have_every_option() -> None:
@@ -58,7 +81,7 @@ def test_groups_have_every_option() -> None:
 
 def test_defaults() -> None:
     cfg = make()
-    assert cfg.task.name == "sst2" and cfg.optimizer.reweight == "delta" and cfg.trainer.accelerator == "cpu"
+    assert cfg.task.name == "sst2" and cfg.optimizer.reweight.name == "probes" and cfg.trainer.accelerator == "cpu"
     assert cfg.model.encoder._target_.endswith("MiniLMEncoder")
     assert (cfg.data.batch_size, cfg.data.max_length, cfg.data.limit_train) == (32, 64, None)
     assert cfg.data.seed == cfg.seed and cfg.ckpt_path is None
@@ -101,30 +124,32 @@ def test_tsv_task_overrides() -> None:
 def test_optimizer_options(name: str) -> None:
     cfg = make(f"optimizer={name}")
     opts = optimizer_options(cfg)
-    sam, rest = SAMConfig.split(opts)
+    sam, rest = split(opts)
     assert set(rest) == {"lr", "weight_decay"}  # an optimizer file holds optimizer options only
     expected = {
         "adamw": (0.0, False, None, "sam"),
         "sam": (0.05, False, None, "sam"),
         "asam": (0.5, True, None, "sam"),
-        "deltasam": (0.05, False, "delta", "sam"),
-        "deltasam_exact": (0.05, False, "delta", "sam"),
+        "deltasam": (0.05, False, "probes", "sam"),
+        "deltasam_exact": (0.05, False, "gram", "sam"),
         "instance_sam": (0.01, False, None, "sam"),
         "gsam": (0.05, False, None, "gsam"),
         "wsam": (0.05, False, None, "wsam"),
         "looksam": (0.1, False, None, "looksam"),
         "friendly": (0.05, False, None, "friendly"),
     }[name]
-    assert (sam.rho, sam.adaptive, sam.reweight, sam.variant) == expected
+    reweight = sam.reweight.name if sam.reweight is not None else None
+    assert (sam.rho, sam.adaptive, reweight, sam.variant.name) == expected
     assert sam.seed == cfg.seed and opts["lr"] == cfg.model.lr
 
 
 def test_optimizer_defaults_match_the_library() -> None:
     """Options the configs do not set on purpose keep SAMConfig's defaults (no silent drift)."""
     opts = optimizer_options(make("optimizer=deltasam"))
-    library = SAMConfig().to_dict()
     deliberate = {"reweight", "seed"}
-    assert {k: opts[k] for k in library if k not in deliberate} == {
+    configured = SAMConfig.from_dict({k: opts[k] for k in SAMConfig.option_names() if k not in deliberate}).to_dict()
+    library = SAMConfig().to_dict()
+    assert {k: configured[k] for k in library if k not in deliberate} == {
         k: v for k, v in library.items() if k not in deliberate
     }
 
@@ -133,14 +158,20 @@ def test_every_option_is_overridable() -> None:
     cfg = make(
         "optimizer=deltasam",
         "optimizer.rho=0.1",
-        "optimizer.temperature=2",
+        "optimizer.reweight.temperature=2",
         "optimizer.lr=3e-5",
-        "optimizer.score=sharpness",
+        "optimizer.reweight.score=sharpness",
         "model=tiny",
         "seed=7",
     )
-    sam, rest = SAMConfig.split(optimizer_options(cfg))
-    assert (sam.rho, sam.temperature, sam.score, sam.seed, rest["lr"]) == (0.1, 2.0, "sharpness", 7, 3e-5)
+    sam, rest = split(optimizer_options(cfg))
+    assert (sam.rho, sam.reweight.temperature, sam.reweight.score, sam.seed, rest["lr"]) == (
+        0.1,
+        2.0,
+        "sharpness",
+        7,
+        3e-5,
+    )
     assert optimizer_options(make("model=tiny"))["lr"] == 1e-2  # the model's suggested rate
     with pytest.raises(ValueError, match=r"optimizer.rho=-1 must be >= 0"):
         optimizer_options(make("optimizer.rho=-1"))
@@ -242,8 +273,160 @@ def test_classifier_is_built_from_its_target(tmp_path: Path) -> None:
 def test_deltasam_exact_group_is_the_exact_gram_rule() -> None:
     cfg = make("optimizer=deltasam_exact")
     o = cfg.optimizer
-    assert (o.reweight, o.score, o.weights, o.estimator, o.rho) == ("delta", "gram", "linear", "exact", 0.05)
-    assert (
-        make("optimizer=deltasam_exact", "optimizer.estimator=sketch", "optimizer.sketch_rank=8").optimizer.sketch_rank
-        == 8
+    assert (o.reweight.name, o.reweight.score, o.reweight.weights, o.reweight.get("sketch_rank"), o.rho) == (
+        "gram",
+        "gram",
+        "linear",
+        None,
+        0.05,
     )
+    sam, _ = split(optimizer_options(cfg))
+    assert sam.reweight == GramWeights(score="gram", weights="linear") and sam.reweight.mode == "exact"
+    sketch = make("optimizer=deltasam_exact", "optimizer.reweight.sketch_rank=8")
+    assert sketch.optimizer.reweight.sketch_rank == 8
+    sam, _ = split(optimizer_options(sketch))
+    assert sam.reweight == GramWeights(score="gram", weights="linear", sketch_rank=8) and sam.reweight.mode == "sketch"
+
+
+# ------------------------------------------------------------------ SAMConfig and the rules' options
+# Each rule's options class checks its own options when built; SAMConfig checks its own fields and refuses the
+# combinations that clash; SAMConfig.from_dict reads the app's nested dicts, refusing unknown names and options.
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: GSAMOptions(alpha=2), "alpha=2 must lie in [0, 1] (GSAM's weight of the orthogonal part)."),
+        (lambda: GSAMOptions(min_rho=-0.1), "min_rho=-0.1 must be >= 0.0. None keeps rho fixed."),
+        (lambda: LookSAMOptions(k=0), "k=0 must be an integer >= 1. It is LookSAM's period: SAM every k-th step."),
+        (lambda: LookSAMOptions(alpha=1.5), "alpha=1.5 must lie in [0, 1] (LookSAM's weight of the reused g_v)."),
+        (lambda: WSAMOptions(gamma=1.0), "gamma=1.0 must be >= 0.0 and < 1.0. It is used as gamma/(1-gamma)."),
+        (lambda: WSAMOptions(decouple="yes"), "decouple='yes' must be True or False."),
+        (lambda: FriendlySAMOptions(sigma=-1.0), "sigma=-1.0 must be >= 0.0."),
+        (lambda: FriendlySAMOptions(lmbda=float("nan")), "lmbda=nan must be a finite number."),
+        (lambda: SAMOptions(interval=0), "interval=0 must be an integer >= 1."),
+        (lambda: ProbeWeights(num_probes=0), "num_probes=0 must be an integer >= 1."),
+        (lambda: ProbeWeights(probe_std=0.0), "probe_std=0.0 must be > 0.0."),
+        (
+            lambda: ProbeWeights(probe_scope="layer"),
+            "probe_scope='layer' is not supported; use one of 'auto', 'all', 'head'.",
+        ),
+        (lambda: ProbeWeights(temperature=0), "temperature=0 must be > 0.0."),
+        (lambda: ProbeWeights(mix=1.5), "mix=1.5 must lie in [0, 1] (the share of uniform weights)."),
+        (lambda: GramWeights(weights="exp"), "weights='exp' is not supported; use one of 'softmax', 'linear'."),
+        (
+            lambda: GramWeights(score="sharpness"),
+            "reweight='gram' gives per-instance gradients, which score='sharpness' does not use",
+        ),
+        (
+            lambda: GramWeights(sketch_rank=0),
+            "sketch_rank=0 must be an integer >= 1. None forms the Gram matrix exactly.",
+        ),
+        (lambda: SAMConfig(rho=-0.1), "rho=-0.1 must be >= 0.0. Use rho=0 for the plain base optimizer."),
+        (lambda: SAMConfig(adaptive="yes"), "adaptive='yes' must be True or False."),
+        (lambda: SAMConfig(m=0), "m=0 must be an integer >= 1."),
+        (lambda: SAMConfig(sync="ring"), "sync='ring' is not supported; use one of 'global', 'local'."),
+        (lambda: SAMConfig(verify="never"), "verify='never' is not supported; use one of 'auto', 'always', 'off'."),
+        (lambda: SAMConfig(variant="gsam"), "variant='gsam' must be a variant's options, e.g. variant=GSAMOptions()"),
+        (lambda: SAMConfig(reweight="delta"), "reweight='delta' must be None (SAM) or a weighting's options"),
+    ],
+)
+def test_each_options_class_checks_its_own_options(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: SAMConfig(m=1, reweight=ProbeWeights()),
+            "m=1 with reweight='probes': m gives each group of m instances its own exact perturbation",
+        ),
+        (
+            lambda: SAMConfig(m=1, adaptive=True),
+            "adaptive=True with m=1: ASAM's per-instance eps_i = rho T^2 g_i/||T g_i|| is not low-rank",
+        ),
+        (
+            lambda: SAMConfig(match_rho=True),
+            "match_rho=True scales the radius of the per-instance route (option m); with m=None",
+        ),
+        (
+            lambda: SAMConfig(variant=GSAMOptions(), reweight=GramWeights()),
+            "variant='gsam' with reweight='gram': the variant needs the plain gradient at w",
+        ),
+        (
+            lambda: SAMConfig(variant=LookSAMOptions(), m=2),
+            "variant='looksam' with m=2: the per-instance route forms no batch gradient at w + eps",
+        ),
+    ],
+    ids=["m-reweight", "adaptive-m", "match_rho", "variant-reweight", "variant-m"],
+)
+def test_sam_config_refuses_the_combinations_that_clash(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+    # the plain rule combines with both, each on its own
+    assert SAMConfig(m=1, match_rho=True).per_instance and SAMConfig(reweight=GramWeights()).reweighting
+
+
+def test_from_dict_reads_nested_rules_and_names_what_is_allowed():
+    from lightning_deltasam.options import VariantOptions, WeightingOptions
+
+    gsam = SAMConfig(rho=0.05, variant=GSAMOptions(alpha=0.3, min_rho=0.01))
+    assert SAMConfig.from_dict({"rho": 0.05, "variant": {"name": "gsam", "alpha": 0.3, "min_rho": 0.01}}) == gsam
+    assert gsam.describe() == "gsam(alpha=0.3, min_rho=0.01) rho=0.05"
+    assert SAMConfig.from_dict({"variant": "looksam"}).variant == LookSAMOptions()
+    assert SAMConfig.from_dict({"reweight": {"name": "gram", "sketch_rank": 8}}).reweight == GramWeights(sketch_rank=8)
+    assert SAMConfig.from_dict({"reweight": None}).reweight is None
+    for config in (gsam, SAMConfig(reweight=ProbeWeights(num_probes=4, antithetic=True)), SAMConfig(m=2)):
+        assert SAMConfig.from_dict(config.to_dict()) == config
+    variants = ", ".join(repr(n) for n in VariantOptions.registry)
+    weightings = ", ".join(repr(n) for n in WeightingOptions.registry)
+    assert {"sam", "gsam", "wsam", "looksam", "friendly"} == set(VariantOptions.registry)
+    assert {"probes", "gram"} == set(WeightingOptions.registry)
+    refusals = [
+        ({"variant": "bsam"}, f"variant='bsam' is not supported; use one of {variants}."),
+        ({"variant": {"alpha": 0.3}}, f"variant=None is not supported; use one of {variants}."),
+        ({"reweight": "delta"}, f"reweight='delta' is not supported; use one of {weightings}."),
+        ({"variant": {"name": "gsam", "k": 3}}, "variant='gsam' has no option 'k'; its options: alpha, min_rho."),
+        (
+            {"reweight": {"name": "probes", "sketch_rank": 3}},
+            "reweight='probes' has no option 'sketch_rank'; its options: score, weights, temperature, mix, "
+            "gram_ridge, num_probes, probe_std, probe_scale, antithetic, probe_scope.",
+        ),
+        (
+            {"score": "loss"},
+            "'score' is not a SAM option; the options: rho, adaptive, eta, variant, reweight, m, match_rho, verify, "
+            "sync, seed.",
+        ),
+        (
+            {"variant": {"name": "gsam", "alpha": 2}},
+            "alpha=2 must lie in [0, 1] (GSAM's weight of the orthogonal part).",
+        ),
+    ]
+    for options, message in refusals:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SAMConfig.from_dict(options)
+
+
+def test_a_sam_option_given_to_deltasam_as_a_keyword_is_refused_naming_sam_config():
+    """DeltaSAM's keywords are the base optimizer's: a SAM option among them (the old flat spelling) is a TypeError
+    naming SAMConfig, unless the base optimizer takes that keyword itself."""
+    net = torch.nn.Linear(3, 2)
+    for keyword, value in (("rho", 0.05), ("adaptive", True), ("m", 1), ("variant", "gsam")):
+        message = (
+            f"DeltaSAM got {keyword}={value!r}, a SAM option: it goes in SAMConfig({keyword}=...), passed as "
+            "DeltaSAM(params, base_optimizer, SAMConfig(...), lr=...); the keywords are the base optimizer's."
+        )
+        with pytest.raises(TypeError, match=re.escape(message)):
+            DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, **{keyword: value})
+    for keyword, value, owner in (  # a rule's option names the class that declares it; a gone one its successors
+        ("num_probes", 4, "ProbeWeights(num_probes=...)"),
+        ("alpha", 0.3, "GSAMOptions(alpha=...) or LookSAMOptions(alpha=...)"),
+        ("estimator", "exact", "reweight=ProbeWeights(...) or reweight=GramWeights(...)"),
+    ):
+        message = f"DeltaSAM got {keyword}={value!r}, a SAM option: it goes in {owner}, passed as"
+        with pytest.raises(TypeError, match=re.escape(message)):
+            DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, **{keyword: value})
+    with pytest.raises(TypeError, match=re.escape("sam={'rho': 0.1} must be a SAMConfig")):
+        DeltaSAM(net.parameters(), torch.optim.SGD, {"rho": 0.1}, lr=0.1)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.1), lr=0.1, momentum=0.9)
+    assert opt.config.rho == 0.1 and opt.base_optimizer.defaults["momentum"] == 0.9

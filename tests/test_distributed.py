@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lightning_deltasam import DeltaSAM
+from lightning_deltasam import (
+    DeltaSAM,
+    FriendlySAMOptions,
+    GramWeights,
+    GSAMOptions,
+    LookSAMOptions,
+    ProbeWeights,
+    SAMConfig,
+    SAMOptions,
+    WSAMOptions,
+)
 from lightning_deltasam.gram import GramCapture
 from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce, run_workers
 
@@ -17,107 +28,87 @@ B = 8  # per-rank batch; one process uses 2B on the same samples
 STEPS = 6
 
 CASES = {
-    "mixin_sam": {"adapter": "mixin", "options": {"rho": 0.05}},
+    "mixin_sam": {"adapter": "mixin", "sam": SAMConfig(rho=0.05)},
     "mixin_delta_gradnorm": {
         "adapter": "mixin",
-        "options": {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "temperature": 0.5, "probe_scope": "all"},
+        "sam": SAMConfig(rho=0.05, reweight=ProbeWeights(score="gradnorm", temperature=0.5, probe_scope="all")),
     },
     "mixin_delta_gram_asam": {
         "adapter": "mixin",
-        "options": {
-            "rho": 0.5,
-            "adaptive": True,
-            "reweight": "delta",
-            "score": "gram",
-            "num_probes": 4,
-            "probe_scope": "all",
-        },
+        "sam": SAMConfig(rho=0.5, adaptive=True, reweight=ProbeWeights(score="gram", num_probes=4, probe_scope="all")),
     },
     # curvature scores difference losses at 1e-4 of their size: float32 rounding of a batch of 8
     # vs 16 would swamp the comparison, so this case runs in float64
     "mixin_delta_sharpness_linear": {
         "adapter": "mixin",
         "double": True,
-        "options": {
-            "rho": 0.05,
-            "reweight": "delta",
-            "score": "sharpness",
-            "weights": "linear",
-            "antithetic": True,
-            "probe_scope": "all",
-        },
+        "sam": SAMConfig(
+            rho=0.05, reweight=ProbeWeights(score="sharpness", weights="linear", antithetic=True, probe_scope="all")
+        ),
     },
     "mixin_delta_head_gram": {
         "adapter": "mixin",
-        "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "num_probes": 16, "probe_scope": "head"},
+        "sam": SAMConfig(rho=0.05, reweight=ProbeWeights(score="gram", num_probes=16, probe_scope="head")),
     },
-    "callback_sam": {"adapter": "callback", "options": {"rho": 0.05}},
+    "callback_sam": {"adapter": "callback", "sam": SAMConfig(rho=0.05)},
     "callback_delta_loss": {
         "adapter": "callback",
-        "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3},
+        "sam": SAMConfig(rho=0.05, reweight=ProbeWeights(score="loss", temperature=0.3)),
     },
     # the exact Gram rule: each rank forms its own block of K (no cross-rank entries), global ridge and normalization
     "mixin_delta_exact": {
         "adapter": "mixin",
-        "options": {"rho": 0.05, "reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+        "sam": SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear")),
     },
     "callback_delta_exact_local": {
         "adapter": "callback",
-        "options": {
-            "rho": 0.05,
-            "reweight": "delta",
-            "score": "gram",
-            "weights": "linear",
-            "estimator": "exact",
-            "sync": "local",
-        },
+        "sam": SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear"), sync="local"),
     },
-    "mixin_sam_local": {"adapter": "mixin", "options": {"rho": 0.05, "sync": "local"}},
+    "mixin_sam_local": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, sync="local")},
     # per-instance SAM: no perturbation all-reduce (each rank's instances are complete on it); m-sharpness groups
     # consecutive instances of each rank's batch
-    "mixin_instance_m1": {"adapter": "mixin", "options": {"rho": 0.05, "m": 1}},
-    "callback_instance_m1": {"adapter": "callback", "options": {"rho": 0.05, "m": 1}},
-    "mixin_instance_m2": {"adapter": "mixin", "options": {"rho": 0.05, "m": 2}},
+    "mixin_instance_m1": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, m=1)},
+    "callback_instance_m1": {"adapter": "callback", "sam": SAMConfig(rho=0.05, m=1)},
+    "mixin_instance_m2": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, m=2)},
     "mixin_delta_local": {
         "adapter": "mixin",
-        "options": {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3, "sync": "local"},
+        "sam": SAMConfig(rho=0.05, reweight=ProbeWeights(score="loss", temperature=0.3), sync="local"),
     },
     # the SAM-family variants: the rule sees the all-reduced g at w and DDP's averaged g_p; its state is identical on ranks
-    "mixin_gsam": {"adapter": "mixin", "options": {"rho": 0.05, "variant": "gsam"}},
-    "callback_wsam": {"adapter": "callback", "options": {"rho": 0.05, "variant": "wsam"}},
-    "mixin_looksam": {"adapter": "mixin", "options": {"rho": 0.1, "variant": "looksam", "k": 2}},
-    "callback_friendly": {"adapter": "callback", "options": {"rho": 0.05, "variant": "friendly", "sigma": 0.5}},
-    "mixin_interval": {"adapter": "mixin", "options": {"rho": 0.05, "interval": 2}},
+    "mixin_gsam": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, variant=GSAMOptions())},
+    "callback_wsam": {"adapter": "callback", "sam": SAMConfig(rho=0.05, variant=WSAMOptions())},
+    "mixin_looksam": {"adapter": "mixin", "sam": SAMConfig(rho=0.1, variant=LookSAMOptions(k=2))},
+    "callback_friendly": {"adapter": "callback", "sam": SAMConfig(rho=0.05, variant=FriendlySAMOptions(sigma=0.5))},
+    "mixin_interval": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, variant=SAMOptions(interval=2))},
 }
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    cases = {k: {**v, "steps": STEPS, "batch": B} for k, v in CASES.items()}
+    # the workers get each case's SAMConfig as a plain dict (SAMConfig.from_dict rebuilds it)
+    cases = {k: {**v, "sam": v["sam"].to_dict(), "steps": STEPS, "batch": B} for k, v in CASES.items()}
     run_workers("ddp_worker.py", out, cases, port=29517, timeout=300)
     results = {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in CASES}
     results["hook_calls"] = {name: int((out / f"{name}.rank0.hook").read_text()) for name in CASES}
     return results
 
 
-def _single_process(options: dict, double: bool = False) -> list[torch.Tensor]:
+def _single_process(config: SAMConfig, double: bool = False) -> list[torch.Tensor]:
     """The same samples, one process, batch 2B: what global sync must reproduce."""
-    if options.get("probe_scope") == "head":  # head probes need the module's split: the mixin, one process
-        module = MixinClassifier(**options)
+    if config.step_probe_scope == "head":  # head probes need the module's split: the mixin, one process
+        module = MixinClassifier(sam=config)
         L.Trainer(max_steps=STEPS, **QUIET).fit(module, make_loader(batch_size=2 * B))
         return [p.detach() for p in module.parameters()]
     net = make_net(seed=0).to(torch.float64 if double else torch.float32)
-    opt = DeltaSAM(
-        net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **{k: v for k, v in options.items() if k != "sync"}
-    )
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, replace(config, sync="global"), lr=1e-2, module=net)
     steps = 0
     rank_major = torch.cat([torch.arange(0, 2 * B, 2), torch.arange(1, 2 * B, 2)])  # rank 0's samples, then rank 1's
     while steps < STEPS:
         for x, y in make_loader(batch_size=2 * B, double=double):
             if steps == STEPS:
                 break
-            if options.get("m") is not None:  # groups of m are consecutive within each rank's batch
+            if config.m is not None:  # groups of m are consecutive within each rank's batch
                 x, y = x[rank_major], y[rank_major]
             opt.step(lambda: per_sample_ce(net, x, y))
             steps += 1
@@ -144,23 +135,23 @@ def _rank_blocks(monkeypatch) -> None:
 
 @pytest.mark.parametrize("name", [n for n in CASES if not n.endswith("_local")])
 def test_global_sync_equals_one_process_on_the_doubled_batch(ddp_results, name, monkeypatch):
-    if CASES[name]["options"].get("estimator") == "exact":
+    if isinstance(CASES[name]["sam"].reweight, GramWeights):
         _rank_blocks(monkeypatch)
-    expected = _single_process(CASES[name]["options"], double=bool(CASES[name].get("double")))
+    expected = _single_process(CASES[name]["sam"], double=bool(CASES[name].get("double")))
     for got, want in zip(ddp_results[name][0], expected):  # 1e-5 relative, tensor by tensor (float rounding)
         assert float((got - want).norm() / want.norm()) < 1e-5, (name, float((got - want).norm() / want.norm()))
 
 
 def test_exact_rule_needs_its_rank_blocks(ddp_results):
     """Without the block structure the one-process step differs: the test above checks the semantics, not a no-op."""
-    expected = _single_process(CASES["mixin_delta_exact"]["options"])
+    expected = _single_process(CASES["mixin_delta_exact"]["sam"])
     diff = max(float((g - w).abs().max()) for g, w in zip(ddp_results["mixin_delta_exact"][0], expected))
     assert diff > 1e-6
 
 
 @pytest.mark.parametrize("name", ["mixin_sam_local", "mixin_delta_local", "callback_delta_exact_local"])
 def test_local_sync_is_a_different_step(ddp_results, name):
-    expected = _single_process(CASES[name]["options"])
+    expected = _single_process(CASES[name]["sam"])
     diff = max(float((g - w).abs().max()) for g, w in zip(ddp_results[name][0], expected))
     assert diff > 1e-4, "sync='local' reproduced the global step: the per-rank perturbation is not real"
 

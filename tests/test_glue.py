@@ -7,6 +7,9 @@ import types
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 import torch
 
 from lightning_deltasam.glue.data import GlueDataModule

@@ -1,4 +1,4 @@
-"""The per-instance gradient Gram matrix (estimator='exact'/'sketch'): K and g_delta against torch.func and autograd."""
+"""The per-instance gradient Gram matrix (GramWeights, exact or sketched): K and g_delta against torch.func and autograd."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_deltasam import DeltaSAM, SAMConfig
+from lightning_deltasam import DeltaSAM, GramWeights, ProbeWeights, SAMConfig
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError, _linear_gram
 from lightning_deltasam.oracle import per_sample_grads, weighted_sam_update
 
@@ -98,12 +98,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("make", [TinyBert, Positional], ids=["hf-bert", "positions-1d"])
+@pytest.mark.needs("transformers", ids="bert")
 def test_gram_equals_torch_func_per_sample_gram(make):
     model = make().eval()
     batch = make_batch()
     assert rel(captured(model, batch).gram(), reference_gram(model, batch)) < 1e-5
 
 
+@pytest.mark.needs("transformers")
 def test_weighted_grads_equal_the_backward_of_the_weighted_loss():
     model = TinyBert().eval()
     batch = make_batch(1)
@@ -141,6 +143,7 @@ def test_sketch_is_unbiased_and_exact_when_rank_covers_the_layer():
     assert one > 1e-3 and mean < one / 5  # each draw errs; their mean converges (E[P P^T] = I)
 
 
+@pytest.mark.needs("transformers")
 def test_bf16_autocast_gram_is_close_to_float32():
     model = TinyBert().eval()
     batch = make_batch(4)
@@ -247,17 +250,18 @@ def test_in_place_change_of_a_recorded_output_is_an_error():
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="estimator='exact'.*score='sharpness'"):
-        SAMConfig(reweight="delta", score="sharpness", estimator="exact")
+    with pytest.raises(ValueError, match="reweight='gram'.*score='sharpness'"):
+        GramWeights(score="sharpness")
     with pytest.raises(ValueError, match="sketch_rank"):
-        SAMConfig(reweight="delta", score="gram", estimator="sketch", sketch_rank=0)
+        GramWeights(score="gram", sketch_rank=0)
     with pytest.raises(ValueError, match="module=model"):
-        DeltaSAM(
-            nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, reweight="delta", score="gram", estimator="exact"
-        )
-    assert not SAMConfig(reweight="delta", score="gram", estimator="exact").uses_probes
+        DeltaSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, SAMConfig(reweight=GramWeights(score="gram")), lr=0.1)
+    config = SAMConfig(reweight=GramWeights(score="gram"))
+    assert isinstance(config.weighting, GramWeights)
+    assert not (isinstance(config.weighting, ProbeWeights) and config.weighting.uses_probes)
 
 
+@pytest.mark.needs("transformers")
 def test_deltasam_exact_step_is_sam_along_the_exact_gram_weights():
     """The optimizer's update equals weighted SAM with delta from the exact Gram of torch.func rows."""
     model = TinyBert().eval()
@@ -275,13 +279,9 @@ def test_deltasam_exact_step_is_sam_along_the_exact_gram_weights():
     opt = DeltaSAM(
         params,
         torch.optim.SGD,
+        SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear")),
         lr=0.0,
         module=model,
-        rho=0.05,
-        reweight="delta",
-        score="gram",
-        weights="linear",
-        estimator="exact",
     )
     opt.base_optimizer.step = lambda: captured_update.append(  # type: ignore[method-assign]
         torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 from lightning_deltasam.glue.data import GlueDataModule
 from lightning_deltasam.glue.tasks import glue_task
 from tests.glue_data import needs_glue

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.func import functional_call
 
-from lightning_deltasam import DeltaSAM, DeltaSAMCallback, SAMConfig
+from lightning_deltasam import DeltaSAM, DeltaSAMCallback, GramWeights, ProbeWeights, SAMConfig
 from lightning_deltasam.gram import UnsupportedModuleError
 from lightning_deltasam.oracle import _LossModule, per_sample_grads
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_data, make_loader, make_net, per_sample_ce
@@ -56,11 +56,11 @@ def loop_reference(
     return {k[len("module.") :]: v for k, v in total.items()}
 
 
-def engine_update(model: nn.Module, loss_fn, batch, **options) -> dict[str, torch.Tensor]:
+def engine_update(model: nn.Module, loss_fn, batch, sam: SAMConfig) -> dict[str, torch.Tensor]:
     """The descent gradient DeltaSAM hands its base optimizer (the base step replaced by a capture)."""
     model.zero_grad(set_to_none=True)
     got: dict[str, torch.Tensor] = {}
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=1.0, module=model, **options)
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, sam, lr=1.0, module=model)
 
     def capture() -> None:
         got.update({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})
@@ -116,21 +116,24 @@ MODELS = {
 
 @pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.needs("transformers", ids="bert")
 def test_batched_route_equals_a_loop_over_instances(name, m):
     model, loss_fn, batch = MODELS[name]()
     want = loop_reference(model, loss_fn, batch, RHO, m)
-    got = engine_update(model, loss_fn, batch, rho=RHO, m=m)
+    got = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=m))
     assert rel(got, want) < 1e-5, rel(got, want)
-    sam = engine_update(model, loss_fn, batch, rho=RHO)  # the test tells the routes apart: SAM is far from it
+    # the test tells the routes apart: SAM is far from it
+    sam = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO))
     assert rel(sam, want) > 1e-3
 
 
+@pytest.mark.needs("transformers")
 def test_m_equal_to_the_batch_is_sam_and_m_none_is_untouched():
     model, loss_fn, batch = MODELS["bert"]()
-    sam = engine_update(model, loss_fn, batch, rho=RHO)
-    whole = engine_update(model, loss_fn, batch, rho=RHO, m=batch["labels"].shape[0])
+    sam = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO))
+    whole = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=batch["labels"].shape[0]))
     assert rel(whole, sam) < 1e-5
-    again = engine_update(model, loss_fn, batch, rho=RHO, m=None)
+    again = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=None))
     assert all(torch.equal(again[k], sam[k]) for k in sam)  # m=None is SAM's own path, bit for bit
 
 
@@ -140,7 +143,7 @@ def test_param_group_radii_and_frozen_groups():
     groups = [{"params": list(model[0].parameters()), "rho": 0.0}, {"params": list(model[-1].parameters())}]
     model.zero_grad(set_to_none=True)
     got = {}
-    opt = DeltaSAM(groups, torch.optim.SGD, lr=1.0, module=model, rho=RHO, m=1)
+    opt = DeltaSAM(groups, torch.optim.SGD, SAMConfig(rho=RHO, m=1), lr=1.0, module=model)
     opt.base_optimizer.step = lambda: got.update(  # type: ignore[method-assign]
         {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
     )
@@ -150,9 +153,10 @@ def test_param_group_radii_and_frozen_groups():
     assert rel(got, loop_reference(model, loss_fn, batch, RHO, 1)) > 1e-3
 
 
+@pytest.mark.needs("transformers")
 def test_eps_norm_and_loss_rise_are_logged():
     model, loss_fn, batch = MODELS["bert"]()
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.0, module=model, rho=RHO, m=1)
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, m=1), lr=0.0, module=model)
     opt.step(lambda: loss_fn(batch))
     stats = opt.last_stats
     assert stats is not None and abs(stats.eps_norm - RHO) < 1e-6
@@ -161,6 +165,7 @@ def test_eps_norm_and_loss_rise_are_logged():
 
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("name", ["bert", "twice"])
+@pytest.mark.needs("transformers", ids="bert")
 def test_grad_norm_ratio_is_logged_from_per_sample_gradients(name, m):
     """deltasam/grad_norm_ratio = mean_i ||G_g(i)||/|g(i)| / ||g_bar||, against torch.func's per-sample gradients."""
     model, loss_fn, batch = MODELS[name]()
@@ -168,13 +173,14 @@ def test_grad_norm_ratio_is_logged_from_per_sample_gradients(name, m):
     rows = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1).double()
     n = rows.shape[0]
     want = sum(float(rows[s : s + m].sum(0).norm()) for s in range(0, n, m)) / n / float(rows.mean(0).norm())
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.0, module=model, rho=RHO, m=m)
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, m=m), lr=0.0, module=model)
     opt.step(lambda: loss_fn(batch))
     assert opt.last_stats.grad_norm_ratio == pytest.approx(want, rel=1e-5)
     assert opt.last_stats.as_log_dict(0)["deltasam/grad_norm_ratio"] > 1  # a per-instance adversary is the stronger one
 
 
 @pytest.mark.parametrize("name", ["bert", "mlp"])
+@pytest.mark.needs("transformers", ids="bert")
 def test_match_rho_is_the_fixed_route_at_rho_over_the_ratio(name):
     """match_rho=True at rho equals m=1 at the fixed radius rho / (mean_i ||g_i|| / ||g_bar||), the ratio from
     torch.func's per-sample gradients; with m = B (one group, ratio 1) it is SAM at rho."""
@@ -183,18 +189,19 @@ def test_match_rho_is_the_fixed_route_at_rho_over_the_ratio(name):
     rows = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1).double()
     ratio = float(rows.norm(dim=1).mean() / rows.mean(0).norm())
     want = loop_reference(model, loss_fn, batch, rho=RHO / ratio, m=1)
-    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=1, match_rho=True), want) < 1e-5
-    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=1), want) > 1e-3  # the radius did change
+    assert rel(engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=1, match_rho=True)), want) < 1e-5
+    assert rel(engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=1)), want) > 1e-3  # the radius did change
     n = rows.shape[0]
-    sam = engine_update(model, loss_fn, batch, rho=RHO)
-    assert rel(engine_update(model, loss_fn, batch, rho=RHO, m=n, match_rho=True), sam) < 1e-5
+    sam = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO))
+    assert rel(engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=n, match_rho=True)), sam) < 1e-5
 
 
 def test_match_rho_refusals():
     """match_rho needs m; under DDP with sync='global' it needs the global ||g_bar||, which the route does not form."""
+    from lightning_deltasam.backend import Backend
     from lightning_deltasam.distributed import Reducer
     from lightning_deltasam.engine import SAMEngine
-    from lightning_deltasam.parts import Backend
+    from lightning_deltasam.passes import Passes
 
     with pytest.raises(ValueError, match="match_rho=True scales the radius of the per-instance route"):
         SAMConfig(match_rho=True)
@@ -207,26 +214,27 @@ def test_match_rho_refusals():
     engine = SAMEngine([{"params": params}], SAMConfig(rho=RHO, m=1, match_rho=True))
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match=r"match_rho=True under DDP with sync='global' \(2 ranks\)"):
-        engine.step(lambda: loss_fn(batch), Backend(TwoRanks()), lambda: None, module=model)
+        engine.step(Passes(lambda: loss_fn(batch), Backend(TwoRanks()), module=model), lambda: None)
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
+@pytest.mark.needs("transformers")
 def test_bf16_autocast_is_close_to_float32():
     model, loss_fn, batch = MODELS["bert"]()
-    want = engine_update(model, loss_fn, batch, rho=RHO, m=1)
+    want = engine_update(model, loss_fn, batch, SAMConfig(rho=RHO, m=1))
 
     def autocast_loss(b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(b).float()
 
-    got = engine_update(model, autocast_loss, batch, rho=RHO, m=1)
+    got = engine_update(model, autocast_loss, batch, SAMConfig(rho=RHO, m=1))
     assert rel(got, want) < 0.05
 
 
 # ------------------------------------------------------------------------------------------ adapters
-def _plain_run(options: dict, steps: int = 6) -> nn.Module:
+def _plain_run(sam: SAMConfig, steps: int = 6) -> nn.Module:
     net = make_net(seed=0)
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, sam, lr=1e-2, module=net)
     done = 0
     while done < steps:
         for x, y in make_loader():
@@ -239,12 +247,12 @@ def _plain_run(options: dict, steps: int = 6) -> nn.Module:
 
 @pytest.mark.parametrize("m", [1, 4])
 def test_mixin_callback_and_optimizer_agree(m):
-    reference = _plain_run({"rho": RHO, "m": m})
-    mixin = MixinClassifier(rho=RHO, m=m)
+    reference = _plain_run(SAMConfig(rho=RHO, m=m))
+    mixin = MixinClassifier(sam=SAMConfig(rho=RHO, m=m))
     L.Trainer(max_steps=6, **QUIET).fit(mixin, make_loader())
     plain = PlainClassifier()
-    L.Trainer(max_steps=6, callbacks=[DeltaSAMCallback(rho=RHO, m=m)], **QUIET).fit(plain, make_loader())
-    sam = _plain_run({"rho": RHO})
+    L.Trainer(max_steps=6, callbacks=[DeltaSAMCallback(SAMConfig(rho=RHO, m=m))], **QUIET).fit(plain, make_loader())
+    sam = _plain_run(SAMConfig(rho=RHO))
     for a, b, c in zip(reference.parameters(), mixin.net.parameters(), plain.net.parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
         torch.testing.assert_close(c, a, atol=1e-6, rtol=0)
@@ -254,7 +262,7 @@ def test_mixin_callback_and_optimizer_agree(m):
 def test_callback_with_m_needs_per_sample_loss():
     plain = PlainClassifier(with_per_sample=False)
     with pytest.raises(ValueError, match=r"DeltaSAMCallback\(m=1\) needs PlainClassifier.per_sample_loss"):
-        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(m=1)], **QUIET).fit(plain, make_loader())
+        L.Trainer(max_steps=1, callbacks=[DeltaSAMCallback(SAMConfig(m=1))], **QUIET).fit(plain, make_loader())
 
 
 def test_app_config_and_options():
@@ -266,8 +274,9 @@ def test_app_config_and_options():
     [
         ({"m": 0}, r"m=0 must be an integer >= 1"),
         ({"m": 2.0}, r"m=2.0 must be an integer"),
-        ({"m": 1, "reweight": "delta"}, r"m=1 with reweight='delta'.*Use one"),
-        ({"m": 1, "adaptive": True}, r"m=1 with adaptive=True.*not low-rank"),
+        ({"m": 1, "reweight": ProbeWeights()}, r"m=1 with reweight='probes'.*Use one"),
+        ({"m": 1, "reweight": GramWeights()}, r"m=1 with reweight='gram'.*Use one"),
+        ({"m": 1, "adaptive": True}, r"adaptive=True with m=1.*not low-rank"),
     ],
 )
 def test_bad_combinations_name_the_option(options, match):
@@ -278,9 +287,9 @@ def test_bad_combinations_name_the_option(options, match):
 def test_two_step_api_backward_closure_and_missing_module_are_refused():
     net = make_net()
     x, y = make_data(n=8)
-    with pytest.raises(ValueError, match=r"m=1 gives each group.*module=model"):
-        DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, m=1)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, m=1, module=net)
+    with pytest.raises(ValueError, match=r"m=1 forms per-instance gradients from the model's layers.*module=model"):
+        DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(m=1), lr=0.1)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(m=1), lr=0.1, module=net)
     per_sample_ce(net, x, y).mean().backward()
     with pytest.raises(ValueError, match=r"m=1 needs per-instance losses.*first_step\(\)/second_step\(\)"):
         opt.first_step()
@@ -288,7 +297,7 @@ def test_two_step_api_backward_closure_and_missing_module_are_refused():
         opt.step(lambda: per_sample_ce(net, x, y).mean().backward())
     net.zero_grad(set_to_none=True)
     groups = [{"params": list(net.parameters()), "adaptive": True}]
-    opt = DeltaSAM(groups, torch.optim.SGD, lr=0.1, m=1, module=net)
+    opt = DeltaSAM(groups, torch.optim.SGD, SAMConfig(m=1), lr=0.1, module=net)
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['adaptive'\]=True with m=1"):
         opt.step(lambda: per_sample_ce(net, x, y))
 
@@ -300,14 +309,14 @@ def test_unsupported_layers_are_refused_naming_the_route():
             self.conv = nn.Conv1d(2, 3, 3)
 
     model = WithConv()
-    opt = DeltaSAM(model.parameters(), torch.optim.SGD, lr=0.1, m=1, module=model)
+    opt = DeltaSAM(model.parameters(), torch.optim.SGD, SAMConfig(m=1), lr=0.1, module=model)
     with pytest.raises(UnsupportedModuleError, match=r"per-instance route \(m=1\).*Conv1d.*m=None"):
         opt.step(lambda: model.conv(torch.randn(2, 2, 5)).sum((1, 2)))
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"m": 1}, {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"}],
+    [{"m": 1}, {"reweight": GramWeights(score="gram", weights="linear")}],
     ids=["m1", "exact"],
 )
 @pytest.mark.parametrize("how", ["torch.compile", "Module.compile", "submodule"])
@@ -322,14 +331,16 @@ def test_compiled_modules_get_a_clear_error(options, how):
     else:
         module = nn.Sequential(torch.compile(net, backend="eager"))
     x, y = make_data(n=8)
-    opt = DeltaSAM(module.parameters(), torch.optim.SGD, lr=0.1, module=module, rho=RHO, **options)
+    opt = DeltaSAM(module.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, **options), lr=0.1, module=module)
     before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(ValueError, match=r"torch\.compile.*_orig_mod"):
         opt.step(lambda: F.cross_entropy(module(x), y, reduction="none"))
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     # the way out the error names: the uncompiled module gives the eager update
     if how == "torch.compile":
-        opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, module=module._orig_mod, rho=RHO, **options)
+        opt = DeltaSAM(
+            net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, **options), lr=0.1, module=module._orig_mod
+        )
         opt.step(lambda: per_sample_ce(net, x, y))
 
 
@@ -338,11 +349,11 @@ def test_a_compiled_function_inside_the_loss_is_refused_or_exact():
     dynamo runs them eagerly, the update is the eager one; never a silently different update."""
     net = make_net()
     x, y = make_data(n=8)
-    want = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), rho=RHO, m=1)
+    want = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), SAMConfig(rho=RHO, m=1))
     compiled = torch.compile(lambda inputs: net(inputs), backend="aot_eager")
     try:
         got = engine_update(
-            net, lambda b: F.cross_entropy(compiled(b[0]), b[1], reduction="none"), (x, y), rho=RHO, m=1
+            net, lambda b: F.cross_entropy(compiled(b[0]), b[1], reduction="none"), (x, y), SAMConfig(rho=RHO, m=1)
         )
     except ValueError as err:
         assert "torch.compile" in str(err)
@@ -354,7 +365,7 @@ def test_a_compiled_function_inside_the_loss_is_refused_or_exact():
 @pytest.mark.parametrize("fault", ["nan", "inf"])
 @pytest.mark.parametrize("call", [3, 4], ids=["first-pass", "second-pass"])
 def test_non_finite_loss_skips_with_weights_unchanged(fault, call):
-    module = Faulty(at=call, fault=fault, rho=RHO, m=1)
+    module = Faulty(at=call, fault=fault, sam=SAMConfig(rho=RHO, m=1))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         trainer = L.Trainer(max_steps=4, **QUIET)
@@ -366,7 +377,7 @@ def test_non_finite_loss_skips_with_weights_unchanged(fault, call):
 
 
 def test_exception_in_the_second_pass_leaves_weights_and_hooks_clean():
-    module = Faulty(at=2, fault="raise", rho=RHO, m=1)
+    module = Faulty(at=2, fault="raise", sam=SAMConfig(rho=RHO, m=1))
     with pytest.raises(RuntimeError, match="user code failed"):
         L.Trainer(max_steps=2, **QUIET).fit(module, make_loader())
     assert all(torch.equal(a, b) for a, b in zip(module.weights_at_batch_start[0], module.parameters()))
@@ -375,7 +386,7 @@ def test_exception_in_the_second_pass_leaves_weights_and_hooks_clean():
 
 def test_fp16_grad_scaler_trains_and_skips_overflow():
     plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    module = Faulty(at=4, fault="inf", rho=RHO, m=1)
+    module = Faulty(at=4, fault="inf", sam=SAMConfig(rho=RHO, m=1))
     trainer = L.Trainer(max_steps=4, plugins=[plugin], **QUIET)
     trainer.fit(module, make_loader())
     starts = module.weights_at_batch_start
@@ -388,7 +399,9 @@ def test_batchnorm_in_training_mode_is_refused_and_in_eval_mode_is_exact():
     net = make_net(batchnorm=True)
     net[1].requires_grad_(False)
     x, y = make_data(n=16)
-    opt = DeltaSAM([p for p in net.parameters() if p.requires_grad], torch.optim.SGD, lr=0.1, module=net, rho=RHO, m=1)
+    opt = DeltaSAM(
+        [p for p in net.parameters() if p.requires_grad], torch.optim.SGD, SAMConfig(rho=RHO, m=1), lr=0.1, module=net
+    )
     before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(UnsupportedModuleError, match=r"1 \(BatchNorm1d\).*batch's own statistics.*eval mode"):
         opt.step(lambda: per_sample_ce(net, x, y))
@@ -397,7 +410,7 @@ def test_batchnorm_in_training_mode_is_refused_and_in_eval_mode_is_exact():
     net.double()
     x = x.double()
     ref = loop_reference(net, lambda b: per_sample_ce(net, *b), (x, y), RHO, 1)
-    got = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), rho=RHO, m=1)
+    got = engine_update(net, lambda b: per_sample_ce(net, *b), (x, y), SAMConfig(rho=RHO, m=1))
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-7, atol=1e-9)
 
@@ -407,7 +420,7 @@ def test_resume_from_a_state_dict_continues_bitwise():
 
     def fresh(seed: int = 0) -> tuple[nn.Module, DeltaSAM]:
         net = make_net(seed=seed)
-        return net, DeltaSAM(net.parameters(), torch.optim.AdamW, lr=1e-2, module=net, rho=RHO, m=2)
+        return net, DeltaSAM(net.parameters(), torch.optim.AdamW, SAMConfig(rho=RHO, m=2), lr=1e-2, module=net)
 
     straight, opt = fresh()
     for x, y in batches:

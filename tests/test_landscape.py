@@ -7,6 +7,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint

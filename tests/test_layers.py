@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_deltasam import DeltaSAM
+from lightning_deltasam import DeltaSAM, GramWeights, SAMConfig
 from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
 from tests.test_gram import Positional, Tied, reference_gram, tied_batch
 from tests.test_instance import engine_update, loop_reference, rel
@@ -169,7 +169,7 @@ def test_each_kind_equals_a_loop_over_instances(name: str, m: int) -> None:
     model.enabled = False  # (Checkpointed) the reference runs without checkpointing
     ref = loop_reference(model, loss, batch, RHO, m)
     model.enabled = True
-    got = engine_update(model, loss, batch, rho=RHO, m=m, verify="always")
+    got = engine_update(model, loss, batch, SAMConfig(rho=RHO, m=m, verify="always"))
     assert rel(got, ref) < 1e-9
 
 
@@ -306,12 +306,12 @@ def test_what_cannot_be_exact_is_refused_by_name_with_w_untouched(name: str, how
     options = {
         "m=1": {"m": 1},
         "m=2": {"m": 2},
-        "exact": {"reweight": "delta", "score": "gram", "weights": "linear", "estimator": "exact"},
+        "exact": {"reweight": GramWeights(score="gram", weights="linear")},
     }[how]
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     with pytest.raises(UnsupportedModuleError, match=match):
-        opt = DeltaSAM(params, torch.optim.SGD, lr=0.1, module=model, rho=RHO, **options)
+        opt = DeltaSAM(params, torch.optim.SGD, SAMConfig(rho=RHO, **options), lr=0.1, module=model)
         opt.step(lambda: model(batch))
     assert all(torch.equal(a, p) for a, p in zip(before, params))
 

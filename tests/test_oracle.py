@@ -83,6 +83,7 @@ def test_fidelity_measure():
     assert cos == pytest.approx(0.0, abs=1e-12) and rel == pytest.approx(2**0.5)
 
 
+@pytest.mark.needs("transformers")
 def test_batched_route_is_the_loop_oracle():
     """The oracle's two routes agree: the batched second pass against n + 1 backward passes (the reference)."""
     from lightning_deltasam.oracle import batched_route_supported

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_deltasam import DeltaSAM
+from lightning_deltasam import DeltaSAM, ProbeWeights, SAMConfig
 from tests.helpers import make_data, make_net, per_sample_ce
 
 RHO, LR, STEPS = 0.05, 0.05, 3
@@ -61,11 +61,10 @@ def _run(path: str, adaptive: bool, groups: bool = False) -> nn.Module:
         if groups
         else net.parameters()
     )
-    opts = dict(rho=RHO, adaptive=adaptive, lr=LR)
     opt = (
-        ReferenceSAM(params, torch.optim.AdamW, **opts)
+        ReferenceSAM(params, torch.optim.AdamW, rho=RHO, adaptive=adaptive, lr=LR)
         if path == "reference"
-        else DeltaSAM(params, torch.optim.AdamW, **opts)
+        else DeltaSAM(params, torch.optim.AdamW, SAMConfig(rho=RHO, adaptive=adaptive), lr=LR)
     )
     for _ in range(STEPS):
         if path == "per-instance":
@@ -108,7 +107,7 @@ def test_matches_pytorch_optimizer_sam():
         nets = [make_net(), make_net()]
         opts = [
             pt.SAM(nets[0].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, lr=LR, perturb_eps=0.0),
-            DeltaSAM(nets[1].parameters(), torch.optim.AdamW, rho=RHO, adaptive=adaptive, eta=0.0, lr=LR),
+            DeltaSAM(nets[1].parameters(), torch.optim.AdamW, SAMConfig(rho=RHO, adaptive=adaptive, eta=0.0), lr=LR),
         ]
         for net, opt in zip(nets, opts):
             for _ in range(STEPS):
@@ -136,7 +135,7 @@ def test_each_group_gets_its_own_radius():
         torch.randn(6, requires_grad=True),
     )
     groups = [{"params": [a]}, {"params": [b], "rho": 0.2}, {"params": [c], "rho": 0.5, "adaptive": True, "eta": 0.1}]
-    opt = DeltaSAM(groups, torch.optim.SGD, lr=0.0, rho=0.05)
+    opt = DeltaSAM(groups, torch.optim.SGD, SAMConfig(rho=0.05), lr=0.0)
     grads = [torch.randn_like(p) for p in (a, b, c)]
     before = [p.detach().clone() for p in (a, b, c)]
     for p, g in zip((a, b, c), grads):
@@ -157,7 +156,7 @@ def test_each_group_gets_its_own_radius():
 def test_group_rho_schedule_and_validation():
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.0, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.0)
     opt.param_groups[0]["rho"] = 0.3  # a rho schedule writes the group's value
     _mean_loss(net, x, y).backward()
     opt.first_step()
@@ -176,7 +175,7 @@ def test_group_rho_schedule_and_validation():
 def test_scalar_closure_with_delta_sam_is_refused_clearly():
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO, reweight="delta", score="loss")
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, reweight=ProbeWeights(score="loss")), lr=0.1)
     _mean_loss(net, x, y).backward()
 
     def closure():
@@ -185,12 +184,12 @@ def test_scalar_closure_with_delta_sam_is_refused_clearly():
         return loss
 
     before = [p.detach().clone() for p in net.parameters()]
-    with pytest.raises(ValueError, match="reweight='delta' needs per-instance losses"):
+    with pytest.raises(ValueError, match="reweight='probes' needs per-instance losses"):
         opt.step(closure)
-    with pytest.raises(ValueError, match="reweight='delta' needs per-instance losses"):
+    with pytest.raises(ValueError, match="reweight='probes' needs per-instance losses"):
         opt.first_step()
     opt.zero_grad()
-    with pytest.raises(ValueError, match="reweight='delta' needs per-instance losses"):
+    with pytest.raises(ValueError, match="reweight='probes' needs per-instance losses"):
         opt.step(closure)  # no backward before: the per-instance contract, and the closure returned a scalar
     assert all(torch.equal(p.detach(), b) for p, b in zip(net.parameters(), before))
 
@@ -198,7 +197,7 @@ def test_scalar_closure_with_delta_sam_is_refused_clearly():
 def test_scalar_closure_without_a_first_backward_says_how_to_call():
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=0.1)
     with pytest.raises(ValueError, match=r"loss\.backward\(\) before step\(closure\)"):
         opt.step(lambda: _mean_loss(net, x, y))
 
@@ -207,8 +206,8 @@ def test_per_instance_steps_after_each_other_are_not_mistaken_for_backward_closu
     """The descent gradient a step leaves in .grad is not a new first-pass gradient."""
     x, y = make_data(n=16)
     a, b = make_net(), make_net()
-    opt_a = DeltaSAM(a.parameters(), torch.optim.SGD, lr=LR, rho=RHO)
-    opt_b = DeltaSAM(b.parameters(), torch.optim.SGD, lr=LR, rho=RHO)
+    opt_a = DeltaSAM(a.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=LR)
+    opt_b = DeltaSAM(b.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=LR)
     for _ in range(2):
         opt_a.step(lambda: per_sample_ce(a, x, y))  # .grad left set in between
         opt_b.zero_grad()
@@ -220,7 +219,7 @@ def test_per_instance_steps_after_each_other_are_not_mistaken_for_backward_closu
 def test_two_step_order_is_enforced():
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=0.1)
     with pytest.raises(RuntimeError, match="second_step"):
         opt.second_step()
     _mean_loss(net, x, y).backward()
@@ -236,7 +235,7 @@ def test_two_step_order_is_enforced():
 def test_backward_closure_keeps_the_exact_restore_and_skips_non_finite_steps():
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=0.1)
     before = [p.detach().clone() for p in net.parameters()]
 
     def failing():
@@ -272,7 +271,7 @@ def test_backward_closure_keeps_the_exact_restore_and_skips_non_finite_steps():
 def test_two_step_keeps_the_first_pass_running_statistics():
     x, y = make_data(n=16)
     net, ref = make_net(batchnorm=True), make_net(batchnorm=True)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO, module=net)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=0.1, module=net)
     _mean_loss(net, x, y).backward()
     ref(x)  # one training-mode forward: the statistics a first pass leaves
     opt.first_step(zero_grad=True)
@@ -286,7 +285,7 @@ def test_phases_are_profiler_ranges():
     """The engine's phases show up as deltasam.<phase> ranges (benchmarks/speed.py times them this way)."""
     x, y = make_data(n=8)
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=RHO)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO), lr=0.1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step(lambda: per_sample_ce(net, x, y))
     names = {e.name for e in prof.events()}

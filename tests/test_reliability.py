@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
+from lightning_deltasam import GramWeights, ProbeWeights, SAMConfig
 from tests.helpers import QUIET, MixinClassifier, make_data, make_loader, make_net, per_sample_ce, reference_sam_update
 
 
@@ -53,7 +54,7 @@ def _weights(module: nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("call", [3, 4], ids=["first-pass", "second-pass"])
 def test_non_finite_loss_skips_the_step_and_training_continues(fault, call):
     # SAM: 2 calls per step, so call 3 is step 2's first pass and call 4 its second pass
-    module = Faulty(at=call, fault=fault, rho=0.05)
+    module = Faulty(at=call, fault=fault, sam=SAMConfig(rho=0.05))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = L.Trainer(max_steps=4, **QUIET)
@@ -70,8 +71,8 @@ def test_non_finite_loss_skips_the_step_and_training_continues(fault, call):
 
 def test_nan_in_a_probe_falls_back_to_uniform_weights():
     # delta-SAM with 3 probes: call 2 is a probe of step 1 (calls: probe x3, first, second)
-    module = Faulty(at=2, fault="nan", rho=0.05, reweight="delta", num_probes=3, probe_scope="all")
-    reference = SGDClassifier(rho=0.05)
+    module = Faulty(at=2, fault="nan", sam=SAMConfig(rho=0.05, reweight=ProbeWeights(num_probes=3, probe_scope="all")))
+    reference = SGDClassifier(sam=SAMConfig(rho=0.05))
     L.Trainer(max_steps=1, **QUIET).fit(module, make_loader())
     L.Trainer(max_steps=1, **QUIET).fit(reference, make_loader())
     assert module.deltasam_last_stats.weight_fallback
@@ -82,7 +83,9 @@ def test_nan_in_a_probe_falls_back_to_uniform_weights():
 @pytest.mark.parametrize("fault", ["raise", "interrupt"])
 @pytest.mark.parametrize("call", [2, 5], ids=["probe", "second-pass"])
 def test_exception_mid_step_restores_weights_before_propagating(fault, call):
-    module = Faulty(at=call, fault=fault, rho=0.5, reweight="delta", num_probes=3, probe_scope="all")
+    module = Faulty(
+        at=call, fault=fault, sam=SAMConfig(rho=0.5, reweight=ProbeWeights(num_probes=3, probe_scope="all"))
+    )
     trainer = L.Trainer(max_steps=2, **QUIET)
     try:
         trainer.fit(module, make_loader())
@@ -110,7 +113,9 @@ def test_kill_and_resume_continues_bitwise(tmp_path):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def run(root, kill_at=None, ckpt_path=None):
-        module = Scheduled(kill_at=kill_at, rho=0.05, reweight="delta", score="gram", num_probes=4, seed=0)
+        module = Scheduled(
+            kill_at=kill_at, sam=SAMConfig(rho=0.05, reweight=ProbeWeights(score="gram", num_probes=4)), seed=0
+        )
         ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_epochs=1)
         trainer = L.Trainer(
             max_epochs=2,
@@ -141,7 +146,7 @@ def test_kill_and_resume_continues_bitwise(tmp_path):
 def test_gradient_accumulation_matches_a_reference():
     """k=2: each micro-batch is perturbed by its own eps; the SGD step uses the mean descent gradient."""
     x, y = make_data()
-    module = SGDClassifier(rho=0.05, accumulate_grad_batches=2)
+    module = SGDClassifier(sam=SAMConfig(rho=0.05), accumulate_grad_batches=2)
     L.Trainer(max_steps=2, **QUIET).fit(module, make_loader(batch_size=8))
 
     net = make_net()
@@ -160,7 +165,7 @@ def test_gradient_accumulation_matches_a_reference():
 
 
 def test_a_non_finite_micro_batch_skips_its_whole_window():
-    module = Faulty(at=3, fault="nan", rho=0.05, accumulate_grad_batches=2)  # call 3: window 1, micro 2
+    module = Faulty(at=3, fault="nan", sam=SAMConfig(rho=0.05), accumulate_grad_batches=2)  # call 3: window 1, micro 2
     L.Trainer(max_steps=2, **QUIET).fit(module, make_loader(batch_size=8))
     starts = module.weights_at_batch_start
     assert all(torch.equal(a, b) for a, b in zip(starts[0], starts[2]))
@@ -172,7 +177,9 @@ def _fp16_plugin():
 
 
 def test_fp16_mixed_with_grad_scaler_trains_and_skips_overflow():
-    module = Faulty(at=4, fault="inf", rho=0.05, reweight="delta", score="loss", gradient_clip_val=0.5)
+    module = Faulty(
+        at=4, fault="inf", sam=SAMConfig(rho=0.05, reweight=ProbeWeights(score="loss")), gradient_clip_val=0.5
+    )
     trainer = L.Trainer(max_steps=4, plugins=[_fp16_plugin()], **QUIET)
     trainer.fit(module, make_loader())
     starts = module.weights_at_batch_start
@@ -184,7 +191,7 @@ def test_fp16_mixed_with_grad_scaler_trains_and_skips_overflow():
 
 def test_fp16_grad_scaler_with_the_exact_rule_trains_and_skips_overflow():
     """The first pass's activation backward runs at the scaler's scale (no float16 underflow), then unscales."""
-    module = Faulty(at=4, fault="inf", rho=0.05, reweight="delta", score="gram", weights="linear", estimator="exact")
+    module = Faulty(at=4, fault="inf", sam=SAMConfig(rho=0.05, reweight=GramWeights(score="gram", weights="linear")))
     trainer = L.Trainer(max_steps=4, plugins=[_fp16_plugin()], **QUIET)
     trainer.fit(module, make_loader())
     starts = module.weights_at_batch_start
@@ -198,7 +205,7 @@ def test_clipping_acts_on_the_unscaled_descent_gradient_under_fp16():
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1.0)
 
-    module = Clipped(rho=0.05, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    module = Clipped(sam=SAMConfig(rho=0.05), gradient_clip_val=1e-3, gradient_clip_algorithm="value")
     before = _weights(module)
     L.Trainer(max_steps=1, plugins=[_fp16_plugin()], **QUIET).fit(module, make_loader())
     change = max(float((a - b).abs().max()) for a, b in zip(before, module.parameters()))
@@ -207,10 +214,10 @@ def test_clipping_acts_on_the_unscaled_descent_gradient_under_fp16():
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
 @pytest.mark.parametrize(
-    "rule", [{}, {"score": "gram", "weights": "linear", "estimator": "exact"}], ids=["default", "exact"]
+    "rule", [ProbeWeights(), GramWeights(score="gram", weights="linear")], ids=["default", "exact"]
 )
 def test_other_precisions_train(precision, rule):
-    module = MixinClassifier(rho=0.05, reweight="delta", **rule)
+    module = MixinClassifier(sam=SAMConfig(rho=0.05, reweight=rule))
     before = _weights(module)
     L.Trainer(max_steps=3, precision=precision, **QUIET).fit(module, make_loader(double=precision == "64-true"))
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -223,7 +230,7 @@ def test_batchnorm_statistics_updated_once_per_step_through_the_mixin():
             super().__init__(**kw)
             self.net = make_net(batchnorm=True)
 
-    module = BN(rho=0.05, reweight="delta", num_probes=3)
+    module = BN(sam=SAMConfig(rho=0.05, reweight=ProbeWeights(num_probes=3)))
     L.Trainer(max_steps=3, **QUIET).fit(module, make_loader())
     assert int(module.net[1].num_batches_tracked) == 3
 
@@ -276,7 +283,7 @@ def test_no_trainable_parameters_and_empty_batch_are_clear_errors():
 
 def test_same_seed_same_results():
     def run():
-        module = MixinClassifier(rho=0.05, reweight="delta", score="gradnorm", seed=3)
+        module = MixinClassifier(sam=SAMConfig(rho=0.05, reweight=ProbeWeights(score="gradnorm")), seed=3)
         module.net[3].p = 0.3  # dropout: the RNG must be replayed identically too
         L.seed_everything(7, verbose=False)
         L.Trainer(max_steps=4, **QUIET).fit(module, make_loader())
@@ -295,7 +302,7 @@ def test_plain_optimizer_skips_non_finite_steps():
 
     net = make_net()
     x, y = make_data(n=8)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     before = _weights(net)
     with pytest.warns(RuntimeWarning, match="skipped a step"):
         opt.step(lambda: F.cross_entropy(net(x), y, reduction="none") * float("nan"))

@@ -9,6 +9,9 @@ from typing import Any
 
 import lightning as L
 import pytest
+
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_deltasam import DeltaSAM
-from lightning_deltasam.config import SAMConfig
+from lightning_deltasam import DeltaSAM, FriendlySAMOptions, GramWeights, GSAMOptions, ProbeWeights, SAMConfig
 from lightning_deltasam.distributed import shards_of
 from lightning_deltasam.lightning_backend import check_strategy
 from lightning_deltasam.probes import ProbeNoise
@@ -33,16 +32,20 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------ gradients left from an earlier backward
 @pytest.mark.parametrize(
-    "options, words",
+    "sam, words",
     [
-        ({"rho": 0.05}, ["per-instance losses of shape (16,)", "zero_grad()", "restored"]),
-        ({"rho": 0.05, "reweight": "delta", "score": "loss"}, ["reweight='delta'", "zero_grad()", "Nothing"]),
-        ({"rho": 0.05, "m": 1}, ["m=1", "zero_grad()", "Nothing"]),
+        (SAMConfig(rho=0.05), ["per-instance losses of shape (16,)", "zero_grad()", "restored"]),
+        (
+            SAMConfig(rho=0.05, reweight=ProbeWeights(score="loss")),
+            ["reweight='probes'", "zero_grad()", "Nothing"],
+        ),
+        (SAMConfig(rho=0.05, m=1), ["m=1", "zero_grad()", "Nothing"]),
     ],
+    ids=["sam", "probes", "m"],
 )
-def test_a_leftover_gradient_with_a_per_instance_closure_is_refused(options, words):
+def test_a_leftover_gradient_with_a_per_instance_closure_is_refused(sam, words):
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, module=net, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, sam, lr=0.1, module=net)
     per_sample_ce(net, X, Y).mean().backward()  # a backward the step did not ask for
     before = _weights(net)
     with pytest.raises(ValueError) as err:
@@ -59,7 +62,7 @@ def test_a_leftover_gradient_with_a_per_instance_closure_is_refused(options, wor
 def test_the_gradient_the_last_step_left_is_the_optimizers_own_and_dropped():
     """Per-instance closure: what the previous step left in .grad (the descent gradient) is not a new backward."""
     nets = [make_net(), make_net()]
-    opts = [DeltaSAM(n.parameters(), torch.optim.SGD, lr=0.1, module=n, rho=0.05) for n in nets]
+    opts = [DeltaSAM(n.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1, module=n) for n in nets]
     for _ in range(3):
         for i, (net, opt) in enumerate(zip(nets, opts)):
             if i == 1:
@@ -70,7 +73,7 @@ def test_the_gradient_the_last_step_left_is_the_optimizers_own_and_dropped():
 
 def _two_step(zero_between: bool, zero_before: bool = True) -> list[torch.Tensor]:
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     for _ in range(3):
         if zero_before:
             opt.zero_grad()
@@ -90,7 +93,7 @@ def test_two_step_the_second_backward_never_adds_to_the_first():
 
 def test_two_step_without_a_second_backward_is_refused_and_restores_w():
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     before = _weights(net)
     per_sample_ce(net, X, Y).mean().backward()
     opt.first_step()
@@ -101,7 +104,7 @@ def test_two_step_without_a_second_backward_is_refused_and_restores_w():
 
 def test_first_step_without_a_new_backward_is_refused():
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     with pytest.raises(RuntimeError, match="run loss.backward"):
         opt.first_step()  # nothing in .grad
     per_sample_ce(net, X, Y).mean().backward()
@@ -121,7 +124,7 @@ def test_a_backward_onto_the_last_steps_gradient_is_warned_once():
     with warnings.catch_warnings():  # zero_grad(set_to_none=False) is recognised: zeroed in place, no warning
         warnings.simplefilter("error")
         net = make_net()
-        opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+        opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
         for _ in range(2):
             opt.zero_grad(set_to_none=False)
             per_sample_ce(net, X, Y).mean().backward()
@@ -131,13 +134,13 @@ def test_a_backward_onto_the_last_steps_gradient_is_warned_once():
 
 
 # ------------------------------------------------------------------ GradScaler
-def _scaled_run(kind: str, options: dict, overflow: tuple[int, str] | None = None, steps: int = 3):
+def _scaled_run(kind: str, sam: SAMConfig, overflow: tuple[int, str] | None = None, steps: int = 3):
     """SGD on float64 under a GradScaler("cpu") (2^16: a power of two, so scaling is exact); ``kind`` is the
     closure form, or the two-step recipe finished by scaler.step or by unscale_ + second_step. ``overflow``:
     (step, "first" / "second") makes that pass's loss infinite. Returns weights, scales before each update."""
     net = make_net().double()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=scaler, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, sam, lr=0.1, grad_scaler=scaler)
     scales = []
     for step in range(steps):
         bad = overflow[1] if overflow is not None and overflow[0] == step else None
@@ -167,9 +170,9 @@ def _scaled_run(kind: str, options: dict, overflow: tuple[int, str] | None = Non
     return _weights(net), scales, opt.engine.skipped_steps
 
 
-def _unscaled_run(options: dict, skip: int | None = None) -> list[torch.Tensor]:
+def _unscaled_run(sam: SAMConfig, skip: int | None = None) -> list[torch.Tensor]:
     net = make_net().double()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, sam, lr=0.1)
     for step in range(3):
         opt.zero_grad()
         if step == skip:
@@ -187,28 +190,34 @@ def _unscaled_run(options: dict, skip: int | None = None) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["closure", "scaler_step", "unscale"])
 @pytest.mark.parametrize(
-    "options", [{"rho": 0.05}, {"rho": 0.05, "variant": "gsam"}, {"rho": 0.05, "variant": "friendly"}]
+    "sam",
+    [
+        SAMConfig(rho=0.05),
+        SAMConfig(rho=0.05, variant=GSAMOptions()),
+        SAMConfig(rho=0.05, variant=FriendlySAMOptions()),
+    ],
+    ids=["sam", "gsam", "friendly"],
 )
-def test_a_grad_scaler_step_equals_the_unscaled_step(kind, options):
+def test_a_grad_scaler_step_equals_the_unscaled_step(kind, sam):
     """Both passes unscaled (GSAM's and FriendlySAM's g at w too): the same weights as without a scaler."""
-    weights, _, skipped = _scaled_run(kind, options)
+    weights, _, skipped = _scaled_run(kind, sam)
     assert skipped == 0
-    assert _same(weights, _unscaled_run(options))
+    assert _same(weights, _unscaled_run(sam))
 
 
 @pytest.mark.parametrize("kind", ["closure", "scaler_step", "unscale"])
 @pytest.mark.parametrize("where", ["first", "second"])
 def test_an_overflow_in_either_pass_skips_and_lowers_the_scale(kind, where):
-    weights, scales, skipped = _scaled_run(kind, {"rho": 0.05}, overflow=(1, where))
+    weights, scales, skipped = _scaled_run(kind, SAMConfig(rho=0.05), overflow=(1, where))
     assert skipped == 1
     assert scales == [2.0**16, 2.0**16, 2.0**15]  # update() after the overflow halved the scale
-    assert _same(weights, _unscaled_run({"rho": 0.05}, skip=1))
+    assert _same(weights, _unscaled_run(SAMConfig(rho=0.05), skip=1))
 
 
 def test_a_grad_scaler_step_without_grad_scaler_is_refused_with_the_recipe():
     net = make_net().double()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     before = _weights(net)
     scaler.scale(F.cross_entropy(net(X64), Y)).backward()
     opt.first_step()
@@ -221,11 +230,11 @@ def test_a_grad_scaler_step_without_grad_scaler_is_refused_with_the_recipe():
 def test_delta_sam_per_instance_closure_under_a_grad_scaler():
     """optimizer.step(closure); scaler.update(): the optimizer's own backwards are scaled, and unscaled before eps
     and before the base step (scaler.step needs a scaled loss before it, which a per-instance closure has not)."""
-    options = {"rho": 0.05, "reweight": "delta", "score": "loss", "temperature": 0.3}
+    sam = SAMConfig(rho=0.05, reweight=ProbeWeights(score="loss", temperature=0.3))
     nets = [make_net().double(), make_net().double()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    scaled = DeltaSAM(nets[0].parameters(), torch.optim.SGD, lr=0.1, module=nets[0], grad_scaler=scaler, **options)
-    plain = DeltaSAM(nets[1].parameters(), torch.optim.SGD, lr=0.1, module=nets[1], **options)
+    scaled = DeltaSAM(nets[0].parameters(), torch.optim.SGD, sam, lr=0.1, module=nets[0], grad_scaler=scaler)
+    plain = DeltaSAM(nets[1].parameters(), torch.optim.SGD, sam, lr=0.1, module=nets[1])
     for _ in range(3):
         scaled.step(lambda: F.cross_entropy(nets[0](X64), Y, reduction="none"))  # it scales its own backwards
         scaler.update()
@@ -246,16 +255,18 @@ def _failing_foreach_copy(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "options", [{"rho": 0.05}, {"rho": 0.05, "reweight": "delta", "score": "gradnorm", "num_probes": 2}]
+    "sam",
+    [SAMConfig(rho=0.05), SAMConfig(rho=0.05, reweight=ProbeWeights(score="gradnorm", num_probes=2))],
+    ids=["sam", "probes"],
 )
-def test_restore_falls_back_per_tensor_when_the_fused_copy_fails(monkeypatch, options):
+def test_restore_falls_back_per_tensor_when_the_fused_copy_fails(monkeypatch, sam):
     reference = make_net(batchnorm=True)
-    opt = DeltaSAM(reference.parameters(), torch.optim.SGD, lr=0.1, module=reference, **options)
+    opt = DeltaSAM(reference.parameters(), torch.optim.SGD, sam, lr=0.1, module=reference)
     for _ in range(2):
         opt.step(lambda: per_sample_ce(reference, X, Y))
     calls = _failing_foreach_copy(monkeypatch)
     net = make_net(batchnorm=True)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, module=net, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, sam, lr=0.1, module=net)
     for _ in range(2):
         opt.step(lambda: per_sample_ce(net, X, Y))
     assert calls[0] > 0  # the fused kernel was tried and failed
@@ -266,7 +277,7 @@ def test_restore_falls_back_per_tensor_when_the_fused_copy_fails(monkeypatch, op
 def test_an_exception_with_a_failing_fused_copy_leaves_w_unperturbed(monkeypatch):
     _failing_foreach_copy(monkeypatch)
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, module=net, rho=0.5)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.5), lr=0.1, module=net)
     before = _weights(net)
     per_sample_ce(net, X, Y).mean().backward()
 
@@ -285,7 +296,7 @@ def test_an_exception_with_a_failing_fused_copy_leaves_w_unperturbed(monkeypatch
 
 def test_a_failing_perturbation_restores_w(monkeypatch):
     net = make_net()
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, module=net, rho=0.5)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.5), lr=0.1, module=net)
     before = _weights(net)
     original = torch._foreach_add_
 
@@ -302,7 +313,7 @@ def test_a_failing_perturbation_restores_w(monkeypatch):
 # ------------------------------------------------------------------ BatchNorm, torch.compile, DeepSpeed, probes
 def test_batchnorm_without_module_is_warned_once():
     net = make_net(batchnorm=True)
-    opt = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1)
     with pytest.warns(RuntimeWarning, match=r"BatchNorm1d.*module=model") as record:
         for _ in range(3):
             opt.step(lambda: per_sample_ce(net, X, Y))
@@ -310,14 +321,16 @@ def test_batchnorm_without_module_is_warned_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         net.zero_grad()  # the first optimizer's last gradient is not this one's
-        told = DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, module=net)
+        told = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1, module=net)
         told.step(lambda: per_sample_ce(net, X, Y))
         plain = make_net()
-        DeltaSAM(plain.parameters(), torch.optim.SGD, lr=0.1, rho=0.05).step(lambda: per_sample_ce(plain, X, Y))
+        DeltaSAM(plain.parameters(), torch.optim.SGD, SAMConfig(rho=0.05), lr=0.1).step(
+            lambda: per_sample_ce(plain, X, Y)
+        )
 
 
 def test_the_mixin_under_a_compiled_module_equals_eager():
-    compiled, eager = MixinClassifier(rho=0.05), MixinClassifier(rho=0.05)
+    compiled, eager = MixinClassifier(sam=SAMConfig(rho=0.05)), MixinClassifier(sam=SAMConfig(rho=0.05))
     L.Trainer(max_steps=2, **QUIET).fit(torch.compile(compiled), make_loader())
     L.Trainer(max_steps=2, **QUIET).fit(eager, make_loader())
     assert "per_sample_loss" in compiled.__dict__  # the forward ran compiled
@@ -337,7 +350,8 @@ def test_deepspeed_is_refused_naming_what_works():
 
 @pytest.mark.parametrize(
     "options, word",
-    [({"m": 1}, "m=1"), ({"reweight": "delta", "estimator": "exact"}, "exact"), ({"sync": "local"}, "sync")],
+    [({"m": 1}, "m=1"), ({"reweight": GramWeights()}, "reweight='gram'"), ({"sync": "local"}, "sync")],
+    ids=["m", "gram", "sync"],
 )
 def test_lightning_fsdp_strategies_refuse_what_needs_whole_weights(options, word):
     for strategy in ("FSDPStrategy", "ModelParallelStrategy"):
@@ -347,11 +361,11 @@ def test_lightning_fsdp_strategies_refuse_what_needs_whole_weights(options, word
 
 
 def test_sharded_probe_noise_differs_by_rank_and_keeps_the_shared_stream():
-    config = SAMConfig(reweight="delta", score="gradnorm")
+    config = SAMConfig(reweight=ProbeWeights(score="gradnorm"))
     params = [torch.ones(5, 4)]
     draws, states = [], []
     for rank in (0, 1):
-        noise = ProbeNoise(config)
+        noise = ProbeNoise(config.seed, std=config.reweight.probe_std, eta=config.eta)
         noise.rank = rank
         draws.append(noise.draw(params)[0])
         states.append(noise.state_dict()["cpu"])

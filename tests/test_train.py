@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("hydra")  # the GLUE app's tests need the [app] extra
+
 from .glue_data import GLUE_DIR, needs_glue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +124,7 @@ def test_resume_from_checkpoint(tiny_run: tuple[Path, subprocess.CompletedProces
             "error: unknown option +optimizer.rh (optimizer takes no 'rh'); did you mean +optimizer.rho",
         ),
         ("trainer.max_stepz=3", "error: unknown option trainer.max_stepz; did you mean trainer.max_steps"),
+        ("rho=-1", "error: unknown option rho (a group's option, not a top-level one); did you mean optimizer.rho?"),
         ("task.data_dir=/nonexistent/glue", "error: task 'sst2': no data file /nonexistent/glue/SST-2/train.tsv"),
         ("task=tsv", "error: task.data_dir must be set"),
         ("data.label_noise=1.5", "error: data.label_noise=1.5 must be >= 0.0 and < 1.0"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-from lightning_deltasam import DeltaSAMCallback
+from lightning_deltasam import DeltaSAMCallback, SAMConfig
 
 from .helpers import QUIET, PlainClassifier, make_loader
 
@@ -25,7 +25,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def _callback_run(steps: int) -> list[torch.Tensor]:
     """The reference: the callback's SAM for ``steps`` steps, no accumulation (4 batches an epoch)."""
     module = PlainClassifier()
-    L.Trainer(max_steps=steps, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET).fit(module, make_loader())
+    L.Trainer(max_steps=steps, callbacks=[DeltaSAMCallback(SAMConfig(rho=0.05))], **QUIET).fit(module, make_loader())
     return _weights(module)
 
 
@@ -36,7 +36,7 @@ def test_callback_refuses_a_gradient_accumulation_scheduler(scheduling: dict, ep
     before = _weights(module)
     trainer = L.Trainer(
         max_epochs=3,
-        callbacks=[GradientAccumulationScheduler(scheduling=scheduling), DeltaSAMCallback(rho=0.05)],
+        callbacks=[GradientAccumulationScheduler(scheduling=scheduling), DeltaSAMCallback(SAMConfig(rho=0.05))],
         **QUIET,
     )
     with pytest.raises(ValueError) as err:
@@ -64,7 +64,7 @@ class AccumulateFrom(L.Callback):
 @pytest.mark.parametrize("first", [True, False])  # the change's hook runs before / after the callback's
 def test_callback_refuses_accumulation_set_at_an_epoch_start(first: bool) -> None:
     module = PlainClassifier()
-    change, sam = AccumulateFrom(epoch=1, k=2), DeltaSAMCallback(rho=0.05)
+    change, sam = AccumulateFrom(epoch=1, k=2), DeltaSAMCallback(SAMConfig(rho=0.05))
     trainer = L.Trainer(max_epochs=3, callbacks=[change, sam] if first else [sam, change], **QUIET)
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 \(epoch 1, step 4\)\. .*DeltaSAMMixin"):
         trainer.fit(module, make_loader())
@@ -82,7 +82,7 @@ class AccumulateAtBatch(PlainClassifier):
 
 def test_callback_refuses_accumulation_set_within_a_batch() -> None:
     module = AccumulateAtBatch()
-    trainer = L.Trainer(max_epochs=1, callbacks=[DeltaSAMCallback(rho=0.05)], **QUIET)
+    trainer = L.Trainer(max_epochs=1, callbacks=[DeltaSAMCallback(SAMConfig(rho=0.05))], **QUIET)
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 \(epoch 0, step 1\)"):
         trainer.fit(module, make_loader())
     assert trainer.global_step == 1 and _same(_weights(module), _callback_run(1))  # the step wrapper refused
@@ -116,7 +116,7 @@ class Scheduled(PlainClassifier):
 @pytest.mark.parametrize("scheduler", ["lambda", "onecycle"])
 def test_callback_keeps_the_lr_schedule_without_scheduler_warnings(scheduler: str) -> None:
     runs = {}
-    for name, callbacks in (("plain", []), ("sam", [DeltaSAMCallback(rho=0.05)])):
+    for name, callbacks in (("plain", []), ("sam", [DeltaSAMCallback(SAMConfig(rho=0.05))])):
         module = Scheduled(scheduler)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -5,12 +5,22 @@ same options, float64, several steps with SGD and AdamW as the base (so per-para
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_deltasam import DeltaSAM, SAMConfig
+from lightning_deltasam import (
+    DeltaSAM,
+    FriendlySAMOptions,
+    GSAMOptions,
+    LookSAMOptions,
+    ProbeWeights,
+    SAMConfig,
+    SAMOptions,
+    WSAMOptions,
+)
 from tests.helpers import make_data, make_net, per_sample_ce
 
 pt = pytest.importorskip("pytorch_optimizer")
@@ -18,18 +28,18 @@ pt = pytest.importorskip("pytorch_optimizer")
 STEPS, LR, TOL = 6, 0.05, 1e-6
 BASES = {"sgd": (torch.optim.SGD, dict(lr=LR, momentum=0.9)), "adamw": (torch.optim.AdamW, dict(lr=LR))}
 VARIANTS = {  # name: (our options, pytorch_optimizer's options)
-    "gsam": (dict(variant="gsam", rho=0.05, min_rho=0.01), dict(alpha=0.4)),
-    "gsam-alpha": (dict(variant="gsam", rho=0.05, alpha=0.2), dict(alpha=0.2)),
-    "wsam": (dict(variant="wsam", rho=0.05), dict(rho=0.05)),
+    "gsam": (SAMConfig(rho=0.05, variant=GSAMOptions(min_rho=0.01)), dict(alpha=0.4)),
+    "gsam-alpha": (SAMConfig(rho=0.05, variant=GSAMOptions(alpha=0.2)), dict(alpha=0.2)),
+    "wsam": (SAMConfig(rho=0.05, variant=WSAMOptions()), dict(rho=0.05)),
     "wsam-coupled": (
-        dict(variant="wsam", rho=0.05, gamma=0.8, decouple=False),
+        SAMConfig(rho=0.05, variant=WSAMOptions(gamma=0.8, decouple=False)),
         dict(rho=0.05, gamma=0.8, decouple=False),
     ),
-    "looksam": (dict(variant="looksam", rho=0.1, k=2), dict(rho=0.1, k=2)),
-    "looksam-alpha": (dict(variant="looksam", rho=0.1, k=3, alpha=0.5), dict(rho=0.1, k=3, alpha=0.5)),
-    "friendly": (dict(variant="friendly", rho=0.05), dict(rho=0.05)),
+    "looksam": (SAMConfig(rho=0.1, variant=LookSAMOptions(k=2)), dict(rho=0.1, k=2)),
+    "looksam-alpha": (SAMConfig(rho=0.1, variant=LookSAMOptions(k=3, alpha=0.5)), dict(rho=0.1, k=3, alpha=0.5)),
+    "friendly": (SAMConfig(rho=0.05, variant=FriendlySAMOptions()), dict(rho=0.05)),
     "friendly-options": (
-        dict(variant="friendly", rho=0.05, sigma=0.5, lmbda=0.6),
+        SAMConfig(rho=0.05, variant=FriendlySAMOptions(sigma=0.5, lmbda=0.6)),
         dict(rho=0.05, sigma=0.5, lmbda=0.6),
     ),
 }
@@ -71,8 +81,8 @@ def _reference(name: str, base: str) -> list[list[torch.Tensor]]:
             sched,
             max_lr=LR,
             min_lr=0.0,
-            max_value=ours["rho"],
-            min_value=ours.get("min_rho") if ours.get("min_rho") is not None else ours["rho"],
+            max_value=ours.rho,
+            min_value=ours.variant.min_rho if ours.variant.min_rho is not None else ours.rho,
         )
         opt = pt.GSAM(net.parameters(), base_opt, net, rho, **options)
         for _ in range(STEPS):
@@ -99,10 +109,10 @@ def _reference(name: str, base: str) -> list[list[torch.Tensor]]:
     return history
 
 
-def _ours(options: dict, base: str, path: str = "per-instance", steps: int = STEPS) -> list[list[torch.Tensor]]:
+def _ours(sam: SAMConfig, base: str, path: str = "per-instance", steps: int = STEPS) -> list[list[torch.Tensor]]:
     net, x, y = _setup()
     cls, kw = BASES[base]
-    opt = DeltaSAM(net.parameters(), cls, **options, **kw)
+    opt = DeltaSAM(net.parameters(), cls, sam, **kw)
     sched = _schedule(opt)
     history = []
     for _ in range(steps):
@@ -134,7 +144,7 @@ def test_variant_equals_pytorch_optimizer(name, base, path):
 @pytest.mark.parametrize("name", ["gsam", "wsam", "looksam", "friendly"])
 def test_each_variant_is_not_sam(name):
     """The comparison above can fail: each variant's update differs from SAM's with the same rho."""
-    sam = _ours(dict(rho=VARIANTS[name][0]["rho"]), "adamw")
+    sam = _ours(SAMConfig(rho=VARIANTS[name][0].rho), "adamw")
     assert _worst(_ours(VARIANTS[name][0], "adamw"), sam) > 1e-3
 
 
@@ -153,7 +163,7 @@ def test_interval_is_sam_on_every_kth_step_and_the_base_step_otherwise(base):
             ref.base_optimizer.step()
         want.append([p.detach().clone() for p in net.parameters()])
     net2, _, _ = _setup()
-    opt = DeltaSAM(net2.parameters(), cls, rho=0.05, interval=3, **kw)
+    opt = DeltaSAM(net2.parameters(), cls, SAMConfig(rho=0.05, variant=SAMOptions(interval=3)), **kw)
     for t in range(STEPS):
         opt.step(lambda: per_sample_ce(net2, x, y))
         for a, b in zip(net2.parameters(), want[t]):
@@ -166,7 +176,7 @@ def test_resume_is_bitwise(name):
     """state_dict mid-run (the rule's per-parameter state, its step count) and load: the same weights bit for bit."""
     options = VARIANTS[name][0]
     net, x, y = _setup()
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=LR, **options)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, options, lr=LR)
     for _ in range(3):
         opt.step(lambda: per_sample_ce(net, x, y))
     saved_net, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
@@ -175,7 +185,7 @@ def test_resume_is_bitwise(name):
         opt.step(lambda: per_sample_ce(net, x, y))
     net2, _, _ = _setup()
     net2.load_state_dict(saved_net)
-    opt2 = DeltaSAM(net2.parameters(), torch.optim.AdamW, lr=LR, **options)
+    opt2 = DeltaSAM(net2.parameters(), torch.optim.AdamW, options, lr=LR)
     opt2.load_state_dict(saved_opt)
     for _ in range(3):
         opt2.step(lambda: per_sample_ce(net2, x, y))
@@ -183,27 +193,40 @@ def test_resume_is_bitwise(name):
 
 
 @pytest.mark.parametrize(
-    "options, match",
+    "build, match",
     [
-        (dict(variant="gsam", reweight="delta"), "variant='gsam' with reweight='delta'"),
-        (dict(variant="wsam", m=1), "variant='wsam' with m=1"),
-        (dict(variant="looksam", interval=2), "variant='looksam' with interval=2"),
-        (dict(variant="bsam"), "variant='bsam' is not supported"),
-        (dict(variant="sam", alpha=0.3), "alpha=0.3 is an option of variant='gsam' or 'looksam'"),
-        (dict(variant="wsam", min_rho=0.1), "min_rho=0.1 is GSAM's"),
-        (dict(variant="wsam", gamma=1.0), "gamma=1.0 must be >= 0.0 and < 1.0"),
-        (dict(interval=0), "interval=0 must be an integer >= 1"),
+        (lambda: SAMConfig(variant=GSAMOptions(), reweight=ProbeWeights()), "variant='gsam' with reweight='probes'"),
+        (lambda: SAMConfig(variant=WSAMOptions(), m=1), "variant='wsam' with m=1"),
+        (
+            lambda: SAMConfig.from_dict({"variant": {"name": "looksam", "interval": 2}}),
+            "variant='looksam' has no option 'interval'; its options: k, alpha.",
+        ),
+        (
+            lambda: SAMConfig.from_dict({"variant": "bsam"}),
+            "variant='bsam' is not supported; use one of ",
+        ),
+        (
+            lambda: SAMConfig.from_dict({"variant": {"name": "sam", "alpha": 0.3}}),
+            "variant='sam' has no option 'alpha'; its options: interval.",
+        ),
+        (
+            lambda: SAMConfig.from_dict({"variant": {"name": "wsam", "min_rho": 0.1}}),
+            "variant='wsam' has no option 'min_rho'; its options: gamma, decouple.",
+        ),
+        (lambda: WSAMOptions(gamma=1.0), "gamma=1.0 must be >= 0.0 and < 1.0"),
+        (lambda: SAMOptions(interval=0), "interval=0 must be an integer >= 1"),
     ],
+    ids=["gsam-reweight", "wsam-m", "looksam-interval", "bsam", "sam-alpha", "wsam-min_rho", "gamma", "interval"],
 )
-def test_refused_combinations_name_the_option(options, match):
-    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
-        SAMConfig(**options)
+def test_refused_combinations_name_the_option(build, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build()
 
 
 def test_skipped_step_keeps_the_rule_state():
     """A non-finite step commits nothing: FriendlySAM's momentum stays as the last good step left it."""
     net, x, y = _setup()
-    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, lr=LR, variant="friendly", rho=0.05)
+    opt = DeltaSAM(net.parameters(), torch.optim.AdamW, SAMConfig(rho=0.05, variant=FriendlySAMOptions()), lr=LR)
     opt.step(lambda: per_sample_ce(net, x, y))
     before = {k: v.clone() for k, v in opt.engine.rule.state[next(iter(opt.engine.rule.state))].items()}
     with pytest.warns(RuntimeWarning, match="skipped a step"):
@@ -222,29 +245,42 @@ def test_every_option_is_in_the_yaml_and_the_readme_table():
     from omegaconf import OmegaConf
 
     root = Path(__file__).resolve().parents[1]
-    fields = {f.name: f.default for f in dataclasses.fields(SAMConfig)}
+    fields = {f.name: getattr(SAMConfig(), f.name) for f in dataclasses.fields(SAMConfig)}
     from lightning_deltasam.glue.cli import CONF_DIR
 
     conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / "adamw.yaml"))
     assert set(fields) <= set(conf), set(fields) - set(conf)
     for name, default in fields.items():
-        if name not in ("rho", "seed"):  # adamw is rho=0 on purpose; the seed is the app's
+        if name in ("variant", "reweight"):  # a rule's options: its name (and any option set), as from_dict reads it
+            assert getattr(SAMConfig.from_dict({name: conf[name]}), name) == default, (name, conf[name], default)
+        elif name not in ("rho", "seed"):  # adamw is rho=0 on purpose; the seed is the app's
             assert conf[name] == default, (name, conf[name], default)
     readme = (root / "docs" / "library.md").read_text().split("## Options (the same for all three adapters)", 1)[1]
-    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme.split("\n\n", 2)[1], flags=re.MULTILINE))
+    table = next(block for block in readme.split("\n\n") if block.startswith("| option | default |"))
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, flags=re.MULTILINE))
     assert set(rows) == set(fields), set(fields) ^ set(rows)
     for name, default in fields.items():
         shown = rows[name].strip('`"')
+        if name == "variant":  # the default rule's options, all at their defaults
+            assert shown == f"{type(default).__name__}()" and default == type(default)(), (name, shown)
+            continue
         assert shown == str(default) or (isinstance(default, float) and float(shown) == default), (name, shown)
 
 
 def test_a_base_argument_named_like_a_variant_option_goes_through_base_kwargs():
-    """RMSprop's ``alpha`` is also GSAM's / LookSAM's: as a plain keyword it is SAM's (and refused for plain SAM,
-    the error naming base_kwargs); through ``base_kwargs`` it reaches RMSprop."""
+    """RMSprop's ``alpha`` is also GSAM's / LookSAM's: a keyword goes to the base optimizer (the SAM options are in
+    the SAMConfig), as a plain keyword or through ``base_kwargs``; for a base optimizer that does not take it, the
+    keyword is refused naming SAMConfig."""
     net = make_net()
-    with pytest.raises(ValueError, match=r"alpha is also an argument of RMSprop.*base_kwargs=\{'alpha': \.\.\.\}"):
-        DeltaSAM(net.parameters(), torch.optim.RMSprop, lr=0.01, alpha=0.9)
-    opt = DeltaSAM(net.parameters(), torch.optim.RMSprop, lr=0.01, rho=0.05, base_kwargs={"alpha": 0.9})
-    assert opt.base_optimizer.defaults["alpha"] == 0.9 and opt.config.alpha is None
-    looksam = DeltaSAM(net.parameters(), torch.optim.RMSprop, variant="looksam", alpha=0.5, base_kwargs={"alpha": 0.8})
-    assert looksam.config.alpha == 0.5 and looksam.base_optimizer.defaults["alpha"] == 0.8
+    with pytest.raises(
+        TypeError, match=re.escape("DeltaSAM got alpha=0.9, a SAM option: it goes in GSAMOptions(alpha=...) or")
+    ):
+        DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.01, alpha=0.9)
+    plain = DeltaSAM(net.parameters(), torch.optim.RMSprop, SAMConfig(rho=0.05), lr=0.01, alpha=0.9)
+    assert plain.base_optimizer.defaults["alpha"] == 0.9 and plain.config.variant == SAMOptions()
+    opt = DeltaSAM(net.parameters(), torch.optim.RMSprop, SAMConfig(rho=0.05), lr=0.01, base_kwargs={"alpha": 0.9})
+    assert opt.base_optimizer.defaults["alpha"] == 0.9 and opt.config.variant == SAMOptions()
+    looksam = DeltaSAM(
+        net.parameters(), torch.optim.RMSprop, SAMConfig(variant=LookSAMOptions(alpha=0.5)), base_kwargs={"alpha": 0.8}
+    )
+    assert looksam.config.variant.alpha == 0.5 and looksam.base_optimizer.defaults["alpha"] == 0.8

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,6 +44,54 @@ def optimizer_options(cfg: DictConfig) -> dict[str, Any]:
     except ValueError as err:  # SAMConfig names the bare option: say where it lives
         raise ValueError(f"optimizer.{err}") from None
     return options
+
+
+def _option_value(value: Any) -> str:
+    """A value as the command line writes it: ``true``, ``null``, ``0.05``, ``gradnorm``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def _rule(options: Any, always: tuple[str, ...] = ()) -> str:
+    """``name`` or ``name(option=value, ...)`` of a rule's options (a variant or a weighting): the ``always`` ones
+    that it has, then the others that differ from the rule's defaults."""
+    name = str(getattr(options, "name", options))
+    try:
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        defaults = {f.name: getattr(type(options)(), f.name) for f in dataclasses.fields(options)}
+    except TypeError:  # not a dataclass of options: a bare name
+        return name
+    shown = [k for k in always if k in values] + [k for k in values if k not in always and values[k] != defaults[k]]
+    return f"{name}({', '.join(f'{k}={_option_value(values[k])}' for k in shown)})" if shown else name
+
+
+def describe_step(config: SAMConfig) -> str:
+    """What a :class:`SAMConfig` step runs, in the ``optimizer`` group's option names, for the run's summary line:
+    ``rho=0 (AdamW)``, ``variant=sam rho=0.01 m=1``, ``variant=gsam(min_rho=0.01) rho=0.05``,
+    ``variant=sam rho=0.05 reweight=probes(score=gradnorm, weights=softmax, temperature=4.0)``.
+
+    The variant always, rho, ``adaptive`` and ``m`` / ``match_rho`` when set, the weighting's score and form when
+    delta-SAM. The one place that reads SAMConfig's attributes for display: adapt it when they change."""
+    get = functools.partial(getattr, config)
+    if not get("rho", None):
+        return "rho=0 (AdamW)"
+    parts = [f"variant={_rule(get('variant', 'sam'))}", f"rho={_option_value(get('rho'))}"]
+    if get("adaptive", False):
+        parts.append("adaptive=true")
+    if get("m", None) is not None:
+        parts.append(f"m={_option_value(get('m'))}")
+        if get("match_rho", False):
+            parts.append("match_rho=true")
+    reweight = get("reweight", None)
+    if reweight is not None:
+        form = (
+            ("score", "weights", "temperature")
+            if getattr(reweight, "weights", None) == "softmax"
+            else ("score", "weights")
+        )
+        parts.append(f"reweight={_rule(reweight, always=form)}")
+    return " ".join(parts)
 
 
 #: Errors that mean "bad option or missing data": reported as one ``error:`` line, exit status 2.
@@ -140,6 +190,16 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
     return max(found)[1]
 
 
+class StartStep(Callback):
+    """The global step this process's training starts at: 0, or a resumed checkpoint's (read once it is loaded)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """Instantiate ``cfg.logger`` (entries set to null are skipped)."""
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
@@ -186,9 +246,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     task, datamodule, model, encoder = build_components(cfg, options)
 
+    started = StartStep()
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume()],
+        callbacks=[*build_callbacks(cfg, task.main_metric), ExactResume(), started],
         logger=build_loggers(cfg) or False,
     )
     if ckpt_path is not None and trainer.is_global_zero:
@@ -208,6 +269,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "classifier_options": {k: v for k, v in _plain(cfg.classifier).items() if not k.startswith("_")},
         "seed": cfg.seed,
         "steps": trainer.global_step,
+        "steps_run": trainer.global_step - started.step,  # in this process: steps minus a resumed checkpoint's
         "resumed_from": ckpt_path,
         "label_noise": datamodule.label_noise,
         "flipped_labels": datamodule.flipped_labels,
@@ -226,10 +288,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
         shown = ", ".join(f"{k}={results[k]:.4f}" for k in sorted(metrics) if results[k] is not None)
+        steps = f"{results['steps_run']} steps in {results['wall_seconds']:.0f}s"
+        if started.step:
+            steps += f" (resumed at step {started.step}, now {results['steps']})"
         print(
-            f"\n{task.name} | {results['model']} | {results['optimizer']} (rho={options.get('rho')}, "
-            f"reweight={options.get('reweight')}) | seed {cfg.seed} | {results['steps']} steps in "
-            f"{results['wall_seconds']:.0f}s | {shown}\nresults: {os.path.join(output_dir, RESULTS_FILE)}"
+            f"\n{task.name} | {results['model']} | {results['optimizer']}: {describe_step(model.deltasam_config)} | "
+            f"seed {cfg.seed} | {steps} | {shown}\nresults: {os.path.join(output_dir, RESULTS_FILE)}"
         )
         print(json.dumps(results), flush=True)
     return results

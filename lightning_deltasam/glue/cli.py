@@ -96,6 +96,39 @@ def _addable(cfg: DictConfig, parent: str) -> list[str] | None:
     return names
 
 
+def _homes(cfg: DictConfig, name: str, depth: int = 3) -> list[str]:
+    """Where a top-level ``name`` is an option further down: ``rho`` -> ``optimizer.rho``, ``max_steps`` ->
+    ``trainer.max_steps``; the optimizer's options count whether or not its file sets them."""
+    found: list[str] = []
+
+    def walk(node: DictConfig, prefix: str, level: int) -> None:
+        for key in (str(k) for k in node.keys()):
+            child = node._get_node(key)
+            if key == name and prefix:
+                found.append(prefix + key)
+            if isinstance(child, DictConfig) and level < depth:
+                walk(child, f"{prefix}{key}.", level + 1)
+
+    walk(cfg, "", 0)
+    if "optimizer" in cfg and f"optimizer.{name}" not in found and name in (_addable(cfg, "optimizer") or []):
+        found.append(f"optimizer.{name}")
+    return sorted(found, key=lambda path: not path.startswith("optimizer."))  # the option a user most likely meant
+
+
+def _misplaced(key: str, sign: str, cfg: DictConfig) -> OptionError | None:
+    """A top-level ``key`` that is an option of a group (``rho=0.1``): the error naming where it lives."""
+    if "." in key:
+        return None
+    homes = _homes(cfg, key)
+    if not homes:
+        return None
+    exists = {h for h in homes if OmegaConf.select(cfg, h, default="<absent>", throw_on_missing=False) != "<absent>"}
+    shown = [("" if sign == "+" and h in exists else sign) + h for h in homes[:3]]
+    return OptionError(
+        f"unknown option {sign}{key} (a group's option, not a top-level one); did you mean {' or '.join(shown)}?"
+    )
+
+
 def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name: str = "config") -> None:
     """Raise :class:`OptionError` (one line) for an unknown group option, an unknown key or a key that cannot be added.
 
@@ -140,6 +173,9 @@ def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name:
                 raise OptionError(f"+{key}: {key} is already an option; set it without the +: {key}=...")
             continue
         parent = ".".join(parts[:found])
+        misplaced = _misplaced(key, sign, cfg) if found == 0 else None
+        if misplaced is not None:
+            raise misplaced
         if o.is_add() and found == len(parts) - 1:
             allowed = _addable(cfg, parent)
             if allowed is None or parts[-1] in allowed:

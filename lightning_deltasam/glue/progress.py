@@ -195,9 +195,13 @@ class RemainingTime:
 
 # --------------------------------------------------------------------------- the bar, in a terminal
 def _rich_columns(bar: StepProgressBar, trainer: L.Trainer) -> list[Any]:
-    """Lightning's columns, with the run's remaining time, and none of them wrapping: in a narrow terminal only the
-    bar and the metrics (the last column) give up width, the metrics whole ones at a time."""
-    from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn, CustomTimeColumn
+    """Lightning's columns but its it/s, with the run's remaining time, none of them wrapping: in a narrow terminal
+    only the metrics (the last column, added by Lightning) give up width, whole ones at a time."""
+    from lightning.pytorch.callbacks.progress.rich_progress import (
+        CustomBarColumn,
+        CustomTimeColumn,
+        ProcessingSpeedColumn,
+    )
     from rich.table import Column
     from rich.text import Text
 
@@ -213,6 +217,8 @@ def _rich_columns(bar: StepProgressBar, trainer: L.Trainer) -> list[Any]:
 
     columns = []
     for column in RichProgressBar.configure_columns(bar, trainer):
+        if isinstance(column, ProcessingSpeedColumn):
+            continue  # the remaining time says more; its width goes to the metrics
         if isinstance(column, CustomTimeColumn):
             column = RunTimeColumn(style=bar.theme.time)
         if isinstance(column, CustomBarColumn):
@@ -253,8 +259,9 @@ class _Fitting:
 
 class StepProgressBar(RichProgressBar):
     """Lightning's rich bar counting optimizer steps toward the run's budget, ``Epoch e/E`` with E the real
-    number of epochs (1-based); its remaining time is :class:`RemainingTime`'s for the rest of the run. In a
-    narrow terminal the metrics after it are dropped (whole ones, from the last) before the time is cut.
+    number of epochs (1-based); its remaining time is :class:`RemainingTime`'s for the rest of the run. The
+    metrics follow, validation ones first; in a narrow terminal those that do not fit are dropped (whole ones,
+    from the last), never the time.
     ``window``: the steps the rate is measured over (default: a tenth of the budget, at least 10)."""
 
     def __init__(
@@ -286,7 +293,8 @@ class StepProgressBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)  # the logger's version: the run directory already says it
-        return items
+        # validation metrics first: in a narrow terminal the last are dropped, and val/acc is what the run is for
+        return dict(sorted(items.items(), key=lambda item: not str(item[0]).startswith("val")))
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = epoch_budget(self.trainer, self.trainer.lightning_module)
