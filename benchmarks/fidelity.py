@@ -23,7 +23,7 @@ from common import batches, build, default_delta_config, emit, gram_configs, rul
 
 from lightning_deltasam import GramWeights, ProbeWeights, SAMConfig
 from lightning_deltasam.engine import SAMEngine
-from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
+from lightning_deltasam.gram_capture import GramCapture, UnsupportedModuleError
 from lightning_deltasam.oracle import (
     batched_route_supported,
     fidelity,
@@ -31,7 +31,7 @@ from lightning_deltasam.oracle import (
     oracle_update,
     weighted_sam_update,
 )
-from lightning_deltasam.probes import probe_plan
+from lightning_deltasam.probing import probe_plan
 
 
 def rule_configs(rho: float, probes: list[int], head: bool, families: str = "probes,gram") -> list[SAMConfig]:

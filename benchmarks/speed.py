@@ -52,7 +52,7 @@ from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.oracle import oracle_update
 from lightning_deltasam.passes import Passes
-from lightning_deltasam.probes import probe_plan
+from lightning_deltasam.probing import probe_plan
 
 PEERS = ("pt-sam", "ref-sam")
 

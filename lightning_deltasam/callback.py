@@ -15,7 +15,7 @@ from typing_extensions import override
 from .config import SAMConfig
 from .lightning_backend import EngineSlot, LightningBackend, check_strategy, grad_scaler, log_stats, module_step
 from .lightning_closure import lightning_closure_parts, muted_logging, refuse_accumulation, require_loss
-from .probes import has_split, probe_plan
+from .probing import has_split, probe_plan
 from .stats import StepStats
 
 

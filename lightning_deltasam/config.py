@@ -36,7 +36,7 @@ class SAMConfig:
             (Gaussian forward probes) or ``GramWeights(...)`` (the Gram matrix of per-instance gradients)
             (:mod:`lightning_deltasam.firstpass`, one file per weighting).
         m: instances per perturbation: ``None`` the whole batch, ``1`` exact per-instance SAM, ``k`` m-sharpness,
-            in one batched second pass (:mod:`lightning_deltasam.instance`).
+            in one batched second pass (:mod:`lightning_deltasam.instance_perturbation`).
         match_rho: with ``m``, the radius each step is rho / (mean_i ||g_i|| / ||g_bar||): rho in SAM's units.
         verify: with ``m`` or ``GramWeights``, check the per-instance gradients against autograd: ``"auto"`` (the
             rows on each new shape signature, two instances' gradients on the first step), ``"always"``, ``"off"``.

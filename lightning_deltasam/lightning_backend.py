@@ -18,7 +18,7 @@ from .config import SAMConfig
 from .distributed import default_reducer
 from .engine import SAMEngine
 from .passes import Passes
-from .probes import probe_plan
+from .probing import probe_plan
 from .stats import StepStats
 
 

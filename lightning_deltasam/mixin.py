@@ -33,7 +33,7 @@ class DeltaSAMMixin(_MixinBase):
     the end of an epoch). The mixin turns on manual optimization, wraps whatever ``configure_optimizers``
     returns, steps LR schedulers per their interval, and logs ``train/loss`` and ``deltasam/*``.
     With ``probe_scope="head"`` the module also defines the split of
-    :mod:`lightning_deltasam.probes`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
+    :mod:`lightning_deltasam.probing`. A ``training_step`` override must call :meth:`deltasam_step`; overrides of
     ``on_save_checkpoint`` / ``on_load_checkpoint`` must call ``super()``.
     """
 

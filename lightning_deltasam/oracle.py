@@ -2,7 +2,7 @@
 "How a rule is judged").
 
 The oracle perturbs each instance by its own eps_i = rho g_i/||g_i|| and averages the
-gradients at w + eps_i. Two routes give it: the batched one of :mod:`.instance` (``m=1``: one
+gradients at w + eps_i. Two routes give it: the batched one of :mod:`.instance_perturbation` (``m=1``: one
 forward/backward pair per pass, for models whose trainable layers are Linear, Embedding and
 LayerNorm) and the loop (n + 1 backward passes' worth: any model, and ASAM). The loop is the
 reference the batched route is tested against. Per-sample gradients come from ``torch.func``
@@ -117,7 +117,7 @@ def instance_update(module: nn.Module, loss_fn: PerSampleLoss, batch: Any, rho: 
 
 def batched_route_supported(module: nn.Module) -> bool:
     """Whether :func:`instance_update` can take ``module`` (every trainable layer of a kind in :mod:`.layers`)."""
-    from .instance import InstancePerturbation
+    from .instance_perturbation import InstancePerturbation
     from .layers import UnsupportedModuleError
 
     try:

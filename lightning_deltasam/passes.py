@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .backend import Backend
-from .probes import HeadProbe, LossFn
+from .probing import HeadProbe, LossFn
 from .restore import Snapshot
 from .stats import StepStats
 

@@ -23,7 +23,7 @@ class StepStats:
     skipped: bool = False
     grad_norm_ratio: float = float(
         "nan"
-    )  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance.py)
+    )  # m set: mean over instances of ||G_g||/|g| against ||g_bar|| (see instance_perturbation.py)
 
     def as_log_dict(self, skipped_total: int) -> dict[str, float]:
         out = {"deltasam/skipped_steps": float(skipped_total)}

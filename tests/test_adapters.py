@@ -173,7 +173,7 @@ def test_head_probes_mixin_and_callback_agree():
 
 
 def test_head_probe_losses_are_the_loss_with_head_parameters_replaced():
-    from lightning_deltasam.probes import probe_plan
+    from lightning_deltasam.probing import probe_plan
 
     module = MixinClassifier()
     x, y = next(iter(make_loader()))
@@ -189,7 +189,7 @@ def test_head_probe_losses_are_the_loss_with_head_parameters_replaced():
 
 
 def test_head_probe_at_zero_offset_measures_zero_under_dropout(monkeypatch):
-    from lightning_deltasam.probes import ProbeNoise
+    from lightning_deltasam.probing import ProbeNoise
 
     monkeypatch.setattr(ProbeNoise, "draw", lambda self, params: [torch.zeros_like(p) for p in params])
     module = MixinClassifier(sam=SAMConfig(rho=0.05, reweight=ProbeWeights(score="sharpness", probe_scope="head")))

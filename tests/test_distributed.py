@@ -20,7 +20,7 @@ from lightning_deltasam import (
     SAMOptions,
     WSAMOptions,
 )
-from lightning_deltasam.gram import GramCapture
+from lightning_deltasam.gram_capture import GramCapture
 from tests.helpers import QUIET, MixinClassifier, make_loader, make_net, per_sample_ce, run_workers
 
 ROOT = Path(__file__).resolve().parents[1]

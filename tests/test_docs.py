@@ -44,7 +44,7 @@ from lightning_deltasam.glue.cli import CONF_DIR, OptionError, check_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LANGUAGES = {"python", "bash", "text"}
+LANGUAGES = {"python", "bash", "text", "diff"}
 CI = (ROOT / ".ci" / "run").read_text()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -441,4 +441,15 @@ def test_every_rule_is_documented_from_its_own_file() -> None:
             assert f"::: {cls.__module__}.{cls.__qualname__}" in library, f"docs/library.md does not render {name}"
             doc = "".join(c.__doc__ or "" for c in cls.__mro__)
             for f in fields(cls):
-                assert re.search(rf"^\s+{f.name}:", doc, flags=re.M), f"{cls.__name__}'s docstring has no Args for {f.name}"
+                assert re.search(rf"^\s+{f.name}:", doc, flags=re.M), (
+                    f"{cls.__name__}'s docstring has no Args for {f.name}"
+                )
+
+
+@pytest.mark.parametrize("block", [b for b in RUN if b.language == "diff"], ids=str)
+def test_diff_block_applies_to_the_code(block: Block, tmp_path: Path) -> None:
+    """A worked example's diff (docs/development.md) still applies to the code as it is: the docs show real edits."""
+    patch = tmp_path / "example.diff"
+    patch.write_text(block.code if block.code.endswith("\n") else block.code + "\n")
+    done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"{block}: the diff no longer applies: {done.stderr.strip()}"

@@ -12,10 +12,10 @@ from torch import nn
 from lightning_deltasam import DeltaSAM, FriendlySAMOptions, GramWeights, ProbeWeights, SAMConfig
 from lightning_deltasam.ascent.base import Ascent, AscentGroup
 from lightning_deltasam.backend import Backend, make_backend
+from lightning_deltasam.delta_weights import compute_weights
 from lightning_deltasam.distributed import Reducer, norm_of
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.passes import Passes
-from lightning_deltasam.weighting import compute_weights
 from tests.helpers import make_data, make_net, per_sample_ce, reference_sam_update
 
 RHO, LR = 0.05, 0.1
@@ -357,8 +357,8 @@ def test_each_option_value_is_one_registered_part_in_a_small_file():
 def test_a_registered_weighting_is_the_one_the_step_runs(monkeypatch):
     """Swapping the registry's class for ProbeWeights changes the step: eps follows instance 0's gradient
     only, and the descent gradient is the mean loss's gradient at w + rho g_0/||g_0||."""
+    from lightning_deltasam.delta_weights import Weights
     from lightning_deltasam.firstpass import WEIGHTINGS, Weighting
-    from lightning_deltasam.weighting import Weights
 
     class FirstOnly(Weighting):
         def weigh(self, passes, head, prepared):

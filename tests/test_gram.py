@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_deltasam import DeltaSAM, GramWeights, ProbeWeights, SAMConfig
-from lightning_deltasam.gram import GramCapture, UnsupportedModuleError, _linear_gram
+from lightning_deltasam.gram_capture import GramCapture, UnsupportedModuleError, _linear_gram
 from lightning_deltasam.oracle import per_sample_grads, weighted_sam_update
 
 B, T = 6, 9

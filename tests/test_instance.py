@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_deltasam import DeltaSAM, DeltaSAMCallback, GramWeights, ProbeWeights, SAMConfig
-from lightning_deltasam.gram import UnsupportedModuleError
+from lightning_deltasam.gram_capture import UnsupportedModuleError
 from lightning_deltasam.oracle import _LossModule, per_sample_grads
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_data, make_loader, make_net, per_sample_ce
 from tests.test_gram import Positional, TinyBert, make_batch

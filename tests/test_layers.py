@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_deltasam import DeltaSAM, GramWeights, SAMConfig
-from lightning_deltasam.gram import GramCapture, UnsupportedModuleError
+from lightning_deltasam.gram_capture import GramCapture, UnsupportedModuleError
 from tests.test_gram import Positional, Tied, reference_gram, tied_batch
 from tests.test_instance import engine_update, loop_reference, rel
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning_deltasam import DeltaSAM, FriendlySAMOptions, GramWeights, GSAMOptions, ProbeWeights, SAMConfig
 from lightning_deltasam.distributed import shards_of
 from lightning_deltasam.lightning_backend import check_strategy
-from lightning_deltasam.probes import ProbeNoise
+from lightning_deltasam.probing import ProbeNoise
 from tests.helpers import QUIET, MixinClassifier, make_data, make_loader, make_net, per_sample_ce
 
 X, Y = make_data(16)

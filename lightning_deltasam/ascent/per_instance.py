@@ -1,6 +1,6 @@
 """The per-instance route, option ``m``: each group of m instances ascends from its own w + eps_g = rho G_g/||G_g||
 (m = 1 exact per-instance SAM, m = k m-sharpness), all in one batched second pass through the layer hooks of
-:mod:`lightning_deltasam.instance`. w never moves, so the core's restore covers the running statistics only."""
+:mod:`lightning_deltasam.instance_perturbation`. w never moves, so the core's restore covers the running statistics only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..backend import Backend
 from ..guard import Guard
-from ..instance import InstancePerturbation
+from ..instance_perturbation import InstancePerturbation
 from ..layer_hooks import LayerHooks
 from ..options import check_adaptive_with_m
 from ..passes import Passes

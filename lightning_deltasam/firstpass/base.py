@@ -10,13 +10,13 @@ from typing import Any
 
 from torch import Tensor
 
+from ..delta_weights import Weights, weight_stats
 from ..options import WeightingOptions
 from ..passes import Passes
-from ..probes import HeadProbe, ProbeNoise
+from ..probing import HeadProbe, ProbeNoise
 from ..profiler import phase
 from ..restore import Snapshot
 from ..stats import StepStats
-from ..weighting import Weights, weight_stats
 
 WEIGHTINGS: dict[type[WeightingOptions] | None, type[Weighting]] = {}
 

@@ -1,6 +1,6 @@
 """delta-SAM's weights from the per-instance gradient Gram matrix (``GramWeights``), exact or its rank-r sketch:
 one forward, one backward to the layers' outputs, and g_delta = sum_i delta_i g_i formed from what the layer hooks
-(:class:`~lightning_deltasam.gram.GramCapture`) kept."""
+(:class:`~lightning_deltasam.gram_capture.GramCapture`) kept."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..gram import GramCapture
+from ..delta_weights import DeltaWeights, Weights, compute_weights, gram_scores
+from ..gram_capture import GramCapture
 from ..layer_hooks import LayerHooks
 from ..options import check_int
 from ..passes import Passes
-from ..probes import HeadProbe
+from ..probing import HeadProbe
 from ..profiler import phase
-from ..weighting import DeltaWeights, Weights, compute_weights, gram_scores
 from .base import Weighting, register
 
 GRAM_SCORES = ("gram", "gradnorm")  # the scores a per-instance Gram matrix gives

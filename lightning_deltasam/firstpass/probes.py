@@ -9,12 +9,12 @@ from typing import Literal, get_args
 
 from torch import Tensor
 
+from ..delta_weights import DeltaWeights, ProbeLosses, Weights, compute_weights, instance_scores
 from ..options import check_bool, check_choice, check_int, check_number
 from ..passes import Passes
-from ..probes import HeadProbe, RNGReplay, full_probes, head_probes
+from ..probing import HeadProbe, RNGReplay, full_probes, head_probes
 from ..profiler import phase
 from ..restore import Snapshot
-from ..weighting import DeltaWeights, ProbeLosses, Weights, compute_weights, instance_scores
 from .base import Weighting, register
 
 ProbeScale = Literal["relative", "absolute"]

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor
 
+from ..delta_weights import Weights, uniform_weights
 from ..passes import Passes
-from ..probes import HeadProbe
-from ..weighting import Weights, uniform_weights
+from ..probing import HeadProbe
 from .base import Weighting, register
 
 

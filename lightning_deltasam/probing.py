@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .weighting import ProbeLosses
+from .delta_weights import ProbeLosses
 
 LossFn = Callable[[], Tensor]
 SPLIT_METHODS = ("per_sample_features", "per_sample_loss_from_features", "probe_head")
