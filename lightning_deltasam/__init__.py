@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .ascent import FriendlySAMOptions, GSAMOptions, LookSAMOptions, SAMOptions, WSAMOptions
+from .ascent import FriendlySAMOptions, GSAMOptions, LookSAMOptions, MomentumSAMOptions, SAMOptions, WSAMOptions
 from .config import SAMConfig
 from .engine import SAMEngine
 from .firstpass import GramWeights, ProbeWeights
@@ -30,6 +30,7 @@ __all__ = [
     "GSAMOptions",
     "GramWeights",
     "LookSAMOptions",
+    "MomentumSAMOptions",
     "ProbeWeights",
     "SAMConfig",
     "SAMEngine",

@@ -100,6 +100,11 @@ class SAMConfig:
                 f"variant={variant.name!r} with reweight={self.reweight.name!r}: the variant needs the plain gradient "
                 "at w, which delta-SAM replaces by a reweighted one. Use reweight=None with it, or the variant 'sam'."
             )
+        if self.m is not None and not variant.needs_first_pass:
+            raise ValueError(
+                f"variant={variant.name!r} with m={self.m!r}: the variant perturbs before the pass at w that m's "
+                "per-instance perturbations come from. Use m=None with it, or the variant 'sam'."
+            )
         if self.m is not None and not variant.combines_with_m:
             raise ValueError(
                 f"variant={variant.name!r} with m={self.m!r}: the per-instance route forms no batch gradient at "
@@ -113,6 +118,12 @@ class SAMConfig:
                 f"m={self.m} needs per-instance losses and the model, which first_step()/second_step() and "
                 "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
                 "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None."
+            )
+        if not self.variant.needs_first_pass:
+            raise ValueError(
+                f"variant={self.variant.name!r} perturbs before the step's only pass, which first_step()/second_step() "
+                "and a closure that calls backward() itself run at w: use step(closure) with closure() returning the "
+                "per-instance losses, shape [B] (the optimizer runs the backward)."
             )
         if self.reweighting:
             raise ValueError(

@@ -3,6 +3,8 @@ parameters are split over ranks (FSDP1, FSDP2: :class:`Shards`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -175,11 +177,23 @@ def shards_of(params: list[Tensor]) -> Shards:
 def norm_of(norms: list[Tensor], shards: Shards | None = None) -> float:
     """||(n_1, n_2, ...)||_2 of per-tensor norms as a Python float (one host sync); 0 for an empty list. Under
     sharding (``shards``) the n_i are of this rank's shards: the squares are summed over ranks in one all-reduce
-    (every rank calls it, with or without tensors)."""
+    (every rank calls it, with or without tensors). In float64 where a norm is float64 (a float64 model's eps is
+    exact to its precision), float32 otherwise."""
     if shards is not None and shards.sharded:
         device = norms[0].device if norms else torch.device("cpu")
         square = torch.stack([n.double() for n in norms]).square().sum() if norms else torch.zeros((), device=device)
         return float(shards.sum_(square.reshape(1).double()).sqrt())
     if not norms:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return float(torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms])))
+
+
+def checked_shards(params: list[Tensor], refusal: Callable[..., tuple[str, str] | None]) -> Shards:
+    """:func:`shards_of` ``params``, refused (naming the strategy and what works instead) where ``refusal(flat=...)``
+    says the step cannot be right sharded."""
+    shards = shards_of(params)
+    refused = refusal(flat=shards.flat) if shards.sharded else None
+    if refused is not None:
+        raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
+    return shards

@@ -1,13 +1,9 @@
-"""The core of the one SAM-family step every adapter (optimizer, mixin, callback) runs: :meth:`SAMEngine.step`,
-the two-step API (:meth:`~SAMEngine.first_step` / :meth:`~SAMEngine.second_step`) and :meth:`~SAMEngine.closure_step`.
-
-The core owns what every variant shares: exact restore of w on every way out, the finite check with DDP agreement
-and the skip, the base step, the step count and the checkpoint. It calls two kinds of part, each one file per
-kind, registered by name: the first-pass weighting (:mod:`.firstpass`) and the ascent rule (:mod:`.ascent`, with
-the per-instance route of ``m``). Order of a full step: first pass at w (probes, weights) -> one all-reduce ->
-the rule's eps -> second pass at w + eps -> restore w -> the rule's descent gradient -> finite check -> base step
--> the rule's after-step. A step the rule does not perturb (``interval``, LookSAM's k, rho = 0) is one pass.
-"""
+"""The core of the SAM-family step every adapter runs (:meth:`SAMEngine.step`, the two-step API, the backward
+closure): exact restore of w on every way out, the finite check with DDP agreement and the skip, the base step, the
+step count and the checkpoint, around the first-pass weighting (:mod:`.firstpass`) and the ascent rule
+(:mod:`.ascent`, with the per-instance route of ``m``). A full step: first pass at w -> one all-reduce -> the rule's
+eps -> second pass at w + eps -> restore w -> the rule's descent gradient -> finite check -> base step -> the rule's
+after-step. A step the rule does not perturb (``interval``, LookSAM's k, rho = 0) is one pass."""
 
 from __future__ import annotations
 
@@ -23,10 +19,10 @@ from .ascent.base import Ascent, grads_of
 from .ascent.per_instance import PerInstanceRoute
 from .backend import Backend
 from .config import SAMConfig
-from .distributed import Shards, local_tensors, shards_of
+from .distributed import Shards, checked_shards, local_tensors
 from .firstpass import FirstPass
 from .guard import Guard
-from .passes import Passes, Pending, backward_closure_error
+from .passes import Passes, Pending, backward_closure_error, two_step_error
 from .profiler import phase
 from .restore import BufferPool, Snapshot, clear_grads
 from .rule_state import load_rule_state, save_rule_state
@@ -36,7 +32,10 @@ from .stats import StepStats
 class SAMEngine:
     """The two-pass step over the parameters of ``param_groups`` (a base optimizer's, shared live)."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], config: SAMConfig) -> None:
+    def __init__(
+        self, param_groups: list[dict[str, Any]], config: SAMConfig, base_state: Callable[[], Any] | None = None
+    ) -> None:
+        """``base_state()`` gives the base optimizer's per-parameter ``state`` (the rules that read it: Momentum-SAM)."""
         self.param_groups, self.config = param_groups, config
         self.first = FirstPass(  # the first-pass weighting of config.reweight (firstpass/)
             config.weighting, self.params, seed=config.seed, eta=config.eta, verify=config.verify
@@ -44,6 +43,7 @@ class SAMEngine:
         self.rule = make_rule(config.variant, config.neighbourhood)  # the ascent rule of config.variant (ascent/)
         self.per_instance = PerInstanceRoute(config.m, config.match_rho, config.verify)  # the route of option m
         self.pool = BufferPool()  # the snapshot's buffers, kept across steps
+        self.rule.base_state = base_state or dict
         self.guard = Guard(self.rule, param_groups)  # the finite check, the skip, the base step, the step count
         self._pending: Pending | None = None
         self.shards = Shards()  # how the parameters are split over ranks (FSDP), found at each step's start
@@ -74,10 +74,12 @@ class SAMEngine:
             return self.per_instance.step(
                 params, passes, backend, base_step, radii=radii, guard=self.guard, pool=self.pool
             )
-        if head is not None and self.shards.sharded:
+        ascent = self.rule.ascent_without_pass(self.param_groups, params)
+        if ascent is not None:
+            return self._step_from_state(ascent, passes, base_step)
+        if head is not None and self.shards.sharded:  # (the config's refusal covers probe_scope='head' itself)
             raise ValueError(
-                f"probe_scope={self.config.step_probe_scope!r} probes the module's head functionally, on whole weights, "
-                f"which {self.shards.name} does not hold on one rank: use probe_scope='all'."
+                f"a head probe needs whole weights, which {self.shards.name} does not hold: use probe_scope='all'."
             )
         local = local_tensors(params)
         snapshot = self.pool.snapshot(local, backend.buffers())
@@ -94,14 +96,20 @@ class SAMEngine:
                 stats.loss_rise = float(loss1.float() - stats.loss.float())
         return self.second_step(backend, base_step, loss1)
 
+    def _step_from_state(self, ascent: Ascent, passes: Passes, base_step: Callable[[], Any]) -> StepStats:
+        """eps formed before any pass (Momentum-SAM): the one pass at w + eps (its running statistics kept), w restored,
+        the base step; the loss logged is the one at w + eps."""
+        stats, snapshot = StepStats(loss=None), self.pool.snapshot(local_tensors(self.params()), [])
+        self._ascend(ascent, True, passes.backend, stats, snapshot)
+        if not self._pending.skip:  # type: ignore[union-attr]
+            stats.loss, stats.losses = self._second_pass(passes.descent)
+        return self.second_step(passes.backend, base_step, stats.loss)
+
     def first_step(self, backend: Backend) -> None:
         """First half around a caller's own passes (davda54/sam's): eps from the gradient in ``.grad`` now (the
         caller's backward, all-reduced by DDP if any), w <- w + eps. A non-finite gradient makes the step a skip."""
         if self._pending is not None:
-            raise RuntimeError(
-                "first_step() was called twice in a row: call second_step() (it restores w and steps) "
-                "before the next first_step()."
-            )
+            raise two_step_error("twice")
         self.config.check_two_step()
         params, plain = self._begin(zero=False)
         if plain:
@@ -118,19 +126,13 @@ class SAMEngine:
         ``loss``, the caller's loss at w + eps) is not finite."""
         pending = self._pending
         if pending is None:
-            raise RuntimeError(
-                "second_step() needs a first_step() before it (first_step perturbs w, second_step restores it)."
-            )
+            raise two_step_error("no first")
         self.restore_pending()
         params = self.params()
         if pending.skip:
             return self.guard.skip_step(params, pending.stats, backend, base_step, "the first pass")
         if all(p.grad is None for p in params):
-            raise RuntimeError(
-                "second_step() found no gradient in .grad: first_step() took the gradient at w, so run the "
-                "forward and backward at w + eps between first_step() and second_step(). w was restored and "
-                "no step was taken."
-            )
+            raise two_step_error("no gradient")
         backend.unscale_descent_()
         (self.rule.plain_descent_ if pending.plain else self.rule.descent_)(params)
         return self.guard.finish(params, pending.stats, backend, base_step, loss)
@@ -205,18 +207,12 @@ class SAMEngine:
             raise
 
     def _find_shards(self, params: list[Tensor]) -> None:
-        """How ``params`` are sharded (found once per parameter set); refuses what sharding does not support,
-        naming the strategy and what works instead."""
+        """How ``params`` are sharded (found once per parameter set), refusing what sharding does not support."""
         key = tuple(id(p) for p in params)
-        if key == self._shards_key:
-            return
-        shards = shards_of(params)
-        refused = self.config.sharding_refusal(flat=shards.flat) if shards.sharded else None
-        if refused is not None:
-            raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
-        self.shards, self._shards_key = shards, key
-        self.rule.shards = shards
-        self.first.noise.rank = shards.rank if shards.sharded else None  # sharded probes: each rank its own stream
+        if key != self._shards_key:
+            self.shards, self._shards_key = checked_shards(params, self.config.sharding_refusal), key
+            self.rule.shards = self.shards
+            self.first.noise.rank = self.shards.rank if self.shards.sharded else None  # each rank its own stream
 
     def perturbs(self) -> bool:
         """Whether this step perturbs: the rule's schedule (LookSAM's k, ``interval``) and some rho > 0."""
@@ -228,8 +224,7 @@ class SAMEngine:
     zero_grad = staticmethod(clear_grads)
 
     def state_dict(self) -> dict[str, Any]:
-        """The step count, the probe generators and the rule's per-parameter state, keyed by parameter name (or by
-        position among all of ``param_groups``' parameters, trainable or not, when no name is known)."""
+        """The step count, the probe generators and the rule's per-parameter state (by name: :mod:`.rule_state`)."""
         return {
             "generators": self.first.noise.state_dict(),
             "skipped_steps": self.skipped_steps,
@@ -240,7 +235,7 @@ class SAMEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.guard.skipped_steps, self.guard.steps = int(state.get("skipped_steps", 0)), int(state.get("steps", 0))
         self.rule.state = load_rule_state(state.get("rule", {}), self.param_groups, self.names)
-        self.rule.pending.clear()
+        self.rule.discard()
         self.first.noise.load_state_dict(state.get("generators", {}))
 
     def name_parameters(self, module: nn.Module | None) -> None:

@@ -100,7 +100,7 @@ class EngineSlot:
         """The engine over ``optimizer``'s parameter groups (a new one if the optimizer changed), its checkpointed
         state keyed by ``module``'s parameter names."""
         if self.engine is None or self.engine.param_groups is not optimizer.param_groups:
-            self.engine = SAMEngine(optimizer.param_groups, self.config)
+            self.engine = SAMEngine(optimizer.param_groups, self.config, base_state=lambda: optimizer.state)
             self.engine.name_parameters(module)
             if self._pending is not None:
                 self.engine.load_state_dict(self._pending)

@@ -79,7 +79,7 @@ class DeltaSAM(Optimizer):
         self.defaults = self.base_optimizer.defaults
         self.state = self.base_optimizer.state
         self.config = config
-        self.engine = SAMEngine(self.param_groups, config)
+        self.engine = SAMEngine(self.param_groups, config, base_state=lambda: self.base_optimizer.state)
         self.engine.name_parameters(module)
         self._module = module
         self.grad_scaler = grad_scaler

@@ -118,6 +118,7 @@ class VariantOptions(RuleOptions):
     registry: ClassVar[dict[str, type[RuleOptions]]] = {}
     combines_with_m: ClassVar[bool] = False
     combines_with_reweight: ClassVar[bool] = False
+    needs_first_pass: ClassVar[bool] = True  # False: eps comes before the step's only pass (Momentum-SAM)
 
     def counts_steps(self) -> bool:
         """Whether the rule counts optimizer steps or keeps state across them (then it cannot see micro-batches)."""

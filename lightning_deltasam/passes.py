@@ -89,3 +89,17 @@ def backward_closure_error(loss: Any) -> ValueError:
         "step(closure) (the optimizer then runs every backward); for a backward closure call "
         "loss.backward() inside it. w was restored and no step was taken."
     )
+
+
+TWO_STEP_ERRORS = {
+    "twice": "first_step() was called twice in a row: call second_step() (it restores w and steps) before the next "
+    "first_step().",
+    "no first": "second_step() needs a first_step() before it (first_step perturbs w, second_step restores it).",
+    "no gradient": "second_step() found no gradient in .grad: first_step() took the gradient at w, so run the forward "
+    "and backward at w + eps between first_step() and second_step(). w was restored and no step was taken.",
+}
+
+
+def two_step_error(case: str) -> RuntimeError:
+    """The two-step API used out of order (``case``: a key of :data:`TWO_STEP_ERRORS`)."""
+    return RuntimeError(TWO_STEP_ERRORS[case])

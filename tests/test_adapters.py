@@ -19,6 +19,7 @@ from lightning_deltasam import (
     SAMOptions,
     WSAMOptions,
 )
+from lightning_deltasam.ascent.msam import MomentumSAMOptions
 from tests.helpers import QUIET, MixinClassifier, PlainClassifier, make_loader, make_net, per_sample_ce
 
 STEPS = 8  # two epochs of 4 batches
@@ -36,6 +37,7 @@ CASES = [
     SAMConfig(rho=0.1, variant=LookSAMOptions(k=3)),
     SAMConfig(rho=0.05, variant=FriendlySAMOptions()),
     SAMConfig(rho=0.05, variant=SAMOptions(interval=3)),
+    SAMConfig(rho=0.05, variant=MomentumSAMOptions()),
 ]
 
 

@@ -35,7 +35,7 @@ from lightning_deltasam.glue.progress import PlainProgress, StepProgressBar, epo
         (["~logger.csvv"], "unknown option ~logger.csvv; did you mean logger.csv"),
         (["+trainer.max_steps=3"], "trainer.max_steps is already an option; set it without the +"),
         (["+trainer.max_stepz=3"], "did you mean +trainer.max_steps"),
-        (["optimizer=adamw", "optimizer.temprature=2"], "did you mean optimizer.temperature"),
+        (["optimizer=deltasam", "optimizer.reweight.temprature=2"], "did you mean optimizer.reweight.temperature"),
         (["model=tiny", "model.encoder.d_modle=32"], "did you mean model.encoder.d_model"),
         (["task=tsv", "task.label_colum=x"], "did you mean task.label_column"),
         (["+data.limit_trian=5"], "did you mean +data.limit_train"),

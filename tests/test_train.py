@@ -60,7 +60,7 @@ def test_train_tiny_deltasam(tiny_run: tuple[Path, subprocess.CompletedProcess, 
         "deltasam",
         30,
     )
-    assert results["optimizer_options"]["reweight"] == "delta" and results["optimizer_options"]["rho"] == 0.05
+    assert results["optimizer_options"]["reweight"]["name"] == "probes" and results["optimizer_options"]["rho"] == 0.05
     assert results["seed"] == 42 and 0 < results["wall_seconds"] < seconds
     assert results["main_metric"] == "val/acc" and 0.0 <= results["val/acc"] <= 1.0 and results["val/loss"] > 0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -299,6 +299,6 @@ def test_the_package_entry_point_finds_its_config_from_any_folder(tmp_path: Path
     cmd = [sys.executable, "-m", "lightning_deltasam.glue", "task=sst2", "model=tiny"]
     proc = subprocess.run([*cmd, "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "name: sst2" in proc.stdout and "reweight: delta" in proc.stdout
+    assert "name: sst2" in proc.stdout and "reweight:\n    name: probes" in proc.stdout
     bad = subprocess.run([*cmd, "optimizer.rh=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean optimizer.rho" in bad.stderr

@@ -12,6 +12,7 @@ from .base import RULES, SAM, SAMOptions, make_rule, register
 from .friendly import FriendlySAMOptions
 from .gsam import GSAMOptions
 from .looksam import LookSAMOptions
+from .msam import MomentumSAMOptions
 from .wsam import WSAMOptions
 
 for _module in pkgutil.iter_modules(__path__):  # registration: each rule's file registers its options and rule
@@ -23,6 +24,7 @@ __all__ = [
     "FriendlySAMOptions",
     "GSAMOptions",
     "LookSAMOptions",
+    "MomentumSAMOptions",
     "SAMOptions",
     "WSAMOptions",
     "make_rule",

@@ -87,6 +87,7 @@ class SAM:
         self.state: dict[Tensor, dict[str, Tensor]] = {}  # committed per-parameter state (checkpointed)
         self.pending: dict[str, Any] = {}  # this step's values, committed only when its base step runs
         self.shards = Shards()  # set by the engine each step: how the parameters are split over ranks
+        self.base_state: Callable[[], Any] = dict  # the base optimizer's per-parameter state, given by the engine
 
     # ---------------------------------------------------------------- hooks (identity for SAM)
     def perturbs(self, step: int) -> bool:
@@ -97,6 +98,10 @@ class SAM:
     def radius(self, group: dict[str, Any], rho: float) -> float:
         """This step's rho for ``group`` (its own or the config's is ``rho``)."""
         return rho
+
+    def ascent_without_pass(self, param_groups: list[dict[str, Any]], params: list[Tensor]) -> Ascent | None:
+        """eps before any pass at w, for a rule that forms it from state (Momentum-SAM); None: from the first pass."""
+        return None
 
     def gradient_at_w(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Sees the (all-reduced) gradient at w before eps is formed; returns the gradient eps is along."""
