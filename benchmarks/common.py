@@ -20,6 +20,7 @@ from lightning_deltasam import (  # noqa: E402
     GramWeights,
     GSAMOptions,
     LookSAMOptions,
+    MomentumSAMOptions,
     ProbeWeights,
     SAMConfig,
     SAMOptions,
@@ -111,6 +112,7 @@ def variant_configs(rho: float) -> list[SAMConfig]:
         SAMConfig(rho=rho, variant=WSAMOptions()),
         SAMConfig(rho=rho, variant=LookSAMOptions()),
         SAMConfig(rho=rho, variant=FriendlySAMOptions()),
+        SAMConfig(rho=rho, variant=MomentumSAMOptions()),
     ]
     return out + [SAMConfig(rho=rho, variant=SAMOptions(interval=k)) for k in VARIANT_INTERVALS]
 

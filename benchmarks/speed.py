@@ -77,7 +77,7 @@ class Method:
         self.module, self.config = module, config
         params = [p for p in module.parameters() if p.requires_grad]
         self.base = torch.optim.AdamW(params, lr=1e-6)
-        self.engine = SAMEngine(self.base.param_groups, config)
+        self.engine = SAMEngine(self.base.param_groups, config, base_state=lambda: self.base.state)
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         backend = TimingBackend()
@@ -288,7 +288,7 @@ def _add_method_flags(ap: argparse.ArgumentParser) -> None:
         help="all: every rule below; peers: AdamW, SAM, default delta-SAM and the peer SAM implementations; "
         "gram: AdamW, SAM, default delta-SAM and the exact / sketched Gram rules; instance: AdamW, SAM, "
         "default delta-SAM and per-instance SAM (m = 1) / m-sharpness (m = 4, 8); variants: AdamW, SAM, default "
-        "delta-SAM, GSAM, WSAM, LookSAM, FriendlySAM and SAM every 2 / 4 steps",
+        "delta-SAM, GSAM, WSAM, LookSAM, FriendlySAM, Momentum-SAM and SAM every 2 / 4 steps",
     )
     ap.add_argument(
         "--gram-sweep", action="store_true", help="SAM, exact, sketch-r32 and oracle over B (8,16,32) and T (16,32,64)"
@@ -309,6 +309,7 @@ def _add_method_flags(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child process of --memory
     ap.add_argument("--time-of", default=None, help=argparse.SUPPRESS)  # the child process of --isolate
+    ap.add_argument("--only", default="", help="time only these methods (comma-separated names), with AdamW and SAM")
     ap.add_argument("--out", default=None)
 
 
@@ -323,6 +324,9 @@ def select_configs(args: argparse.Namespace, default: str) -> list[SAMConfig]:
         configs += instance_configs(args.rho)
     if args.methods in ("all", "variants"):
         configs += variant_configs(args.rho)
+    if args.only:  # a subset by name (AdamW, SAM and default delta-SAM stay: the ratios are against them)
+        keep = {"adamw", "sam", default, *args.only.split(",")}
+        configs = [c for c in configs if rule_name(c) in keep]
     return configs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -214,3 +215,19 @@ def test_last_written_through_no_link(tmp_path: Path) -> None:
     assert torch.load(folder / "best-step3.ckpt", weights_only=False)["global_step"] == 3
     assert not (folder / "last.ckpt").is_symlink()
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["optimizer=adamw", "optimizer.variant.interval=2"], "+optimizer.variant.interval=..."),
+        (["optimizer=sam", "+optimizer.variant.alpha=0.3"], "optimizer.variant takes: name, interval"),
+        (["optimizer=deltasam", "+optimizer.reweight.num_probez=3"], "did you mean +optimizer.reweight.num_probes"),
+    ],
+)
+def test_a_rule_option_is_checked_against_the_chosen_rule(args: list[str], says: str) -> None:
+    """``optimizer.variant.<x>`` / ``optimizer.reweight.<x>``: the options the chosen rule's file declares; one the
+    yaml does not list is set with ``+``, which the error says."""
+    with pytest.raises(OptionError, match=re.escape(says)):
+        check_overrides(args)
+    check_overrides(["optimizer=adamw", "+optimizer.variant.interval=2"])  # declared by SAMOptions: accepted

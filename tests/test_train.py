@@ -281,11 +281,12 @@ def test_train_tiny_exact_rule(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    options = results["optimizer_options"]
-    assert (options["score"], options["weights"], options["estimator"], results["steps"]) == (
+    reweight = results["optimizer_options"]["reweight"]
+    assert (reweight["name"], reweight["score"], reweight["weights"], reweight["sketch_rank"], results["steps"]) == (
+        "gram",
         "gram",
         "linear",
-        "exact",
+        None,  # the Gram matrix exactly
         4,
     )
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()

@@ -284,16 +284,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": os.path.abspath(output_dir),
     }
     if trainer.is_global_zero:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2)
-        shown = ", ".join(f"{k}={results[k]:.4f}" for k in sorted(metrics) if results[k] is not None)
-        steps = f"{results['steps_run']} steps in {results['wall_seconds']:.0f}s"
-        if started.step:
-            steps += f" (resumed at step {started.step}, now {results['steps']})"
-        print(
-            f"\n{task.name} | {results['model']} | {results['optimizer']}: {describe_step(model.deltasam_config)} | "
-            f"seed {cfg.seed} | {steps} | {shown}\nresults: {os.path.join(output_dir, RESULTS_FILE)}"
-        )
-        print(json.dumps(results), flush=True)
+        report(results, sorted(metrics), started.step, describe_step(model.deltasam_config))
     return results
+
+
+def report(results: dict[str, Any], metric_names: list[str], resumed_at: int, step: str) -> None:
+    """Write ``results.json`` in the run dir and print the summary line and the results (rank 0 only)."""
+    output_dir = results["output_dir"]
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2)
+    shown = ", ".join(f"{k}={results[k]:.4f}" for k in metric_names if results[k] is not None)
+    steps = f"{results['steps_run']} steps in {results['wall_seconds']:.0f}s"
+    if resumed_at:
+        steps += f" (resumed at step {resumed_at}, now {results['steps']})"
+    print(
+        f"\n{results['task']} | {results['model']} | {results['optimizer']}: {step} | seed {results['seed']} | "
+        f"{steps} | {shown}\nresults: {os.path.join(output_dir, RESULTS_FILE)}"
+    )
+    print(json.dumps(results), flush=True)

@@ -66,6 +66,8 @@ def _addable(cfg: DictConfig, parent: str) -> list[str] | None:
     """The names ``+<parent>.<name>=...`` may add; ``None``: anything (a new callback or logger entry)."""
     if parent in ("callbacks", "logger"):
         return None
+    if parent in RULE_NODES:
+        return _rule_options(cfg, parent)
     if parent == "optimizer":
         from ..config import SAMConfig
 
@@ -94,6 +96,41 @@ def _addable(cfg: DictConfig, parent: str) -> list[str] | None:
             ]
         return None
     return names
+
+
+RULE_NODES = ("optimizer.variant", "optimizer.reweight")  # a rule's options: the ones its file declares
+
+
+def _rule_options(cfg: DictConfig, parent: str) -> list[str]:
+    """The options the rule chosen at ``parent`` (by its ``name``) declares, ``name`` included."""
+    from dataclasses import fields
+
+    from ..options import VariantOptions, WeightingOptions
+
+    node = OmegaConf.select(cfg, parent)
+    chosen = node.get("name") if isinstance(node, DictConfig) else None
+    registry = (VariantOptions if parent.endswith("variant") else WeightingOptions).registry
+    cls = registry.get(str(chosen))
+    return ["name", *(f.name for f in fields(cls))] if cls is not None else []
+
+
+def _group_choices(overrides: list[Any], groups: dict[str, list[str]]) -> list[str]:
+    """The command line's config-group choices (``optimizer=gsam``), each checked against the group's files."""
+    choices: list[str] = []
+    for o in overrides:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.package is not None:
+            continue
+        if key in groups and not o.is_force_add():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            for value in values:
+                if value not in groups[key] and value != "null":
+                    raise OptionError(
+                        f"{key}={value}: no such {key} option" + _suggest(value, groups[key], listing=f"{key} options")
+                    )
+            if not o.is_delete():
+                choices.append(f"{key}={values[0]}")
+    return choices
 
 
 def _homes(cfg: DictConfig, name: str, depth: int = 3) -> list[str]:
@@ -143,20 +180,7 @@ def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name:
     except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message says where
         return
     groups = config_groups(conf_dir)
-    choices: list[str] = []
-    for o in overrides:
-        key = o.key_or_group
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.package is not None:
-            continue
-        if key in groups and not o.is_force_add():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-            for value in values:
-                if value not in groups[key] and value != "null":
-                    raise OptionError(
-                        f"{key}={value}: no such {key} option" + _suggest(value, groups[key], listing=f"{key} options")
-                    )
-            if not o.is_delete():
-                choices.append(f"{key}={values[0]}")
+    choices = _group_choices(overrides, groups)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -184,6 +208,11 @@ def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR, config_name:
             raise OptionError(
                 f"unknown option {sign}{key} ({where})"
                 + _suggest(parts[-1], allowed, prefix=f"{sign}{parent}.", listing=f"{parent} takes")
+            )
+        if parent in RULE_NODES and found == len(parts) - 1 and parts[-1] in _rule_options(cfg, parent) and not sign:
+            raise OptionError(
+                f"{key} is an option of the chosen {parts[1]} that this optimizer config does not list: set it "
+                f"with +{key}=..."
             )
         siblings = [str(k) for k in node.keys() if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
         where = f"{parent}." if parent else ""
