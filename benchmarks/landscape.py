@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lightning_deltasam.glue.cli import CONF_DIR  # noqa: E402
-from lightning_deltasam.oracle import batch_size_of  # noqa: E402
+from lightning_deltasam.oracle import instances_in  # noqa: E402
 
 TOOL_KEYS = {
     "ckpt": "",
@@ -85,7 +85,7 @@ def loss_gradient(module: nn.Module, batches: list[Any]) -> list[Tensor]:
     params = _params(module)
     grads = [torch.zeros_like(p) for p in params]
 
-    n = sum(batch_size_of(b) for b in batches)
+    n = sum(instances_in(b) for b in batches)
     for b in batches:
         g = torch.autograd.grad(module.per_sample_loss(b).sum() / n, params, allow_unused=True, materialize_grads=True)
         torch._foreach_add_(grads, list(g))

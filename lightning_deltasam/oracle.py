@@ -30,7 +30,8 @@ from .passes import Passes
 PerSampleLoss = Callable[[Any], Tensor]  # batch -> [B] losses, computed with the module's current parameters
 
 
-def batch_size_of(batch: Any) -> int:
+def instances_in(batch: Any) -> int:
+    """The number of instances in ``batch``: the one leading size all its tensors share (refused otherwise)."""
     sizes = {t.shape[0] for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(f"cannot tell the batch size: tensors have leading sizes {sorted(sizes)}.")
@@ -89,7 +90,7 @@ def _per_sample_grads_func(wrapper: _LossModule, batch: Any, params: dict[str, T
 def _per_sample_grads_loop(wrapper: _LossModule, batch: Any, params: dict[str, Tensor]) -> dict[str, Tensor]:
     buffers = {f"module.{k}": v for k, v in wrapper.module.named_buffers()}
     rows: list[tuple[Tensor, ...]] = []
-    for i in range(batch_size_of(batch)):
+    for i in range(instances_in(batch)):
         leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         loss = functional_call(wrapper, {**leaf, **buffers}, (slice_batch(batch, i),)).sum()
         rows.append(torch.autograd.grad(loss, list(leaf.values()), allow_unused=True, materialize_grads=True))
