@@ -164,7 +164,7 @@ class TinyEncoder(TextEncoder):
 class _PreNormBlock(nn.Module):
     """A pre-norm transformer encoder layer (as ``nn.TransformerEncoderLayer(norm_first=True, activation="gelu")``)
     built from Linear and LayerNorm modules only, so every layer's per-instance gradients can be formed
-    (``estimator="exact"``; ``nn.MultiheadAttention`` uses its weights outside any Linear's forward)."""
+    (``GramWeights``; ``nn.MultiheadAttention`` uses its weights outside any Linear's forward)."""
 
     def __init__(self, d_model: int, num_heads: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
