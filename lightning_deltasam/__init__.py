@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .ascent import FriendlySAMOptions, GSAMOptions, LookSAMOptions, MomentumSAMOptions, SAMOptions, WSAMOptions
+from .ascent import (
+    FriendlySAMOptions,
+    GSAMOptions,
+    LookSAMOptions,
+    MESAOptions,
+    MomentumSAMOptions,
+    SAMOptions,
+    WSAMOptions,
+)
 from .config import SAMConfig
 from .engine import SAMEngine
 from .firstpass import GramWeights, ProbeWeights
@@ -30,6 +38,7 @@ __all__ = [
     "GSAMOptions",
     "GramWeights",
     "LookSAMOptions",
+    "MESAOptions",
     "MomentumSAMOptions",
     "ProbeWeights",
     "SAMConfig",

@@ -43,6 +43,12 @@ class DeltaSAMCallback(Callback):
         self.config = sam if sam is not None else SAMConfig()
         if not isinstance(self.config, SAMConfig):
             raise TypeError(f"sam={sam!r} must be a SAMConfig, e.g. DeltaSAMCallback(SAMConfig(rho=0.05)).")
+        if self.config.variant.needs_outputs:
+            raise ValueError(
+                f"DeltaSAMCallback(variant={self.config.variant.name!r}): the variant adds a term from the model's "
+                "outputs to the loss, and the callback runs your training_step's loss as it is. Use DeltaSAMMixin "
+                "(per_sample_loss returning (losses, outputs)) or DeltaSAM (a closure returning them, module=model)."
+            )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []
         self._batch: Any = None

@@ -103,6 +103,8 @@ def checked_closure(closure: Callable[[], Any], config: SAMConfig) -> Callable[[
 
     def per_instance() -> Tensor:
         losses = closure()
+        if config.variant.needs_outputs:  # the pair (losses, outputs): Passes.outputs checks it
+            return losses
         if isinstance(losses, Tensor) and losses.dim() == 0:
             shape = "DeltaSAM closure must return per-instance losses of shape [B]; got shape () (a scalar)"
             if config.reweighting:
@@ -165,6 +167,11 @@ def check_module_options(config: SAMConfig, module: nn.Module | None, grad_scale
         option = f"m={config.m}" if config.per_instance else f"reweight={config.reweight.name!r}"  # type: ignore[union-attr]
         raise ValueError(
             f"{option} forms per-instance gradients from the model's layers: pass the model, "
+            "DeltaSAM(params, base_optimizer, sam, module=model)."
+        )
+    if config.variant.needs_outputs and module is None:
+        raise ValueError(
+            f"variant={config.variant.name!r} runs the model in eval mode at its EMA weights: pass the model, "
             "DeltaSAM(params, base_optimizer, sam, module=model)."
         )
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):

@@ -197,3 +197,34 @@ def checked_shards(params: list[Tensor], refusal: Callable[..., tuple[str, str] 
     if refused is not None:
         raise ValueError(f"{refused[0]}; it is not supported under {shards.name}. {refused[1]}.")
     return shards
+
+
+def total_norm(tensors: list[Tensor], shards: Shards | None = None) -> Tensor:
+    """||(t_1, t_2, ...)||_2 as a 0-dim tensor (no host sync unsharded; under ``shards``, over every rank's shard)."""
+    if shards is not None and shards.sharded:
+        return global_sums([[(t, t) for t in tensors]], shards)[0].sqrt()
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def global_sums(products: list[list[tuple[Tensor, Tensor]]], shards: Shards) -> Tensor:
+    """[sum over k of a_k . b_k for each list of pairs], each inner product summed over every rank's shard: one
+    all-reduce of this rank's local sums (every rank calls it, whatever its local tensors)."""
+    zero = torch.zeros((), dtype=torch.float64, device=shards.device)
+    local = [sum(((a.double() * b.double()).sum() for a, b in pairs), zero) for pairs in products]
+    return shards.sum_(torch.stack(local))
+
+
+def per_tensor_sums(
+    params: list[Tensor], pairs: dict[Tensor, list[tuple[Tensor, Tensor]]], k: int, shards: Shards
+) -> dict[int, Tensor]:
+    """id(p) -> the k inner products of ``pairs[p]``, each summed over every rank's shard in one all-reduce (zeros
+    where this rank holds no gradient of ``p``). Laid out by ``params``, the same list on every rank, so every
+    rank joins the same collective."""
+    local = torch.zeros(len(params), k, dtype=torch.float64, device=shards.device)
+    by_id = {id(p): v for p, v in pairs.items()}
+    for i, p in enumerate(params):
+        for j, (a, b) in enumerate(by_id.get(id(p), [])):
+            local[i, j] = (a.double() * b.double()).sum()
+    return {id(p): row for p, row in zip(params, shards.sum_(local))}

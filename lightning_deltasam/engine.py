@@ -27,6 +27,7 @@ from .profiler import phase
 from .restore import BufferPool, Snapshot, clear_grads
 from .rule_state import load_rule_state, save_rule_state
 from .stats import StepStats
+from .teacher import teacher_term
 
 
 class SAMEngine:
@@ -65,8 +66,9 @@ class SAMEngine:
         params, plain = self._begin()
         backend, head = passes.backend, passes.head
         if plain:
+            term = teacher_term(self.rule, self.config.variant, params, passes, self.pool)  # MESA's KL term
             with phase("first_pass"):
-                loss, losses = passes.descent()
+                loss, losses = passes.descent(term)
             self._pending = Pending(StepStats(loss=loss, losses=losses), None, plain=True)
             return self.second_step(backend, base_step, loss)
         if self.config.m is not None:

@@ -75,8 +75,9 @@ class DeltaSAMMixin(_MixinBase):
         return self._deltasam_slot.engine
 
     # ------------------------------------------------------------ user API
-    def per_sample_loss(self, batch: Any) -> Tensor:
-        """Per-instance losses of ``batch``, shape [B] (e.g. ``F.cross_entropy(..., reduction='none')``)."""
+    def per_sample_loss(self, batch: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-instance losses of ``batch``, shape [B] (e.g. ``F.cross_entropy(..., reduction='none')``); with
+        MESA the pair (losses, outputs [B, C])."""
         raise NotImplementedError(
             f"{type(self).__name__} must define per_sample_loss(batch) returning a [B] tensor of losses."
         )

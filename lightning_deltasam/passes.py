@@ -18,8 +18,9 @@ from .stats import StepStats
 def check_per_sample_losses(losses: Any, source: str, batch_size: int | None = None) -> Tensor:
     """A clear error unless ``losses`` is a float tensor of shape [B] (B = ``batch_size`` when known)."""
     if not isinstance(losses, Tensor):
+        pair = " (a pair (losses, outputs) is for variant='mesa')" if isinstance(losses, tuple) else ""
         raise TypeError(
-            f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}."
+            f"{source} must return a tensor of per-instance losses of shape [B]; got {type(losses).__name__}{pair}."
         )
     shape = tuple(losses.shape)
     if losses.dim() != 1:
@@ -59,12 +60,38 @@ class Passes:
         with self.backend.forward_context():
             return check_per_sample_losses(self.forward(), self.source, self.batch_size)
 
-    def descent(self) -> tuple[Tensor, Tensor | None]:
-        """Forward + backward of the mean loss at the current weights: (mean loss, per-instance losses or None)."""
+    def outputs(self, needed_for: str) -> tuple[Tensor, Tensor]:
+        """(per-instance losses [B], the model's outputs [B, ...]) at the current weights: the forward's pair."""
+        if self.forward is None:
+            raise ValueError(
+                f"{needed_for} needs the model's outputs: define per_sample_loss returning (losses, outputs)."
+            )
+        with self.backend.forward_context():
+            pair = self.forward()
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], Tensor)):
+            raise TypeError(
+                f"{needed_for} adds a term from the model's outputs: {self.source} must return the pair (per-instance "
+                f"losses [B], outputs [B, C]), e.g. `return F.cross_entropy(logits, y, reduction='none'), logits`; "
+                f"got {type(pair).__name__}."
+            )
+        losses = check_per_sample_losses(pair[0], self.source, self.batch_size)
+        if pair[1].dim() == 0 or pair[1].shape[0] != losses.shape[0]:
+            raise ValueError(
+                f"{self.source}: the outputs, shape {tuple(pair[1].shape)}, must hold one row per instance."
+            )
+        return losses, pair[1]
+
+    def descent(self, term: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Forward + backward of the mean loss at the current weights (plus ``term(outputs)``, when given, from the
+        forward's outputs): (mean loss, per-instance losses or None)."""
         if self.second_pass is not None:
             return self.second_pass().detach(), None
-        losses = self.losses("the step")
-        self.backend.backward(losses.mean())
+        if term is not None:
+            losses, outputs = self.outputs("the step")
+            self.backend.backward(losses.mean() + term(outputs))
+        else:
+            losses = self.losses("the step")
+            self.backend.backward(losses.mean())
         return losses.detach().mean(), losses.detach()
 
 

@@ -84,6 +84,9 @@ class MixinClassifier(DeltaSAMMixin, L.LightningModule):
 
     def per_sample_loss(self, batch):
         x, y = batch
+        if self.deltasam_config.variant.needs_outputs:  # MESA: the pair (losses, logits)
+            logits = self.net(x)
+            return F.cross_entropy(logits, y, reduction="none"), logits
         return per_sample_ce(self.net, x, y)
 
     # the split for probe_scope="head": the last Linear is the probed head

@@ -183,3 +183,35 @@ def test_the_app_guide_lists_every_optimizer_config() -> None:
         assert path.stem in table, f"docs/app.md's optimizer table has no row for {path.stem}"
         header = path.read_text().split("\n", 1)[0].lstrip("# ")
         assert table[path.stem].startswith(re.split(r"[:;]", header, maxsplit=1)[0]), (path.stem, table[path.stem])
+
+
+@pytest.mark.parametrize("task, folder", [("sst2", "SST-2"), ("stsb", "STS-B")])
+def test_mesa_trains_through_the_app_and_refuses_a_regression(task: str, folder: str, tmp_path: Path) -> None:
+    """optimizer=mesa: the classifier returns (losses, logits), 3 steps run (the KL term from the second, the EMA
+    having moved); STS-B's one score per pair is refused, naming why."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_deltasam.glue.app import run
+    from lightning_deltasam.glue.cli import CONF_DIR
+
+    for file, rows in FIXTURES[folder].items():
+        write_rows(tmp_path / "glue" / folder / file, rows)
+    overrides = [
+        f"task={task}",
+        f"task.data_dir={tmp_path / 'glue'}",
+        "model=tiny",
+        "optimizer=mesa",
+        "optimizer.variant.decay=0.5",
+        "trainer.max_steps=3",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logger.tensorboard=null",
+        f"paths.output_dir={tmp_path / 'out'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        if task == "stsb":
+            with pytest.raises(ValueError, match="regression"):
+                run(compose("config", overrides=overrides))
+            return
+        results = run(compose("config", overrides=overrides))
+    assert results["steps"] == 3

@@ -71,6 +71,7 @@ def test_groups_have_every_option() -> None:
         "gsam",
         "instance_sam",
         "looksam",
+        "mesa",
         "msam",
         "sam",
         "wsam",
@@ -139,6 +140,7 @@ def test_optimizer_options(name: str) -> None:
         "looksam": (0.1, False, None, "looksam"),
         "friendly": (0.05, False, None, "friendly"),
         "msam": (0.05, False, None, "msam"),
+        "mesa": (0.0, False, None, "mesa"),
     }[name]
     reweight = sam.reweight.name if sam.reweight is not None else None
     assert (sam.rho, sam.adaptive, reweight, sam.variant.name) == expected
@@ -382,7 +384,7 @@ def test_from_dict_reads_nested_rules_and_names_what_is_allowed():
         assert SAMConfig.from_dict(config.to_dict()) == config
     variants = ", ".join(repr(n) for n in VariantOptions.registry)
     weightings = ", ".join(repr(n) for n in WeightingOptions.registry)
-    assert {"sam", "gsam", "wsam", "looksam", "friendly", "msam"} == set(VariantOptions.registry)
+    assert {"sam", "gsam", "wsam", "looksam", "friendly", "msam", "mesa"} == set(VariantOptions.registry)
     assert {"probes", "gram"} == set(WeightingOptions.registry)
     refusals = [
         ({"variant": "bsam"}, f"variant='bsam' is not supported; use one of {variants}."),

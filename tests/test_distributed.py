@@ -15,6 +15,8 @@ from lightning_deltasam import (
     GramWeights,
     GSAMOptions,
     LookSAMOptions,
+    MESAOptions,
+    MomentumSAMOptions,
     ProbeWeights,
     SAMConfig,
     SAMOptions,
@@ -80,6 +82,9 @@ CASES = {
     "mixin_looksam": {"adapter": "mixin", "sam": SAMConfig(rho=0.1, variant=LookSAMOptions(k=2))},
     "callback_friendly": {"adapter": "callback", "sam": SAMConfig(rho=0.05, variant=FriendlySAMOptions(sigma=0.5))},
     "mixin_interval": {"adapter": "mixin", "sam": SAMConfig(rho=0.05, variant=SAMOptions(interval=2))},
+    "mixin_msam": {"adapter": "mixin", "sam": SAMConfig(rho=0.3, variant=MomentumSAMOptions())},
+    # MESA: the EMA teacher's forward on each rank's half; the mean KL of equal halves is the batch's
+    "mixin_mesa": {"adapter": "mixin", "sam": SAMConfig(variant=MESAOptions(decay=0.5))},
 }
 
 
@@ -110,9 +115,17 @@ def _single_process(config: SAMConfig, double: bool = False) -> list[torch.Tenso
                 break
             if config.m is not None:  # groups of m are consecutive within each rank's batch
                 x, y = x[rank_major], y[rank_major]
-            opt.step(lambda: per_sample_ce(net, x, y))
+            opt.step(lambda: _forward(net, x, y, config))
             steps += 1
     return [p.detach() for p in net.parameters()]
+
+
+def _forward(net, x, y, config: SAMConfig):
+    """Per-instance losses, with the logits for MESA."""
+    if not config.variant.needs_outputs:
+        return per_sample_ce(net, x, y)
+    logits = net(x)
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none"), logits
 
 
 @pytest.mark.parametrize("name", list(CASES))

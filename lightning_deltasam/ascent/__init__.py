@@ -12,6 +12,7 @@ from .base import RULES, SAM, SAMOptions, make_rule, register
 from .friendly import FriendlySAMOptions
 from .gsam import GSAMOptions
 from .looksam import LookSAMOptions
+from .mesa import MESAOptions
 from .msam import MomentumSAMOptions
 from .wsam import WSAMOptions
 
@@ -24,6 +25,7 @@ __all__ = [
     "FriendlySAMOptions",
     "GSAMOptions",
     "LookSAMOptions",
+    "MESAOptions",
     "MomentumSAMOptions",
     "SAMOptions",
     "WSAMOptions",

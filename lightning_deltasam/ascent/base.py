@@ -103,6 +103,13 @@ class SAM:
         """eps before any pass at w, for a rule that forms it from state (Momentum-SAM); None: from the first pass."""
         return None
 
+    def teacher_weights(self, params: list[Tensor]) -> list[Tensor] | None:
+        """Weights whose outputs enter the one pass's loss (MESA's EMA; see ``outputs_term``); None: none."""
+        return None
+
+    def outputs_term(self, outputs: Tensor, teacher_outputs: Tensor | None) -> Tensor:
+        raise NotImplementedError  # the loss's term from the outputs at w and at the teacher's (MESA's KL)
+
     def gradient_at_w(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Sees the (all-reduced) gradient at w before eps is formed; returns the gradient eps is along."""
         if self.keeps_gradient:
@@ -213,34 +220,3 @@ def grads_of(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     gradient's local shard under FSDP2, sharing its storage, so in-place changes reach ``.grad``)."""
     with_grad = [p for p in params if p.grad is not None]
     return with_grad, local_tensors([p.grad for p in with_grad])  # type: ignore[misc]
-
-
-def total_norm(tensors: list[Tensor], shards: Shards | None = None) -> Tensor:
-    """||(t_1, t_2, ...)||_2 as a 0-dim tensor (no host sync unsharded; under ``shards``, over every rank's shard)."""
-    if shards is not None and shards.sharded:
-        return global_sums([[(t, t) for t in tensors]], shards)[0].sqrt()
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def global_sums(products: list[list[tuple[Tensor, Tensor]]], shards: Shards) -> Tensor:
-    """[sum over k of a_k . b_k for each list of pairs], each inner product summed over every rank's shard: one
-    all-reduce of this rank's local sums (every rank calls it, whatever its local tensors)."""
-    zero = torch.zeros((), dtype=torch.float64, device=shards.device)
-    local = [sum(((a.double() * b.double()).sum() for a, b in pairs), zero) for pairs in products]
-    return shards.sum_(torch.stack(local))
-
-
-def per_tensor_sums(
-    params: list[Tensor], pairs: dict[Tensor, list[tuple[Tensor, Tensor]]], k: int, shards: Shards
-) -> dict[int, Tensor]:
-    """id(p) -> the k inner products of ``pairs[p]``, each summed over every rank's shard in one all-reduce (zeros
-    where this rank holds no gradient of ``p``). Laid out by ``params``, the same list on every rank, so every
-    rank joins the same collective."""
-    local = torch.zeros(len(params), k, dtype=torch.float64, device=shards.device)
-    by_id = {id(p): v for p, v in pairs.items()}
-    for i, p in enumerate(params):
-        for j, (a, b) in enumerate(by_id.get(id(p), [])):
-            local[i, j] = (a.double() * b.double()).sum()
-    return {id(p): row for p, row in zip(params, shards.sum_(local))}

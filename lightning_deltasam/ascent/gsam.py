@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import global_sums, total_norm
 from ..options import VariantOptions, check_number
-from .base import EPS, SAM, global_sums, register, total_norm
+from .base import EPS, SAM, register
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import per_tensor_sums
 from ..options import VariantOptions, check_int, check_number
-from .base import EPS, SAM, grads_of, per_tensor_sums, register
+from .base import EPS, SAM, grads_of, register
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,12 @@ class GlueClassifier(DeltaSAMMixin, L.LightningModule):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return self.head(self.dropout(self.encoder(**inputs)))
 
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """Loss of each example [B]: what SAM perturbs against and delta-SAM reweights."""
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+        """Loss of each example [B]: what SAM perturbs against and delta-SAM reweights; with the logits when the
+        variant reads the outputs (MESA)."""
+        if self.deltasam_config.variant.needs_outputs:
+            logits = self.head(self.per_sample_features(batch))
+            return self._losses(logits, batch["labels"]), logits
         return self.per_sample_loss_from_features(self.per_sample_features(batch), batch)
 
     # The split for probe_scope="head": delta-SAM's probes perturb the linear head only, on the
