@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .ascent import (
+    ESAMOptions,
     FriendlySAMOptions,
     GSAMOptions,
     LookSAMOptions,
@@ -34,6 +35,7 @@ __all__ = [
     "DeltaSAM",
     "DeltaSAMCallback",
     "DeltaSAMMixin",
+    "ESAMOptions",
     "FriendlySAMOptions",
     "GSAMOptions",
     "GramWeights",

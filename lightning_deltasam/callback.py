@@ -43,11 +43,14 @@ class DeltaSAMCallback(Callback):
         self.config = sam if sam is not None else SAMConfig()
         if not isinstance(self.config, SAMConfig):
             raise TypeError(f"sam={sam!r} must be a SAMConfig, e.g. DeltaSAMCallback(SAMConfig(rho=0.05)).")
-        if self.config.variant.needs_outputs:
+        if self.config.variant.needs_outputs or self.config.variant.selects_instances:
+            what = (
+                "adds a term from the model's outputs to" if self.config.variant.needs_outputs else "selects rows for"
+            )
             raise ValueError(
-                f"DeltaSAMCallback(variant={self.config.variant.name!r}): the variant adds a term from the model's "
-                "outputs to the loss, and the callback runs your training_step's loss as it is. Use DeltaSAMMixin "
-                "(per_sample_loss returning (losses, outputs)) or DeltaSAM (a closure returning them, module=model)."
+                f"DeltaSAMCallback(variant={self.config.variant.name!r}): the variant {what} the loss, and the "
+                "callback runs your training_step on the whole batch as it is. Use DeltaSAMMixin (per_sample_loss) "
+                "or DeltaSAM (its closure)."
             )
         self._slot = EngineSlot(self.config)
         self._restore: list[Callable[[], None]] = []

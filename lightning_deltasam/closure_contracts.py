@@ -122,6 +122,23 @@ def checked_closure(closure: Callable[[], Any], config: SAMConfig) -> Callable[[
     return per_instance
 
 
+def rows_closure(closure: Callable[..., Any], config: SAMConfig) -> Callable[[Tensor], Any] | None:
+    """ESAM's forward on chosen rows, ``closure(instances)`` (a LongTensor of rows); None for other variants."""
+    if not config.variant.selects_instances:
+        return None
+    try:
+        inspect.signature(closure).bind(None)
+    except TypeError:
+        raise ValueError(
+            f"variant={config.variant.name!r} runs its second pass on chosen instances: write the closure as "
+            "closure(instances=None), returning the per-instance losses of those rows (e.g. of x[instances], "
+            "y[instances]; of every row when None). Nothing was changed."
+        ) from None
+    except ValueError:  # a signature that cannot be read: taken as it is
+        pass
+    return closure
+
+
 def _arguments(factory: Callable[..., Any]) -> set[str]:
     """The keyword names ``factory`` accepts (empty when its signature cannot be read)."""
     try:

@@ -41,7 +41,7 @@ class SAMConfig:
         verify: with ``m`` or ``GramWeights``, check the per-instance gradients against autograd: ``"auto"`` (the
             rows on each new shape signature, two instances' gradients on the first step), ``"always"``, ``"off"``.
         sync: under DDP, ``"global"`` (the step over the global batch) or ``"local"`` (each rank its own eps).
-        seed: seed of the probe and sketch generator (identical on every rank).
+        seed: seed of the probe and sketch generator and of ESAM's draw (identical on every rank).
     """
 
     rho: float = 0.05
@@ -118,6 +118,12 @@ class SAMConfig:
                 f"m={self.m} needs per-instance losses and the model, which first_step()/second_step() and "
                 "a closure that calls backward() itself do not give: use step(closure) with closure() returning "
                 "the per-instance losses, shape [B], and pass the model (DeltaSAM(..., module=model)); or m=None."
+            )
+        if self.variant.selects_instances:
+            raise ValueError(
+                f"variant={self.variant.name!r} runs its second pass on chosen instances, which first_step()/"
+                "second_step() and a closure that calls backward() itself do not give: use step(closure) with "
+                "closure(instances=None) returning the per-instance losses of those rows."
             )
         if not self.variant.needs_first_pass:
             raise ValueError(

@@ -44,7 +44,7 @@ class SAMEngine:
         self.rule = make_rule(config.variant, config.neighbourhood)  # the ascent rule of config.variant (ascent/)
         self.per_instance = PerInstanceRoute(config.m, config.match_rho, config.verify)  # the route of option m
         self.pool = BufferPool()  # the snapshot's buffers, kept across steps
-        self.rule.base_state = base_state or dict
+        self.rule.base_state, self.rule.seed = base_state or dict, config.seed or 0
         self.guard = Guard(self.rule, param_groups)  # the finite check, the skip, the base step, the step count
         self._pending: Pending | None = None
         self.shards = Shards()  # how the parameters are split over ranks (FSDP), found at each step's start
@@ -92,7 +92,8 @@ class SAMEngine:
         snapshot.keep_buffers()  # the first pass's statistics are the ones kept
         assert stats.loss is not None
         self._ascend(ascent, bool(torch.isfinite(stats.loss)), backend, stats, snapshot)
-        loss1 = self._second_pass(passes.descent)[0] if not self._pending.skip else None  # type: ignore[union-attr]
+        second = lambda: self.rule.second_pass(passes, stats.losses)  # noqa: E731
+        loss1 = self._second_pass(second)[0] if not self._pending.skip else None  # type: ignore[union-attr]
         if loss1 is not None:
             with phase("statistics"):
                 stats.loss_rise = float(loss1.float() - stats.loss.float())

@@ -141,12 +141,13 @@ def module_step(
     ``passes`` are the engine's ``first_pass`` / ``second_pass``.
     """
     forward, head = probe_plan(module, batch, engine.config.step_probe_scope) if per_sample else (None, None)
+    size, select = batch_size_of(batch), None
+    if engine.config.variant.selects_instances:  # ESAM: the second pass on chosen rows of the batch
+        select = lambda rows: module.per_sample_loss(module.select_instances(batch, rows))  # type: ignore[operator] # noqa: E731
     try:
         source = f"{type(module).__name__}.per_sample_loss"
         return engine.step(
-            Passes(
-                forward, backend, batch_size=batch_size_of(batch), module=module, head=head, source=source, **passes
-            ),
+            Passes(forward, backend, batch_size=size, module=module, head=head, source=source, select=select, **passes),
             base_step,
         )
     finally:

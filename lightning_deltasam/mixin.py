@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from .accumulation import MicroBatchBackend, Window
+from .batch_rows import select_rows
 from .config import SAMConfig
-from .lightning_backend import EngineSlot, LightningBackend, check_strategy, log_stats, module_step
+from .lightning_backend import EngineSlot, LightningBackend, batch_size_of, check_strategy, log_stats, module_step
 from .options import check_choice, check_int, check_number
 from .stats import StepStats
 
@@ -66,7 +67,7 @@ class DeltaSAMMixin(_MixinBase):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.automatic_optimization = False
         self._deltasam_slot = EngineSlot(config)
-        self._deltasam_window = _Window()
+        self._deltasam_window = Window()
         self._deltasam_optimizer_steps = 0
         self.deltasam_last_stats: StepStats | None = None
 
@@ -81,6 +82,13 @@ class DeltaSAMMixin(_MixinBase):
         raise NotImplementedError(
             f"{type(self).__name__} must define per_sample_loss(batch) returning a [B] tensor of losses."
         )
+
+    def select_instances(self, batch: Any, instances: Tensor) -> Any:
+        """The batch of the given instances (ESAM's second pass): each tensor with B rows indexed along dim 0."""
+        size = batch_size_of(batch)
+        if size is None:
+            raise ValueError("select_instances: the batch size cannot be read from the batch; override it.")
+        return select_rows(batch, instances, size)
 
     @torch.compiler.disable
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -113,7 +121,7 @@ class DeltaSAMMixin(_MixinBase):
         if self.accumulate_grad_batches == 1:
             stats = module_step(engine, self, batch, backend, clipped_step)
         else:  # one perturbed micro-batch; the optimizer steps at the window's end
-            micro = _MicroBatchBackend(
+            micro = MicroBatchBackend(
                 self.trainer, self.deltasam_config, self.manual_backward, lambda: list(self.buffers())
             )
             micro.window = window
@@ -188,63 +196,3 @@ def _clip(params: list[Tensor], value: float | None, algorithm: str, loss_scale:
         torch.nn.utils.clip_grad_norm_(grads_params, value * loss_scale, foreach=True)
     else:
         torch.nn.utils.clip_grad_value_(grads_params, value * loss_scale, foreach=True)
-
-
-class _Window:
-    """Gradient accumulation over k micro-batches: the mean of their descent gradients, one optimizer step.
-
-    A micro-batch whose step the engine skips (non-finite) poisons the window: its step is skipped as a whole.
-    """
-
-    def __init__(self) -> None:
-        self.sum: list[Tensor] | None = None
-        self.count = 0
-        self.poisoned = False
-        self.micro_batches = 0
-
-    def count_micro_batch(self, k: int, last_batch: bool) -> bool:
-        """Count one micro-batch; whether it ends the window (every k, and at an epoch's end)."""
-        self.micro_batches += 1
-        if self.micro_batches % k == 0 or last_batch:
-            self.micro_batches = 0
-            return True
-        return False
-
-    def add(self, params: list[Tensor]) -> None:
-        """The engine's base step for a micro-batch: add its descent gradient, clear ``.grad``."""
-        if self.sum is None:
-            self.sum = [torch.zeros_like(p) for p in params]
-        self.count += 1
-        with torch.no_grad():
-            present = [(a, p.grad) for a, p in zip(self.sum, params) if p.grad is not None]
-            if present:
-                torch._foreach_add_([a for a, _ in present], [g for _, g in present])
-        for p in params:
-            p.grad = None
-
-    def close(self, params: list[Tensor], backend: LightningBackend, base_step: Callable[[], Any]) -> bool:
-        """The window's one optimizer step on the mean gradient (or a skipped step); whether it was skipped."""
-        acc, count, poisoned = self.sum, self.count, self.poisoned
-        self.sum, self.count, self.poisoned = None, 0, False
-        if poisoned or acc is None:
-            backend.skip(params, base_step)
-            for p in params:
-                p.grad = None
-            return True
-        with torch.no_grad():
-            torch._foreach_div_(acc, float(count))
-        for p, a in zip(params, acc):
-            p.grad = a
-        base_step()
-        return False
-
-
-class _MicroBatchBackend(LightningBackend):
-    """A micro-batch's backend: a skipped step poisons the window instead of stepping the optimizer."""
-
-    window: _Window
-
-    def skip(self, params: list[Tensor], base_step: Callable[[], Any]) -> None:
-        self.window.poisoned = True
-        for p in params:
-            p.grad = None

@@ -16,6 +16,7 @@ from .closure_contracts import (
     check_module_options,
     checked_closure,
     refuse_sam_keywords,
+    rows_closure,
 )
 from .config import SAMConfig
 from .engine import SAMEngine
@@ -120,6 +121,7 @@ class DeltaSAM(Optimizer):
                             backend,
                             source="DeltaSAM closure",
                             module=self._module,
+                            select=rows_closure(closure, self.config),
                         )
                         stats = self.engine.step(passes, self.base_optimizer.step)
                     assert stats.losses is not None

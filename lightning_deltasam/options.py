@@ -120,6 +120,7 @@ class VariantOptions(RuleOptions):
     combines_with_reweight: ClassVar[bool] = False
     needs_first_pass: ClassVar[bool] = True  # False: eps comes before the step's only pass (Momentum-SAM)
     needs_outputs: ClassVar[bool] = False  # the forward returns (per-instance losses, outputs) (MESA)
+    selects_instances: ClassVar[bool] = False  # the second pass runs on chosen rows of the batch (ESAM)
 
     def counts_steps(self) -> bool:
         """Whether the rule counts optimizer steps or keeps state across them (then it cannot see micro-batches)."""

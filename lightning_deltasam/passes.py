@@ -42,7 +42,8 @@ class Passes:
     """The forwards of one step. ``forward()`` returns per-instance losses [B] at the current weights (the engine
     runs every backward); ``first_pass`` / ``second_pass`` replace a pass's forward + backward and return its mean
     loss (the callback runs Lightning's closure so); ``module`` is the model that ``m`` and the Gram weighting hook;
-    ``head`` probes the top layers only; ``source`` names the forward in errors."""
+    ``head`` probes the top layers only; ``source`` names the forward in errors; ``select(rows)`` is the forward on
+    the given rows of the batch."""
 
     forward: LossFn | None
     backend: Backend
@@ -52,6 +53,7 @@ class Passes:
     module: nn.Module | None = None
     head: HeadProbe | None = None
     source: str = "the closure"
+    select: Callable[[Tensor], Any] | None = None  # per-instance losses of the given rows (ESAM's second pass)
 
     def losses(self, needed_for: str) -> Tensor:
         """Per-instance losses [B] at the current weights, checked, with grad."""

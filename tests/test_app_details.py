@@ -185,10 +185,13 @@ def test_the_app_guide_lists_every_optimizer_config() -> None:
         assert table[path.stem].startswith(re.split(r"[:;]", header, maxsplit=1)[0]), (path.stem, table[path.stem])
 
 
-@pytest.mark.parametrize("task, folder", [("sst2", "SST-2"), ("stsb", "STS-B")])
-def test_mesa_trains_through_the_app_and_refuses_a_regression(task: str, folder: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "task, folder, optimizer", [("sst2", "SST-2", "mesa"), ("stsb", "STS-B", "mesa"), ("sst2", "SST-2", "esam")]
+)
+def test_mesa_and_esam_train_through_the_app(task: str, folder: str, optimizer: str, tmp_path: Path) -> None:
     """optimizer=mesa: the classifier returns (losses, logits), 3 steps run (the KL term from the second, the EMA
-    having moved); STS-B's one score per pair is refused, naming why."""
+    having moved); STS-B's one score per pair is refused, naming why. optimizer=esam: the mixin selects rows of
+    the tokenized batch."""
     from hydra import compose, initialize_config_dir
 
     from lightning_deltasam.glue.app import run
@@ -200,8 +203,8 @@ def test_mesa_trains_through_the_app_and_refuses_a_regression(task: str, folder:
         f"task={task}",
         f"task.data_dir={tmp_path / 'glue'}",
         "model=tiny",
-        "optimizer=mesa",
-        "optimizer.variant.decay=0.5",
+        f"optimizer={optimizer}",
+        *(["optimizer.variant.decay=0.5"] if optimizer == "mesa" else []),
         "trainer.max_steps=3",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",

@@ -67,6 +67,7 @@ def test_groups_have_every_option() -> None:
         "asam",
         "deltasam",
         "deltasam_exact",
+        "esam",
         "friendly",
         "gsam",
         "instance_sam",
@@ -141,6 +142,7 @@ def test_optimizer_options(name: str) -> None:
         "friendly": (0.05, False, None, "friendly"),
         "msam": (0.05, False, None, "msam"),
         "mesa": (0.0, False, None, "mesa"),
+        "esam": (0.05, False, None, "esam"),
     }[name]
     reweight = sam.reweight.name if sam.reweight is not None else None
     assert (sam.rho, sam.adaptive, reweight, sam.variant.name) == expected
@@ -384,7 +386,7 @@ def test_from_dict_reads_nested_rules_and_names_what_is_allowed():
         assert SAMConfig.from_dict(config.to_dict()) == config
     variants = ", ".join(repr(n) for n in VariantOptions.registry)
     weightings = ", ".join(repr(n) for n in WeightingOptions.registry)
-    assert {"sam", "gsam", "wsam", "looksam", "friendly", "msam", "mesa"} == set(VariantOptions.registry)
+    assert {"sam", "gsam", "wsam", "looksam", "friendly", "msam", "mesa", "esam"} == set(VariantOptions.registry)
     assert {"probes", "gram"} == set(WeightingOptions.registry)
     refusals = [
         ({"variant": "bsam"}, f"variant='bsam' is not supported; use one of {variants}."),

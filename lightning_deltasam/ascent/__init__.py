@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from .base import RULES, SAM, SAMOptions, make_rule, register
+from .esam import ESAMOptions
 from .friendly import FriendlySAMOptions
 from .gsam import GSAMOptions
 from .looksam import LookSAMOptions
@@ -22,6 +23,7 @@ for _module in pkgutil.iter_modules(__path__):  # registration: each rule's file
 __all__ = [
     "RULES",
     "SAM",
+    "ESAMOptions",
     "FriendlySAMOptions",
     "GSAMOptions",
     "LookSAMOptions",

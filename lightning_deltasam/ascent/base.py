@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..distributed import Shards, local_tensors, norm_of
 from ..options import Neighbourhood, VariantOptions, check_bool, check_int, check_number
+from ..passes import Passes
 from ..profiler import phase
 
 RULES: dict[type[VariantOptions], type[SAM]] = {}
@@ -80,6 +81,7 @@ class SAM:
     With ``interval=k`` only the steps where (step + 1) % k == 0 perturb (composer's SAM)."""
 
     keeps_gradient = False  # whether descent_ needs g at w (then kept in pending["g"])
+    seed = 0  # SAMConfig's seed (set by the engine): the rules that draw (ESAM)
     options: VariantOptions
 
     def __init__(self, options: VariantOptions, neighbourhood: Neighbourhood) -> None:
@@ -109,6 +111,10 @@ class SAM:
 
     def outputs_term(self, outputs: Tensor, teacher_outputs: Tensor | None) -> Tensor:
         raise NotImplementedError  # the loss's term from the outputs at w and at the teacher's (MESA's KL)
+
+    def second_pass(self, passes: Passes, losses_at_w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The forward and backward at w + eps (``losses_at_w``: the first pass's, when known): (mean loss, losses)."""
+        return passes.descent()
 
     def gradient_at_w(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Sees the (all-reduced) gradient at w before eps is formed; returns the gradient eps is along."""
