@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_deltasam import (  # noqa: E402
+    ESAMOptions,
     FriendlySAMOptions,
     GramWeights,
     GSAMOptions,
     LookSAMOptions,
+    MESAOptions,
     MomentumSAMOptions,
     ProbeWeights,
     SAMConfig,
@@ -113,6 +115,8 @@ def variant_configs(rho: float) -> list[SAMConfig]:
         SAMConfig(rho=rho, variant=LookSAMOptions()),
         SAMConfig(rho=rho, variant=FriendlySAMOptions()),
         SAMConfig(rho=rho, variant=MomentumSAMOptions()),
+        SAMConfig(rho=rho, variant=MESAOptions()),
+        SAMConfig(rho=rho, variant=ESAMOptions()),
     ]
     return out + [SAMConfig(rho=rho, variant=SAMOptions(interval=k)) for k in VARIANT_INTERVALS]
 

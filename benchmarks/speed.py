@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from common import (  # type: ignore[import-not-found]
     batches,
     build,
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from lightning_deltasam import ProbeWeights, SAMConfig
 from lightning_deltasam.backend import Backend
+from lightning_deltasam.batch_rows import select_rows
 from lightning_deltasam.distributed import Reducer
 from lightning_deltasam.engine import SAMEngine
 from lightning_deltasam.oracle import oracle_update
@@ -79,9 +81,23 @@ class Method:
         self.base = torch.optim.AdamW(params, lr=1e-6)
         self.engine = SAMEngine(self.base.param_groups, config, base_state=lambda: self.base.state)
 
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[Any, Any]:
+        """(the forward, the head probe): the module's per-instance losses, with the logits for MESA."""
+        if self.config.variant.needs_outputs:
+            logits = lambda: self.module(batch)  # noqa: E731
+            return (lambda: (lambda z: (F.cross_entropy(z, batch["labels"], reduction="none"), z))(logits())), None
+        return probe_plan(self.module, batch, self.config.step_probe_scope)
+
+    def _rows(self, batch: dict[str, Tensor]) -> Any:
+        """ESAM's forward on chosen rows of ``batch``; None for the other methods."""
+        if not self.config.variant.selects_instances:
+            return None
+        size = len(batch["labels"])
+        return lambda rows: self.module.per_sample_loss(select_rows(batch, rows, size))
+
     def step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         backend = TimingBackend()
-        forward, head = probe_plan(self.module, batch, self.config.step_probe_scope)
+        forward, head = self._forward(batch)
         fwd = {"s": 0.0}
 
         def timed_forward() -> Tensor:
@@ -97,8 +113,17 @@ class Method:
             self.base.step()
             base["s"] += time.perf_counter() - t
 
+        rows = self._rows(batch)
+
+        def timed_rows(chosen: Tensor) -> Tensor:  # ESAM's forward on chosen rows: the model's time too
+            t = time.perf_counter()
+            out = rows(chosen)
+            fwd["s"] += time.perf_counter() - t
+            return out
+
         t0 = time.perf_counter()
-        self.engine.step(Passes(timed_forward, backend, head=head, module=self.module), base_step)
+        passes = Passes(timed_forward, backend, head=head, module=self.module, select=rows and timed_rows)
+        self.engine.step(passes, base_step)
         total = time.perf_counter() - t0
         model = fwd["s"] + backend.backward_s
         return {"total": total, "model": model, "base": base["s"], "engine": total - model - base["s"]}

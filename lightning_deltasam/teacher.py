@@ -1,4 +1,4 @@
-"""The model's outputs at other weights (MESA's EMA of w): the weights copied in, one forward without grad in
+"""The model's outputs at other weights (MESA's EMA of w): the weights swapped in, one forward without grad in
 eval mode (no dropout, running statistics untouched), then w, the statistics and each module's mode put back
 bit for bit, whatever the forward does."""
 
@@ -35,13 +35,22 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 
 def outputs_at(weights: list[Tensor], params: list[Tensor], passes: Passes, pool: BufferPool, rule: str) -> Tensor:
-    """The forward's outputs with ``params`` set to ``weights`` (detached); w restored exactly afterwards."""
+    """The forward's outputs (detached) with ``params`` holding ``weights``: each parameter's data is swapped for
+    its teacher tensor and back (no copy of w, which is never written, so it comes back bit for bit); the running
+    statistics are saved and put back too (eval mode leaves them, unless a module ignores its mode)."""
     if passes.module is None:
         raise ValueError(f"variant={rule!r} runs the model in eval mode at its EMA weights: pass the model (module=).")
-    snapshot = pool.snapshot(params, passes.backend.buffers())
-    with snapshot.restoring(), torch.no_grad(), evaluating(passes.module), phase("teacher_pass"):
-        copy_all_(params, weights)
-        return passes.outputs(f"variant={rule!r}")[1].detach()
+    buffers = passes.backend.buffers()
+    saved_buffers, saved = pool.saved("teacher_buffers", buffers), [p.data for p in params]
+    try:
+        with torch.no_grad(), evaluating(passes.module), phase("teacher_pass"):
+            for p, w in zip(params, weights):
+                p.data = w
+            return passes.outputs(f"variant={rule!r}")[1].detach()
+    finally:
+        for p, w in zip(params, saved):
+            p.data = w
+        copy_all_(buffers, saved_buffers)
 
 
 def teacher_term(

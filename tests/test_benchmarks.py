@@ -588,3 +588,52 @@ def test_pooled_view_pairs_each_column_with_sam_and_gives_delta_sams_share(tmp_p
     }
     assert result["pooled"]["deltasam"]["wins"] == 4 and result["pooled"]["deltasam"]["losses"] == 0
     assert "| noisy | val/acc | instance_sam@rho=0.01 | +1.33, 3-0 |" in out.with_suffix(".md").read_text()
+
+
+def test_frontier_table_costs_gains_and_target(tmp_path):
+    """frontier.py: each column's cost is its mean step over AdamW's in the first speed file that timed it, its
+    gain the paired difference from AdamW; the target needs cost <= 1.3x and, in 2 settings, within 0.5 of SAM
+    with 2 of 3 wins over AdamW."""
+    import frontier
+
+    speed_a = {
+        "step_seconds": {"adamw": 1.0, "sam": 2.0, "looksam": 1.0, "deltasam": 2.0},
+        "step_seconds_mean": {"adamw": 1.0, "sam": 2.0, "looksam": 1.2, "gradnorm-softmax-t4-K8-head": 2.1},
+        "peak_memory": {"adamw": {"peak_mb": 100.0}, "looksam": {"peak_mb": 150.0}},
+    }
+    speed_b = {"step_seconds": {"adamw": 2.0, "looksam": 9.0, "msam": 2.2}}
+    (tmp_path / "a.json").write_text(json.dumps(speed_a))
+    (tmp_path / "b.json").write_text(json.dumps(speed_b))
+
+    def setting(file, cols):
+        record = {
+            "metric": "val/acc",
+            "optimizers": {
+                k: {"seeds": {str(i + 1): x for i, x in enumerate(v)}, "mean": statistics.fmean(v)}
+                for k, v in cols.items()
+            },
+        }
+        (tmp_path / file).write_text(json.dumps(record))
+        return str(tmp_path / file)
+
+    base = {"adamw": [0.70, 0.70, 0.70], "sam": [0.75, 0.75, 0.75]}
+    s1 = setting("s1.json", {**base, "looksam@rho=0.1": [0.748, 0.75, 0.742], "msam@rho=0.2": [0.72, 0.69, 0.72]})
+    s2 = setting("s2.json", {**base, "looksam@rho=0.1": [0.76, 0.745, 0.75]})
+    s3 = setting("s3.json", {**base, "looksam@rho=0.1": [0.70, 0.69, 0.60]})
+    out = tmp_path / "frontier"
+    result = frontier.main(
+        ["--speed", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(out)]
+        + [f"--setting={n}={f}" for n, f in (("one", s1), ("two", s2), ("three", s3))]
+    )
+    assert result["costs"]["looksam"] == {"step": pytest.approx(1.2), "memory": pytest.approx(1.5), "file": "a.json"}
+    assert result["costs"]["msam"]["step"] == pytest.approx(1.1) and result["costs"]["deltasam"]["step"] == 2.1
+    row = result["settings"]["one"]["rows"]["looksam@rho=0.1"]
+    assert row["gain"] == pytest.approx((4.8 + 5.0 + 4.2) / 3) and row["wins"] == 3
+    assert row["gain_range"] == pytest.approx([4.2, 5.0]) and row["vs_sam"] == pytest.approx(-1 / 3 * 1.0, abs=1e-9)
+    target = result["target"]["looksam@rho=0.1"]
+    assert target["settings_met"] == ["one", "two"] and target["met"]  # two: +0.17 vs SAM, 3 of 3 wins
+    assert not result["target"]["msam@rho=0.2"]["met"]  # one setting run, 1.5 points behind SAM
+    table = out.with_suffix(".md").read_text()
+    assert "| looksam@rho=0.1 | 1.20 | 1.50 | 0.7467, +4.67 (3/3), -0.33 |" in table
+    assert "| msam@rho=0.2 | 1.10 | - | 0.7100, +1.00 (2/3), -4.00 | not run | not run | not met (0 of 3) |" in table
+    assert out.with_suffix(".png").stat().st_size > 0

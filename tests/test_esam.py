@@ -205,3 +205,39 @@ def test_refusals_name_the_fix():
         SAMConfig(variant=ESAMOptions(), m=1)
     with pytest.raises(ValueError, match=r"on 8 instances returned shape \(16,\)"):  # a closure ignoring the rows
         opt.step(lambda instances=None: F.cross_entropy(net(x), y, reduction="none"))
+
+
+def test_resume_is_bitwise():
+    """The drawn tensors come from the seed and the step count, which the checkpoint keeps."""
+
+    def run(steps, state=None):
+        net, x, y = _setup()
+        opt = DeltaSAM(net.parameters(), torch.optim.AdamW, SAMConfig(rho=RHO, variant=OPTIONS, seed=SEED), lr=LR)
+        if state is not None:
+            net.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        for i in range(steps):
+            torch.manual_seed(100 + i + (0 if state is None else 3))
+            opt.step(_closure(net, x, y))
+        return net, opt
+
+    whole, _ = run(6)
+    half, opt = run(3)
+    resumed, _ = run(3, (copy.deepcopy(half.state_dict()), copy.deepcopy(opt.state_dict())))
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_selected_loss_skips_the_step_with_w_unchanged():
+    net, x, y = _setup()
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(rho=RHO, variant=OPTIONS), lr=LR)
+    before = [p.clone() for p in net.parameters()]
+
+    def closure(instances=None):
+        losses = _closure(net, x, y)(instances)
+        return losses * float("nan") if instances is not None else losses
+
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+    assert opt.engine.skipped_steps == 1

@@ -201,3 +201,38 @@ def test_refusals_name_the_fix():
         opt.first_step()
     with pytest.raises(TypeError, match="variant='mesa'"):
         DeltaSAM(net.parameters(), torch.optim.AdamW, SAMConfig(), module=net, lr=LR).step(_closure(net, x, y))
+
+
+def test_a_non_finite_term_skips_the_step_and_the_ema_stays():
+    net, x, y = _setup()
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(variant=OPTIONS), module=net, lr=LR)
+    for _ in range(3):  # past start_step: the KL term is on
+        opt.step(_closure(net, x, y))
+    before = [p.clone() for p in net.parameters()]
+    ema = [t.clone() for t in (opt.engine.rule.state[p]["ema"] for p in net.parameters())]
+
+    def closure():
+        logits = net(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits * float("inf")
+
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+    assert all(torch.equal(opt.engine.rule.state[p]["ema"], e) for p, e in zip(net.parameters(), ema))
+
+
+def test_a_failing_teacher_forward_leaves_w_and_the_training_mode():
+    net, x, y = _setup()
+    opt = DeltaSAM(net.parameters(), torch.optim.SGD, SAMConfig(variant=OPTIONS), module=net, lr=LR)
+    for _ in range(3):
+        opt.step(_closure(net, x, y))
+    before = [(p, p.data_ptr(), p.clone()) for p in net.parameters()]
+
+    def failing():
+        if not net.training:  # the teacher's forward
+            raise RuntimeError("teacher forward failed")
+        return _closure(net, x, y)()
+
+    with pytest.raises(RuntimeError, match="teacher forward failed"):
+        opt.step(failing)
+    assert net.training and all(p.data_ptr() == d and torch.equal(p, c) for p, d, c in before)
