@@ -167,6 +167,7 @@ class SAMEngine:
             raise ValueError("The optimizer holds no parameter with requires_grad=True: nothing to train.")
         self._find_shards(params)
         self.rule.discard()
+        self.rule.step = self.steps
         if zero:
             self.zero_grad(params)
         return params, not self.perturbs()

@@ -82,6 +82,7 @@ class SAM:
 
     keeps_gradient = False  # whether descent_ needs g at w (then kept in pending["g"])
     seed = 0  # SAMConfig's seed (set by the engine): the rules that draw (ESAM)
+    step = 0  # the optimizer step being taken (0-based, skips counted), set by the engine at each step's start
     options: VariantOptions
 
     def __init__(self, options: VariantOptions, neighbourhood: Neighbourhood) -> None:

@@ -53,10 +53,6 @@ class ESAM(SAM):
     options: ESAMOptions
     seed: int = 0  # SAMConfig's seed, set by the engine
 
-    def perturbs(self, step: int) -> bool:
-        self._step = step
-        return True
-
     def radius(self, group: dict[str, Any], rho: float) -> float:
         return rho / self.options.beta
 
@@ -72,7 +68,7 @@ class ESAM(SAM):
         self, param_groups: list[dict[str, Any]], params: list[Tensor], grads: list[Tensor]
     ) -> tuple[list[dict[str, Any]], list[Tensor], list[Tensor]]:
         """The groups, parameters and gradients of the tensors drawn this step."""
-        generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + getattr(self, "_step", 0))
+        generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.step)
         drawn = torch.rand(len(params), generator=generator, dtype=torch.float64) < self.options.beta
         kept = {id(p) for p, keep in zip(params, drawn.tolist()) if keep}
         groups = [{**g, "params": [p for p in g["params"] if id(p) in kept]} for g in param_groups]

@@ -55,7 +55,6 @@ class MESA(SAM):
     options: MESAOptions
 
     def perturbs(self, step: int) -> bool:
-        self._step = step
         return False
 
     def teacher_weights(self, params: list[Tensor]) -> list[Tensor] | None:
@@ -63,7 +62,7 @@ class MESA(SAM):
         for p in params:
             if "ema" not in self.state.setdefault(p, {}):
                 self.state[p]["ema"] = local_tensors([p])[0].detach().clone()
-        if getattr(self, "_step", 0) < self.options.start_step:
+        if self.step < self.options.start_step:
             return None
         return [self.state[p]["ema"] for p in params]
 

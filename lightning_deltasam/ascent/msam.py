@@ -30,10 +30,6 @@ class MomentumSAMOptions(VariantOptions, name="msam"):
 class MomentumSAM(SAM):
     options: MomentumSAMOptions
 
-    def perturbs(self, step: int) -> bool:
-        self._step = step
-        return True
-
     @torch.no_grad()
     def ascent_without_pass(self, param_groups: list[dict[str, Any]], params: list[Tensor]) -> Ascent:
         """eps = -rho_k v / ||v|| per group (the norm over every group and rank); zero before the base optimizer has
@@ -49,7 +45,7 @@ class MomentumSAM(SAM):
                 tensor_norms = list(torch._foreach_norm(direction))
                 groups.append(AscentGroup(local_tensors([p for p, _ in held]), direction, rho, tensor_norms))
                 norms.extend(tensor_norms)
-        if not groups and getattr(self, "_step", 0) > 0:
+        if not groups and self.step > 0:
             raise ValueError(
                 "variant='msam' perturbs along the base optimizer's momentum (Adam's exp_avg, SGD's "
                 "momentum_buffer), and the base optimizer keeps none after its first step: use one with momentum "
