@@ -39,8 +39,10 @@ class ESAMOptions(VariantOptions, name="esam"):
 
     def check(self) -> None:
         hint = " It is a probability in (0, 1]."
-        check_number("beta", self.beta, minimum=0.0, strict=True, below=1.0 + 1e-12, hint=hint)
-        check_number("gamma", self.gamma, minimum=0.0, strict=True, below=1.0 + 1e-12, hint=hint)
+        for name, value in (("beta", self.beta), ("gamma", self.gamma)):
+            check_number(name, value, minimum=0.0, strict=True, hint=hint)
+            if value > 1:
+                raise ValueError(f"{name}={value!r} must be <= 1.{hint}")
 
     def sharding_refusal(self, flat: bool) -> tuple[str, str] | None:
         return ("variant='esam': its per-tensor draw is not tested under sharded parameters", "Use DDP for ESAM")
